@@ -1,0 +1,28 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+SAMPLE_TOKENIZER = os.path.join(REPO, "tokenizers", "sample_1024_bpe.model")
+
+
+def run_script(args: list[str], env_overrides: dict[str, str], cwd: str, timeout: int = 600) -> str:
+    """Run a training command as a competitor would (PRESET=smoke on the CPU); return its stdout."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
+    env.update({"PRESET": "smoke", "OUTPUT_DIR": cwd, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
+    env.update(env_overrides)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+@pytest.fixture
+def sample_tokenizer():
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=SAMPLE_TOKENIZER)

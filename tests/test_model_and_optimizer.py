@@ -1,0 +1,159 @@
+"""Model, attention, optimizer and schedule: each checked against a slow reference."""
+import math
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+
+def tiny_hparams(**overrides) -> tg.Hyperparameters:
+    h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8)
+    for k, v in overrides.items():
+        setattr(h, k, v)
+    return h
+
+
+def reference_attention(q, k, v):
+    """Causal grouped-query attention in float64, written out by hand. Layout (batch, time, heads, dim)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.size(-1))
+    t = q.size(1)
+    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq", [(4, 4, 17), (8, 2, 33), (6, 3, 1)])
+def test_sdpa_attention_matches_float64_reference(heads, kv_heads, seq):
+    g = torch.Generator().manual_seed(seq)
+    q = torch.randn(2, seq, heads, 16, generator=g)
+    k = torch.randn(2, seq, kv_heads, 16, generator=g)
+    v = torch.randn(2, seq, kv_heads, 16, generator=g)
+    out = tg.causal_attention(q, k, v)
+    ref = reference_attention(q, k, v)
+    assert out.shape == q.shape
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.skipif(tg._flash_attn_3 is None or not torch.cuda.is_available(), reason="needs FlashAttention-3 and a GPU")
+def test_flash_attention_3_matches_sdpa():
+    q = torch.randn(2, 256, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 256, 4, 64, device="cuda", dtype=torch.bfloat16)
+    fa3 = tg.causal_attention(q, k, v)
+    saved, tg._flash_attn_3 = tg._flash_attn_3, None
+    try:
+        sdpa = tg.causal_attention(q, k, v)
+    finally:
+        tg._flash_attn_3 = saved
+    assert ((fa3.float() - sdpa.float()).norm() / sdpa.float().norm()).item() < 1e-2
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = tg.GPT(tiny_hparams()).eval()
+    # zero-initialised output projections would make every block the identity: perturb them so attention matters
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    idx = torch.randint(0, 97, (2, 24))
+    t = 11
+    changed = idx.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.randint(0, 90, changed[:, t + 1:].shape)) % 97
+    with torch.no_grad():
+        a, b = model.logits(idx), model.logits(changed)
+    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6, rtol=0)
+    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3  # the changed positions do see their inputs
+
+
+def test_model_defaults_match_the_spec():
+    h = tg.Hyperparameters()
+    model = tg.GPT(h)
+    assert (h.num_layers, h.model_dim, h.num_heads, h.num_kv_heads, h.rope_dims) == (11, 512, 8, 4, 16)
+    assert 35e6 < sum(p.numel() for p in model.parameters()) < 37e6
+    assert model.blocks[3].norm_scale == pytest.approx(0.5)
+    assert torch.all(model.blocks[0].attn.q_gain == 5.0)
+    logits = model.logits(torch.randint(0, h.vocab_size, (1, 8)))
+    assert logits.abs().max() <= h.logit_softcap
+
+
+def test_bad_shapes_are_refused():
+    with pytest.raises(SystemExit, match="NUM_KV_HEADS"):
+        tg.GPT(tiny_hparams(num_kv_heads=3))
+    with pytest.raises(SystemExit, match="ROPE_DIMS"):
+        tg.GPT(tiny_hparams(rope_dims=7))
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (3, 48, 96)])
+def test_polar_express_against_svd_polar_factor(shape):
+    """Five Polar Express steps keep the singular vectors of the input exactly and push every singular value
+    of a well-conditioned matrix near 1, so the result is close to the polar factor U·Vᵀ from the SVD."""
+    g = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = tg.polar_express(g, steps=5, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    polar = u @ vh
+    assert ((out - polar).norm() / polar.norm()).item() < 0.15
+    inner = u.mT @ out @ vh.mT  # diagonal iff out shares g's singular vectors
+    diag = torch.diagonal(inner, dim1=-2, dim2=-1)
+    assert (inner - torch.diag_embed(diag)).norm() / diag.norm() < 1e-10
+    assert diag.min() > 0.8 and diag.max() < 1.2
+    # fewer steps are measurably further from the polar factor: the test can tell the iteration apart
+    one_step = tg.polar_express(g, steps=1, dtype=torch.float64)
+    assert (one_step - polar).norm() > 2 * (out - polar).norm()
+    bf16 = tg.polar_express(g, steps=5, dtype=torch.bfloat16).double()  # the training path's precision
+    assert ((bf16 - polar).norm() / polar.norm()).item() < 0.15
+
+
+def test_muon_step_matches_a_hand_computed_update():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(32, 16))
+    grads = [torch.randn(32, 16) for _ in range(2)]
+    opt = tg.Muon([w], lr=0.1, momentum=0.9, weight_decay=0.5, ns_steps=5, ns_dtype=torch.float32)
+    expected, buf = w.detach().clone(), torch.zeros(32, 16)
+    for grad in grads:
+        w.grad = grad.clone()
+        opt.step()
+        buf = 0.9 * buf + grad
+        update = grad + 0.9 * buf
+        update = update / update.norm(dim=-1, keepdim=True)
+        update = tg.polar_express(update, 5, torch.float32) * math.sqrt(32 / 16)
+        expected = expected * (1 - 0.1 * 0.5) - 0.1 * update
+    assert torch.allclose(w.detach(), expected, atol=1e-5)
+
+
+def test_lr_schedule_warmup_flat_warmdown():
+    h = tg.Hyperparameters(warmup_steps=10, warmdown_frac=0.5, min_lr=0.1)
+    assert tg.lr_multiplier(0, 0.0, h) == pytest.approx(0.1)
+    assert tg.lr_multiplier(9, 0.0, h) == pytest.approx(1.0)
+    assert tg.lr_multiplier(50, 0.4, h) == 1.0
+    assert tg.lr_multiplier(50, 0.75, h) == pytest.approx(0.55)
+    assert tg.lr_multiplier(50, 1.0, h) == pytest.approx(0.1)
+    assert tg.lr_multiplier(50, 1.5, h) == pytest.approx(0.1)
+    assert tg.muon_momentum(0, h) == pytest.approx(0.92)
+    assert tg.muon_momentum(10**6, h) == pytest.approx(0.97)
+
+
+def test_parameter_split_puts_block_matrices_in_muon():
+    model = tg.GPT(tiny_hparams())
+    matrices, embeddings, scalars = tg.split_parameters(model)
+    assert len(matrices) == 5 * 6 and all(p.ndim == 2 for p in matrices)
+    assert embeddings == [model.tok_emb.weight]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in scalars} == {"skip_gates"} | {f"blocks.{i}.attn.q_gain" for i in range(5)}
+
+
+@pytest.mark.parametrize("world,expected", [(1, 8), (2, 4), (4, 2), (8, 1), (3, 4)])
+def test_grad_accum_keeps_the_global_batch(world, expected):
+    h = tg.Hyperparameters()
+    accum = tg.derive_grad_accum_steps(h, world)
+    assert accum == expected
+    assert h.train_batch_tokens % (world * accum * h.train_seq_len) == 0
+
+
+def test_grad_accum_refuses_a_batch_that_does_not_split():
+    with pytest.raises(SystemExit, match="TRAIN_BATCH_TOKENS"):
+        tg.derive_grad_accum_steps(tg.Hyperparameters(train_batch_tokens=1000), 1)
+    with pytest.raises(SystemExit, match="GRAD_ACCUM_STEPS"):
+        tg.derive_grad_accum_steps(tg.Hyperparameters(grad_accum_steps=5), 1)

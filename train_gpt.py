@@ -1,0 +1,1074 @@
+"""Parameter Golf training system: train a small GPT in 600 s, pack it under 16,000,000 bytes, score val_bpb.
+
+Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (or `python3 train_gpt.py` for one process).
+Every setting is an environment variable (see Hyperparameters); `PRESET=smoke` runs a tiny model on the
+bundled sample on a CPU in about a minute.
+
+Sections, in order: hyperparameters, data, model, optimizer, quantization and serialization, evaluation,
+training loop, main.
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import glob
+import io
+import json
+import lzma
+import math
+import os
+import struct
+import sys
+import time
+import zlib
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------
+# Hyperparameters
+# ----------------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# PRESET=smoke: a model small enough for a CPU, on the sample that ships with the repository.
+SMOKE_PRESET = {
+    "DATA_PATH": os.path.join(HERE, "data", "sample"),
+    "TOKENIZER_PATH": os.path.join(HERE, "tokenizers", "sample_1024_bpe.model"),
+    "VOCAB_SIZE": "1024",
+    "NUM_LAYERS": "4",
+    "MODEL_DIM": "128",
+    "NUM_HEADS": "4",
+    "NUM_KV_HEADS": "2",
+    "ROPE_DIMS": "8",
+    "TRAIN_SEQ_LEN": "256",
+    "EVAL_SEQ_LEN": "256",
+    "EVAL_STRIDE": "128",
+    "TRAIN_BATCH_TOKENS": "4096",
+    "GRAD_ACCUM_STEPS": "1",
+    "ITERATIONS": "100",
+    "WARMUP_STEPS": "5",
+    "MAX_WALLCLOCK_SECONDS": "300",
+    "QUANT_RESERVE_SECONDS": "0",
+    "VAL_LOSS_EVERY": "0",
+    "TRAIN_LOG_EVERY": "20",
+    "MUON_MOMENTUM_WARMUP_STEPS": "30",
+    "COMPILE_WARMUP_STEPS": "0",
+}
+
+
+def _env(name: str, default, cast):
+    raw = os.environ.get(name)
+    if raw is None and os.environ.get("PRESET", "") == "smoke":
+        raw = SMOKE_PRESET.get(name)
+    if raw is None:
+        return default
+    try:
+        if cast is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        return cast(raw)
+    except ValueError:
+        raise SystemExit(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
+
+
+@dataclass
+class Hyperparameters:
+    # run and data
+    run_id: str = "run"
+    seed: int = 1337
+    output_dir: str = "."
+    data_path: str = "./data/datasets/fineweb10B_sp8192"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
+    vocab_size: int = 8192
+    val_tokens_limit: int = 0  # 0 = the whole validation set
+    # model
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 4
+    rope_dims: int = 16
+    rope_base: float = 10000.0
+    qk_gain_init: float = 5.0
+    logit_softcap: float = 30.0
+    embed_init_std: float = 0.005
+    # training
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0
+    quant_reserve_seconds: float = 4.0
+    train_batch_tokens: int = 786432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0 = derived: 8 // world_size when that divides the batch
+    warmup_steps: int = 20
+    warmdown_frac: float = 0.85
+    min_lr: float = 0.10
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.9965
+    compile: bool = True
+    compile_warmup_steps: int = 20
+    # optimizers
+    matrix_lr: float = 0.026
+    muon_momentum: float = 0.97
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_weight_decay: float = 0.095
+    muon_ns_steps: int = 5
+    embed_lr: float = 0.03
+    embed_weight_decay: float = 0.085
+    scalar_lr: float = 0.02
+    scalar_weight_decay: float = 0.02
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    adam_eps: float = 1e-8
+    # evaluation and logging
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32
+    val_loss_every: int = 0
+    train_log_every: int = 100
+    # quantization
+    matrix_bits: int = 6
+    embed_bits: int = 7
+    clip_sigmas_mlp: float = 11.5
+    clip_sigmas_attn: float = 13.0
+    clip_sigmas_embed: float = 14.0
+    clip_sigmas_other: float = 12.85
+    float_max_numel: int = 65536
+    brotli_quality: int = 11
+    artifact_limit_bytes: int = 16_000_000
+
+    @classmethod
+    def from_env(cls) -> "Hyperparameters":
+        values = {}
+        for f in fields(cls):
+            cast = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+            values[f.name] = _env(f.name.upper(), f.default, cast)
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: challenge shards, the training stream, the validation set and its byte counts
+# ----------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+BOS_ID = 1
+
+
+class ShardError(ValueError):
+    """A token shard that is missing or not in the challenge's format."""
+
+
+def write_shard(path: str, tokens) -> None:
+    """Write uint16 tokens in the challenge format, atomically (a crash leaves no half-written shard)."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def read_shard_header(path: str) -> int:
+    """Check a shard's header and size; return its token count."""
+    if not os.path.isfile(path):
+        raise ShardError(f"{path}: shard not found (download it with data/cached_challenge_fineweb.py "
+                         f"or make shards with data/prepare_corpus.py)")
+    file_bytes = os.path.getsize(path)
+    if file_bytes < SHARD_HEADER_BYTES:
+        raise ShardError(f"{path}: {file_bytes} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ShardError(f"{path}: magic {header[0]} in header, expected {SHARD_MAGIC}: not a token shard")
+    if header[1] != SHARD_VERSION:
+        raise ShardError(f"{path}: shard version {header[1]}, expected {SHARD_VERSION}")
+    num_tokens = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * num_tokens
+    if num_tokens < 0 or file_bytes != expected:
+        raise ShardError(f"{path}: header says {num_tokens} tokens ({expected} bytes), file has {file_bytes} bytes "
+                         f"(truncated or corrupt: download or build it again)")
+    return num_tokens
+
+
+def read_shard(path: str) -> np.ndarray:
+    """Return a shard's tokens as a read-only uint16 memory map, after checking its header."""
+    num_tokens = read_shard_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(num_tokens,))
+
+
+def shard_paths(data_path: str, split: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not paths:
+        raise ShardError(f"no fineweb_{split}_*.bin shards in {data_path!r}: set DATA_PATH, or download with "
+                         f"`python3 data/cached_challenge_fineweb.py --variant sp8192`")
+    return paths
+
+
+class TokenStream:
+    """Reads the training shards in order, one after another, forever."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = paths
+        self.file_index = 0
+        self.tokens = read_shard(paths[0])
+        self.position = 0
+
+    def _advance_file(self) -> None:
+        self.file_index = (self.file_index + 1) % len(self.paths)
+        self.tokens = read_shard(self.paths[self.file_index])
+        self.position = 0
+
+    def take(self, count: int) -> np.ndarray:
+        pieces = []
+        while count > 0:
+            available = self.tokens.size - self.position
+            if available <= 0:
+                self._advance_file()
+                continue
+            n = min(available, count)
+            pieces.append(self.tokens[self.position:self.position + n])
+            self.position += n
+            count -= n
+        return np.concatenate(pieces)
+
+
+class DistributedTokenLoader:
+    """Each call takes one contiguous span per rank, so N ranks × 1 micro-step see what 1 rank × N micro-steps see."""
+
+    def __init__(self, data_path: str, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(shard_paths(data_path, "train"))
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        local = torch.from_numpy(chunk.astype(np.int64))
+        if self.device.type == "cuda":
+            local = local.pin_memory().to(self.device, non_blocking=True)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def load_validation_tokens(data_path: str, limit: int) -> np.ndarray:
+    tokens = np.concatenate([np.asarray(read_shard(p)) for p in shard_paths(data_path, "val")])
+    if limit > 0:
+        tokens = tokens[:limit + 1]
+    if tokens.size < 2:
+        raise ShardError(f"the validation shards in {data_path!r} hold fewer than 2 tokens")
+    return tokens
+
+
+def load_tokenizer(path: str, vocab_size: int):
+    import sentencepiece as spm
+    if not os.path.isfile(path):
+        raise SystemExit(f"tokenizer {path!r} not found: set TOKENIZER_PATH (the downloader puts it in data/tokenizers/)")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.get_piece_size() != vocab_size:
+        raise SystemExit(f"tokenizer {path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab_size}: "
+                         f"set VOCAB_SIZE={sp.get_piece_size()} or use the tokenizer the shards were made with")
+    return sp
+
+
+def check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise SystemExit(f"{what} holds token id {top} but VOCAB_SIZE={vocab_size}: the shards were made with "
+                         f"another tokenizer than {vocab_size}-piece one; match DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE")
+
+
+def token_byte_tables(sp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-token UTF-8 byte counts: (bytes without a leading '▁', has a leading '▁', is control/unknown/unused)."""
+    n = sp.get_piece_size()
+    base_bytes = np.zeros(n, dtype=np.int64)
+    has_space = np.zeros(n, dtype=bool)
+    is_boundary = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            is_boundary[i] = True
+        elif sp.is_byte(i):
+            base_bytes[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                has_space[i] = True
+                piece = piece[1:]
+            base_bytes[i] = len(piece.encode("utf-8"))
+    return base_bytes, has_space, is_boundary
+
+
+def target_byte_counts(tokens: np.ndarray, tables) -> np.ndarray:
+    """Bytes of each target tokens[i+1] given its predecessor tokens[i]: the leading space counts unless
+    the predecessor is a control token (a document start, where the decoder drops it)."""
+    base_bytes, has_space, is_boundary = tables
+    prev, target = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
+    return base_bytes[target] + (has_space[target] & ~is_boundary[prev])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------
+
+try:  # FlashAttention-3 (Hopper) when installed; PyTorch's SDPA otherwise
+    from flash_attn_interface import flash_attn_func as _flash_attn_3
+except ImportError:
+    _flash_attn_3 = None
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries)."""
+    if _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out = _flash_attn_3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    group = q.size(2) // k.size(2)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class PartialRotary(nn.Module):
+    """RoPE on the first `rope_dims` channels of each head; the rest carry no position."""
+
+    def __init__(self, rope_dims: int, base: float):
+        super().__init__()
+        self.rope_dims = rope_dims
+        inv_freq = 1.0 / (base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32) / rope_dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq_len, half = x.size(1), self.rope_dims // 2
+        angles = torch.outer(torch.arange(seq_len, device=x.device, dtype=torch.float32), self.inv_freq)
+        cos, sin = angles.cos()[None, :, None, :].to(x.dtype), angles.sin()[None, :, None, :].to(x.dtype)
+        x1, x2, rest = x[..., :half], x[..., half:self.rope_dims], x[..., self.rope_dims:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
+        self.head_dim = h.model_dim // h.num_heads
+        self.q = nn.Linear(h.model_dim, h.num_heads * self.head_dim, bias=False)
+        self.k = nn.Linear(h.model_dim, h.num_kv_heads * self.head_dim, bias=False)
+        self.v = nn.Linear(h.model_dim, h.num_kv_heads * self.head_dim, bias=False)
+        self.proj = nn.Linear(h.num_heads * self.head_dim, h.model_dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads, 1), h.qk_gain_init))
+        self.rotary = PartialRotary(h.rope_dims, h.rope_base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.q(x).view(batch, seq_len, self.num_heads, self.head_dim)
+        k = self.k(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.v(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        # q and k are unit-RMS per head, so the learned gain alone sets how sharp attention can get
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)
+        k = self.rotary(rms_norm(k))
+        y = causal_attention(q, k, v)
+        return self.proj(y.reshape(batch, seq_len, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.up = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
+        self.down = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
+
+
+class Block(nn.Module):
+    def __init__(self, h: Hyperparameters, layer_index: int):
+        super().__init__()
+        self.norm_scale = 1.0 / math.sqrt(layer_index + 1)  # deeper layers write smaller inputs to their sublayers
+        self.attn = Attention(h)
+        self.mlp = MLP(h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x) * self.norm_scale)
+        return x + self.mlp(rms_norm(x) * self.norm_scale)
+
+
+class GPT(nn.Module):
+    """Pre-norm GPT with tied embeddings, softcapped logits and U-Net skips from the encoder half to the decoder half."""
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        if h.model_dim % h.num_heads or h.num_heads % h.num_kv_heads:
+            raise SystemExit(f"MODEL_DIM={h.model_dim} must divide into NUM_HEADS={h.num_heads} heads, "
+                             f"and NUM_HEADS into NUM_KV_HEADS={h.num_kv_heads} groups")
+        head_dim = h.model_dim // h.num_heads
+        if h.rope_dims % 2 or not 0 < h.rope_dims <= head_dim:
+            raise SystemExit(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
+        self.logit_softcap = h.logit_softcap
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
+        self.num_encoder_layers = h.num_layers // 2
+        num_skips = min(self.num_encoder_layers, h.num_layers - self.num_encoder_layers)
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))  # sigmoid(0): half of each skip
+        self._init_weights(h)
+
+    def _init_weights(self, h: Hyperparameters) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=h.embed_init_std)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.endswith(("attn.proj", "mlp.down")):
+                    nn.init.zeros_(module.weight)  # every block starts as the identity
+                else:
+                    nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(self.tok_emb(idx))
+        skips = []
+        for i, block in enumerate(self.blocks):
+            decoder_index = i - self.num_encoder_layers
+            if 0 <= decoder_index < len(self.skip_gates):
+                x = x + torch.sigmoid(self.skip_gates[decoder_index]).to(x.dtype) * skips.pop()
+            x = block(x)
+            if i < self.num_encoder_layers:
+                skips.append(x)
+        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype))
+        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(idx).float()
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.token_losses(idx, targets).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer: Muon with Polar Express orthogonalisation for matrices, Adam for the rest
+# ----------------------------------------------------------------------------------------------------
+
+# Per-iteration (a, b, c) of Polar Express (arXiv 2505.16932): each step maps singular values s to
+# a·s + b·s³ + c·s⁵, chosen so five steps take every s in (0, 1] close to 1.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U·Vᵀ of `update` (batched over leading dims)."""
+    x = update.to(dtype)
+    wide = x.size(-2) <= x.size(-1)
+    if not wide:  # iterate on the wide orientation so X·Xᵀ is the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius ≥ spectral norm: singular values in (0, 1]
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x if wide else x.mT
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, MuonEq-R row normalisation, Polar Express, then a shape-scaled step with decoupled weight decay.
+
+    With several ranks, the matrices of each shape are dealt out round-robin: every rank orthogonalises its
+    share and the updates are all-gathered. Gradients must already be averaged across ranks."""
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int,
+                 ns_dtype: torch.dtype, rank: int = 0, world_size: int = 1):
+        params = list(params)
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+        self.rank, self.world_size = rank, world_size
+        by_shape: dict[tuple, list] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.shape_groups = list(by_shape.values())
+
+    def _orthogonal_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+        update = update / (update.norm(dim=-1, keepdim=True) + 1e-7)  # MuonEq-R: equal-norm rows
+        update = polar_express(update, self.ns_steps, self.ns_dtype).to(p.dtype)
+        return update * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+        for params in self.shape_groups:
+            for base in range(0, len(params), self.world_size):
+                owned = base + self.rank
+                mine = (self._orthogonal_update(params[owned], group) if owned < len(params)
+                        else torch.zeros_like(params[base]))
+                if self.world_size > 1:
+                    updates = [torch.empty_like(mine) for _ in range(self.world_size)]
+                    dist.all_gather(updates, mine)
+                else:
+                    updates = [mine]
+                for p, update in zip(params[base:base + self.world_size], updates):
+                    p.mul_(decay).add_(update, alpha=-lr)
+
+
+def split_parameters(model: GPT) -> tuple[list, list, list]:
+    """(matrices of the blocks → Muon, the tied embedding → Adam, vectors and gains → Adam)."""
+    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
+    taken = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    return matrices, [model.tok_emb.weight], scalars
+
+
+def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int, device: torch.device) -> list:
+    matrices, embeddings, scalars = split_parameters(model)
+    ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmuls are slow and lossy
+    muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_weight_decay,
+                ns_steps=h.muon_ns_steps, ns_dtype=ns_dtype, rank=rank, world_size=world_size)
+    adam = torch.optim.AdamW(
+        [dict(params=embeddings, lr=h.embed_lr, weight_decay=h.embed_weight_decay),
+         dict(params=scalars, lr=h.scalar_lr, weight_decay=h.scalar_weight_decay)],
+        betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, fused=device.type == "cuda")
+    for opt in (muon, adam):
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return [muon, adam]
+
+
+def lr_multiplier(step: int, progress: float, h: Hyperparameters) -> float:
+    """Linear warmup over steps, flat, then linear warmdown over the last WARMDOWN_FRAC of training to MIN_LR."""
+    if step < h.warmup_steps:
+        return (step + 1) / h.warmup_steps
+    warmdown_start = 1.0 - h.warmdown_frac
+    if progress <= warmdown_start or h.warmdown_frac <= 0:
+        return 1.0
+    t = min(1.0, (progress - warmdown_start) / h.warmdown_frac)
+    return 1.0 - t * (1.0 - h.min_lr)
+
+
+def muon_momentum(step: int, h: Hyperparameters) -> float:
+    t = min(1.0, step / max(1, h.muon_momentum_warmup_steps))
+    return h.muon_momentum_warmup_start + t * (h.muon_momentum - h.muon_momentum_warmup_start)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantization and serialization: int6/int7 per-row matrices, float16 small tensors, brotli, packed code
+# ----------------------------------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"PGOLF-A1"
+ARTIFACT_HEADER = struct.Struct("<8sQI")  # magic, raw payload length, crc32 of the raw payload
+PAYLOAD_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """An artifact that is truncated, corrupt, or not ours."""
+
+
+def tensor_class(name: str) -> str:
+    if name == "tok_emb.weight":
+        return "embed"
+    if ".mlp." in name:
+        return "mlp"
+    if ".attn." in name:
+        return "attn"
+    return "other"
+
+
+def quantize_per_row(weight: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest on a per-row grid whose step is clip_sigmas·std(row)/qmax; values past it are clipped.
+
+    Tying the step to the row's spread, not its extreme, keeps the integer alphabet narrow and cheap to compress."""
+    qmax = 2 ** (bits - 1) - 1
+    w = weight.detach().float()
+    scale = (clip_sigmas * w.std(dim=1, unbiased=False) / qmax).to(torch.float16)
+    safe = scale.float().clamp_min(1e-30)[:, None]
+    q = torch.where(scale[:, None] > 0, torch.round(w / safe).clamp(-qmax, qmax), torch.zeros_like(w))
+    return q.to(torch.int8), scale
+
+
+def dequantize_per_row(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters) -> dict[str, dict]:
+    """name → {"kind": "int", "bits", "q", "scale"} for large matrices, {"kind": "float16", "data"} otherwise."""
+    clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn, "other": h.clip_sigmas_other}
+    quantized = {}
+    for name, tensor in state.items():
+        if tensor.ndim == 2 and tensor.numel() > h.float_max_numel:
+            cls = tensor_class(name)
+            bits = h.embed_bits if cls == "embed" else h.matrix_bits
+            q, scale = quantize_per_row(tensor, bits, clip[cls])
+            quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
+        else:
+            quantized[name] = {"kind": "float16", "data": tensor.detach().to(torch.float16)}
+    return quantized
+
+
+def dequantize_state_dict(quantized: dict[str, dict]) -> dict[str, torch.Tensor]:
+    return {name: dequantize_per_row(e["q"], e["scale"]) if e["kind"] == "int" else e["data"].float()
+            for name, e in quantized.items()}
+
+
+def serialize_quantized(quantized: dict[str, dict]) -> bytes:
+    """Versioned layout: u32 JSON length, JSON index, then all int8 values, all row scales, all float16 data.
+
+    Like with like: the integer planes sit together so the compressor sees one alphabet at a time."""
+    sections = {"q": [], "scale": [], "float16": []}
+    index, offsets = [], {k: 0 for k in sections}
+
+    def add(section: str, array: np.ndarray) -> list[int]:
+        raw = array.tobytes()
+        sections[section].append(raw)
+        start = offsets[section]
+        offsets[section] += len(raw)
+        return [start, len(raw)]
+
+    for name, e in quantized.items():
+        if e["kind"] == "int":
+            index.append({"name": name, "kind": "int", "bits": e["bits"], "shape": list(e["q"].shape),
+                          "q": add("q", e["q"].cpu().numpy().astype(np.int8)),
+                          "scale": add("scale", e["scale"].cpu().numpy().astype("<f2"))})
+        else:
+            index.append({"name": name, "kind": "float16", "shape": list(e["data"].shape),
+                          "data": add("float16", e["data"].cpu().numpy().astype("<f2"))})
+    meta = json.dumps({"version": PAYLOAD_VERSION, "sizes": offsets, "tensors": index}, separators=(",", ":")).encode()
+    return struct.pack("<I", len(meta)) + meta + b"".join(b"".join(sections[k]) for k in ("q", "scale", "float16"))
+
+
+def deserialize_quantized(payload: bytes) -> dict[str, dict]:
+    try:
+        (meta_len,) = struct.unpack_from("<I", payload, 0)
+        meta = json.loads(payload[4:4 + meta_len])
+    except (struct.error, ValueError) as exc:
+        raise ArtifactError(f"model payload index unreadable: {exc}") from None
+    if meta.get("version") != PAYLOAD_VERSION:
+        raise ArtifactError(f"model payload version {meta.get('version')}, this script reads {PAYLOAD_VERSION}")
+    base, sizes = 4 + meta_len, meta["sizes"]
+    starts = {"q": base, "scale": base + sizes["q"], "float16": base + sizes["q"] + sizes["scale"]}
+    if starts["float16"] + sizes["float16"] != len(payload):
+        raise ArtifactError(f"model payload is {len(payload)} bytes, its index describes "
+                            f"{starts['float16'] + sizes['float16']}")
+
+    def view(section: str, span: list[int], dtype: str, shape) -> torch.Tensor:
+        start, length = span
+        if start < 0 or start + length > sizes[section]:
+            raise ArtifactError(f"tensor data out of bounds in section {section}")
+        array = np.frombuffer(payload, dtype=dtype, count=length // np.dtype(dtype).itemsize, offset=starts[section] + start)
+        return torch.from_numpy(array.copy()).view(*shape)
+
+    quantized = {}
+    for t in meta["tensors"]:
+        if t["kind"] == "int":
+            quantized[t["name"]] = {"kind": "int", "bits": t["bits"], "q": view("q", t["q"], "i1", t["shape"]),
+                                    "scale": view("scale", t["scale"], "<f2", t["shape"][:1])}
+        else:
+            quantized[t["name"]] = {"kind": "float16", "data": view("float16", t["data"], "<f2", t["shape"])}
+    return quantized
+
+
+def compress_artifact(payload: bytes, quality: int) -> bytes:
+    import brotli
+    return ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, len(payload), zlib.crc32(payload)) + brotli.compress(payload, quality=quality)
+
+
+def decompress_artifact(blob: bytes) -> bytes:
+    """Refuse anything that is not exactly what compress_artifact wrote: no silent mis-load."""
+    import brotli
+    if len(blob) < ARTIFACT_HEADER.size:
+        raise ArtifactError(f"artifact is {len(blob)} bytes, shorter than its {ARTIFACT_HEADER.size}-byte header")
+    magic, raw_len, crc = ARTIFACT_HEADER.unpack_from(blob)
+    if magic != ARTIFACT_MAGIC:
+        raise ArtifactError(f"artifact magic {magic!r}, expected {ARTIFACT_MAGIC!r}: not a model written by train_gpt.py")
+    try:
+        payload = brotli.decompress(blob[ARTIFACT_HEADER.size:])
+    except brotli.error as exc:
+        raise ArtifactError(f"artifact does not decompress (truncated or corrupt): {exc}") from None
+    if len(payload) != raw_len or zlib.crc32(payload) != crc:
+        raise ArtifactError(f"artifact payload is {len(payload)} bytes with crc32 {zlib.crc32(payload):08x}, "
+                            f"header says {raw_len} bytes and {crc:08x}: corrupt")
+    return payload
+
+
+# The counted code is this file packed: comments and docstrings dropped, LZMA-compressed, base85 text,
+# behind a two-line stub that unpacks and runs it.
+PACKED_STUB_FIRST_LINE = "import lzma,base64"
+
+
+def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return tree
+
+
+def pack_source(source: str) -> str:
+    minified = ast.unparse(_strip_docstrings(ast.parse(source)))
+    blob = base64.b85encode(lzma.compress(minified.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
+    return f"{PACKED_STUB_FIRST_LINE}\nexec(lzma.decompress(base64.b85decode('{blob}')))\n"
+
+
+def counted_code_bytes(script_path: str) -> int:
+    """Bytes of the packed form of the running script (the script itself when it already is packed)."""
+    with open(script_path, encoding="utf-8") as f:
+        source = f.read()
+    if source.startswith(PACKED_STUB_FIRST_LINE + "\n"):
+        return len(source.encode("utf-8"))
+    return len(pack_source(source).encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Evaluation: val_bpb over sliding windows, every validation token scored exactly once
+# ----------------------------------------------------------------------------------------------------
+
+def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(window start, first scored target, end) triples. The first window scores all of its targets, each
+    later one only the `stride` newest, so every target is scored once with at least seq_len − stride of context."""
+    if not 0 < stride <= seq_len:
+        raise SystemExit(f"EVAL_STRIDE={stride} must be in 1..EVAL_SEQ_LEN={seq_len}")
+    windows, scored_to = [], 0
+    while scored_to < num_targets:
+        end = min(num_targets, seq_len if scored_to == 0 else scored_to + stride)
+        windows.append((max(0, end - seq_len), scored_to, end))
+        scored_to = end
+    return windows
+
+
+@torch.no_grad()
+def evaluate_bpb(loss_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
+                 rank: int, world_size: int, device: torch.device) -> tuple[float, float]:
+    """Return (mean loss in nats per token, bits per byte). loss_fn(x, y) gives per-token losses."""
+    num_targets = val_tokens.size - 1
+    windows = sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride)
+    mine = windows[rank::world_size]
+    tokens = torch.from_numpy(val_tokens.astype(np.int64))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    scored = torch.zeros((), dtype=torch.float64, device=device)
+    byte_sum = 0.0
+    for i in range(0, len(mine), h.eval_batch_seqs):
+        batch = mine[i:i + h.eval_batch_seqs]
+        x = torch.stack([tokens[s:e] for s, _, e in batch]).to(device, non_blocking=True)
+        y = torch.stack([tokens[s + 1:e + 1] for s, _, e in batch]).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses = loss_fn(x, y).double()
+        positions = torch.arange(x.size(1), device=device)
+        first = torch.tensor([f - s for s, f, _ in batch], device=device)
+        keep = positions[None, :] >= first[:, None]
+        loss_sum += losses[keep].sum()
+        scored += keep.sum()
+        byte_sum += float(sum(target_bytes[f:e].sum() for _, f, e in batch))
+    totals = torch.stack([loss_sum, scored, torch.tensor(byte_sum, dtype=torch.float64, device=device)])
+    if world_size > 1:
+        dist.all_reduce(totals)
+    loss_sum, scored, byte_sum = totals.tolist()
+    if int(scored) != num_targets:
+        raise RuntimeError(f"scored {int(scored)} of {num_targets} validation targets")
+    return loss_sum / scored, loss_sum / math.log(2) / byte_sum
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------
+
+class Logger:
+    """Rank 0 writes each line to stdout and to logs/<RUN_ID>.txt, flushed at once so a crash loses nothing."""
+
+    def __init__(self, h: Hyperparameters, rank: int):
+        self.path = os.path.join(h.output_dir, "logs", f"{h.run_id}.txt") if rank == 0 else None
+        if self.path:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            open(self.path, "w").close()
+
+    def __call__(self, line: str) -> None:
+        if self.path:
+            print(line, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+
+class EMA:
+    """Float32 exponential moving average of the weights; the average is what gets evaluated and exported."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.params = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # early steps: do not drag the init along
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for p, avg in zip(model.parameters(), self.params):
+            p.copy_(avg)
+
+
+def derive_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
+    """Micro-steps per optimizer step so the global batch is TRAIN_BATCH_TOKENS for any world size."""
+    per_rank_step = world_size * h.train_seq_len
+    if h.train_batch_tokens % per_rank_step:
+        raise SystemExit(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must be a multiple of world size {world_size} "
+                         f"× TRAIN_SEQ_LEN={h.train_seq_len}")
+    seqs_per_rank = h.train_batch_tokens // per_rank_step
+    if h.grad_accum_steps:
+        if seqs_per_rank % h.grad_accum_steps:
+            raise SystemExit(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must divide the {seqs_per_rank} sequences "
+                             f"each rank gets per step")
+        return h.grad_accum_steps
+    # the records' 8 // world_size (8 micro-steps on one GPU), rounded up to a divisor of the rank's sequences
+    return next(a for a in range(max(1, math.ceil(8 / world_size)), seqs_per_rank + 1) if seqs_per_rank % a == 0)
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
+    if world_size == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
+               accum_steps: int, world_size: int, device: torch.device) -> torch.Tensor:
+    local_tokens = h.train_batch_tokens // (world_size * accum_steps)
+    total = torch.zeros((), device=device)
+    for _ in range(accum_steps):
+        x, y = loader.next_batch(local_tokens, h.train_seq_len)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(x, y)
+        (loss / accum_steps).backward()
+        total += loss.detach()
+    params = [p for p in model.parameters() if p.grad is not None]
+    all_reduce_mean([p.grad for p in params], world_size)
+    if h.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    return total / accum_steps
+
+
+def set_schedule(optimizers: list, step: int, progress: float, h: Hyperparameters) -> None:
+    multiplier = lr_multiplier(step, progress, h)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum(step, h)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """True on every rank when any rank says so, so all ranks stop at the same step."""
+    if world_size == 1:
+        return flag
+    t = torch.tensor(float(flag), device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log) -> float:
+    """Run a few real steps so compilation happens before the timer, then restore the initial weights and
+    optimizer states: the timed run starts from step 0 with the graphs already built."""
+    if h.compile_warmup_steps <= 0:
+        return 0.0
+    start = time.perf_counter()
+    initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial_optimizers = [opt.state_dict() for opt in optimizers]
+    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
+    for step in range(h.compile_warmup_steps):
+        set_schedule(optimizers, step, 0.0, h)
+        train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
+    synchronize(device)
+    model.load_state_dict(initial_model)
+    for opt, state in zip(optimizers, initial_optimizers):
+        opt.load_state_dict(state)
+    seconds = time.perf_counter() - start
+    log(f"compile_warmup_steps:{h.compile_warmup_steps} compile_warmup_time:{seconds:.1f}s")
+    return seconds
+
+
+def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate) -> int:
+    """The timed loop: stops at ITERATIONS or when the wall clock reaches the budget less the quantization reserve."""
+    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
+    budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
+    training_ms, step, stop = 0.0, 0, False
+    synchronize(device)
+    t0 = time.perf_counter()
+    while True:
+        last_step = step == h.iterations or stop
+        if h.val_loss_every > 0 and (last_step or step % h.val_loss_every == 0):
+            synchronize(device)
+            training_ms += 1000.0 * (time.perf_counter() - t0)
+            val_loss, val_bpb = evaluate()
+            log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
+            synchronize(device)
+            t0 = time.perf_counter()
+        if last_step:
+            break
+        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
+        set_schedule(optimizers, step, max(step / h.iterations, elapsed_ms / budget_ms), h)
+        loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
+        ema.update(model)
+        step += 1
+        synchronize(device)
+        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
+        if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0):
+            all_reduce_mean([loss], world_size)
+            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} "
+                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+        stop = any_rank(elapsed_ms >= budget_ms, world_size, device)
+        if stop and step < h.iterations:
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Main: set up, train, export the artifact, reload it from bytes and score it
+# ----------------------------------------------------------------------------------------------------
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world_size, device
+
+
+def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, log) -> tuple[str, int]:
+    """Quantize, serialize and compress on rank 0; every rank gets the artifact's path back."""
+    path = os.path.join(h.output_dir, "final_model.int6.ptz")
+    if rank == 0:
+        start = time.perf_counter()
+        payload = serialize_quantized(quantize_state_dict(model.state_dict(), h))
+        blob = compress_artifact(payload, h.brotli_quality)
+        with open(path + ".tmp", "wb") as f:
+            f.write(blob)
+        os.replace(path + ".tmp", path)
+        log(f"quantized payload:{len(payload)} bytes compressed:{len(blob)} bytes "
+            f"quantize_compress_time:{time.perf_counter() - start:.1f}s")
+    if world_size > 1:
+        dist.barrier()
+    return path, os.path.getsize(path)
+
+
+def load_artifact(path: str, model: GPT) -> None:
+    """Overwrite every tensor of `model` with the artifact's: what is scored comes from its bytes alone."""
+    with open(path, "rb") as f:
+        quantized = deserialize_quantized(decompress_artifact(f.read()))
+    mismatched = set(model.state_dict()) ^ set(quantized)
+    if mismatched:
+        raise ArtifactError(f"artifact tensors do not match the model the hyperparameters describe: {sorted(mismatched)[:5]}")
+    with torch.no_grad():
+        for p in model.state_dict().values():
+            p.fill_(float("nan"))  # anything the load missed would poison the score, not pass silently
+    model.load_state_dict(dequantize_state_dict(quantized))
+
+
+def main() -> None:
+    h = Hyperparameters.from_env()
+    rank, world_size, device = setup_distributed()
+    log = Logger(h, rank)
+    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
+    log(f"world_size:{world_size} device:{device} torch:{torch.__version__} "
+        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'}")
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    val_tokens = load_validation_tokens(h.data_path, h.val_tokens_limit)
+    check_token_range(val_tokens, h.vocab_size, f"validation shards in {h.data_path}")
+    check_token_range(read_shard(shard_paths(h.data_path, "train")[0]), h.vocab_size, f"first train shard in {h.data_path}")
+    target_bytes = target_byte_counts(val_tokens, token_byte_tables(sp))
+    log(f"val_tokens:{val_tokens.size - 1} val_bytes:{int(target_bytes.sum())}")
+
+    model = GPT(h).to(device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    optimizers = build_optimizers(model, h, rank, world_size, device)
+    ema = EMA(model, h.ema_decay)
+    accum_steps = derive_grad_accum_steps(h, world_size)
+    log(f"grad_accum_steps:{accum_steps} micro_batch_tokens:{h.train_batch_tokens // (world_size * accum_steps)}")
+    train_loss_fn = torch.compile(model) if h.compile and device.type == "cuda" else model
+    eval_loss_fn = torch.compile(model.token_losses) if h.compile and device.type == "cuda" else model.token_losses
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        result = evaluate_bpb(eval_loss_fn, val_tokens, target_bytes, h, rank, world_size, device)
+        model.train()
+        return result
+
+    if h.compile and device.type == "cuda":
+        warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log)
+    steps = train(train_loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate)
+    if device.type == "cuda":
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+            f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+
+    ema.copy_to(model)
+    if rank == 0:
+        torch.save(model.state_dict(), os.path.join(h.output_dir, "final_model.pt"))
+    start = time.perf_counter()
+    val_loss, val_bpb = evaluate()
+    log(f"pre_quant_ema step:{steps} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+        f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
+
+    artifact_path, model_bytes = export_artifact(model, h, rank, world_size, log)
+    code_bytes = counted_code_bytes(os.path.abspath(__file__))
+    total_bytes = code_bytes + model_bytes
+    log(f"Serialized model int{h.matrix_bits}+brotli: {model_bytes} bytes")
+    log(f"Code size (packed): {code_bytes} bytes")
+    log(f"Total submission size int{h.matrix_bits}+brotli: {total_bytes} bytes")
+    if total_bytes > h.artifact_limit_bytes:
+        log(f"ERROR: total {total_bytes} bytes exceeds the {h.artifact_limit_bytes}-byte limit by "
+            f"{total_bytes - h.artifact_limit_bytes} bytes; the artifact is kept at {artifact_path} and still scored")
+
+    start = time.perf_counter()
+    load_artifact(artifact_path, model)  # same module, so the compiled eval graph is reused
+    val_loss, val_bpb = evaluate()
+    eval_ms = 1000 * (time.perf_counter() - start)
+    log(f"final_int{h.matrix_bits}_brotli_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_int{h.matrix_bits}_brotli_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    if world_size > 1:
+        dist.destroy_process_group()
+    if total_bytes > h.artifact_limit_bytes:
+        raise SystemExit(f"artifact too large: {total_bytes} > {h.artifact_limit_bytes} bytes")
+
+
+if __name__ == "__main__":
+    main()
