@@ -85,7 +85,7 @@ def trained_like_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """A small model's state with heavy-tailed weights, as training leaves them."""
     torch.manual_seed(seed)
     h = tg.Hyperparameters(vocab_size=300, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8,
-                           float_max_numel=4096)
+                           float_max_numel=4096, embed_bits=7)
     state = tg.GPT(h).state_dict()
     for name, t in state.items():
         t.copy_(torch.distributions.StudentT(4.0).sample(t.shape) * 0.02)
@@ -97,7 +97,7 @@ def test_quantize_serialize_compress_round_trip_is_exact():
     h, state = trained_like_state()
     quantized = tg.quantize_state_dict(state, h)
     kinds = {name: e["kind"] for name, e in quantized.items()}
-    assert kinds["tok_emb.weight"] == "int" and quantized["tok_emb.weight"]["bits"] == 7
+    assert kinds["tok_emb.weight"] == "int" and quantized["tok_emb.weight"]["bits"] == h.embed_bits
     assert kinds["blocks.0.mlp.up.weight"] == "int" and quantized["blocks.0.mlp.up.weight"]["bits"] == 6
     assert kinds["skip_gates"] == "float16"
     blob = tg.compress_artifact(tg.serialize_quantized(quantized), quality=5)
