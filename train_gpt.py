@@ -246,7 +246,10 @@ class DistributedTokenLoader:
     """Each call takes one contiguous span per rank, so N ranks × 1 micro-step see what 1 rank × N micro-steps see."""
 
     def __init__(self, data_path: str, rank: int, world_size: int, device: torch.device):
-        self.stream = TokenStream(shard_paths(data_path, "train"))
+        paths = shard_paths(data_path, "train")
+        if sum(read_shard_header(p) for p in paths) == 0:
+            raise ShardError(f"the training shards in {data_path!r} hold no tokens")
+        self.stream = TokenStream(paths)
         self.rank, self.world_size, self.device = rank, world_size, device
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
