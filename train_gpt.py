@@ -110,6 +110,8 @@ class Hyperparameters:
     ema_decay: float = 0.9965
     compile: bool = True
     compile_warmup_steps: int = 20
+    fused_ce: bool = True  # Triton softcapped cross-entropy in training, on CUDA
+    time_sync_every: int = 10  # steps between device syncs that read the training clock
     # optimizers
     matrix_lr: float = 0.026
     muon_momentum: float = 0.97
@@ -417,6 +419,7 @@ class GPT(nn.Module):
         if h.rope_dims % 2 or not 0 < h.rope_dims <= head_dim:
             raise SystemExit(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
         self.logit_softcap = h.logit_softcap
+        self.fused_ce = False  # main() turns the Triton loss on where it can run
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         self.num_encoder_layers = h.num_layers // 2
@@ -433,7 +436,7 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(module.weight, std=module.in_features ** -0.5)
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         x = rms_norm(self.tok_emb(idx))
         skips = []
         for i, block in enumerate(self.blocks):
@@ -443,15 +446,121 @@ class GPT(nn.Module):
             x = block(x)
             if i < self.num_encoder_layers:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype))
+        return rms_norm(x)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.hidden(idx)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
         return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
 
     def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Evaluation: per-token losses through the plain, exact softcap and cross-entropy."""
         logits = self.logits(idx).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.token_losses(idx, targets).mean()
+        """Training: mean loss, through the fused kernel when `fused_ce` is set."""
+        x = self.hidden(idx)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        return softcap_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.logit_softcap,
+                                     fused=self.fused_ce).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels: fused softcapped cross-entropy for training (evaluation keeps the plain path)
+# ----------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _softcap(z, cap):
+        # cap·tanh(z/cap) through exp, which saturates cleanly: exp overflow gives ±cap, not NaN
+        return cap - 2.0 * cap / (tl.exp(2.0 * z / cap) + 1.0)
+
+    @triton.jit
+    def _softcap_ce_forward(logits_ptr, targets_ptr, loss_ptr, lse_ptr, row_stride, cap,
+                            VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
+        running_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+        running_sum = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, VOCAB, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(row_ptr + cols, mask=cols < VOCAB, other=0.0).to(tl.float32)
+            s = tl.where(cols < VOCAB, _softcap(z, cap), float("-inf"))
+            new_max = tl.maximum(running_max, s)
+            # a lane that has seen only padding has max −inf: shift by 0 there, so its sum stays exp(−inf) = 0
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - shift) + tl.exp(s - shift)
+            running_max = new_max
+        row_max = tl.max(running_max, 0)
+        lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), 0))
+        target = tl.load(targets_ptr + row)
+        valid = target != IGNORE
+        target_logit = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - _softcap(target_logit, cap), 0.0))
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _softcap_ce_backward(logits_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_logits_ptr, row_stride,
+                             grad_row_stride, cap, VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
+        out_ptr = grad_logits_ptr + row.to(tl.int64) * grad_row_stride
+        target = tl.load(targets_ptr + row)
+        scale = tl.where(target != IGNORE, tl.load(grad_loss_ptr + row).to(tl.float32), 0.0)
+        lse = tl.load(lse_ptr + row)
+        for start in range(0, VOCAB, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < VOCAB
+            z = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            s = _softcap(z, cap)
+            t = s / cap
+            grad = (tl.exp(s - lse) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t) * scale
+            tl.store(out_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inside)
+
+
+CE_IGNORE_INDEX = -100
+CE_BLOCK = 1024
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of cap·tanh(z/cap) in one streaming pass per row; only the row's log-sum-exp
+    is kept for the backward, never the softcapped logits. Rows whose target is -100 give 0 loss and 0 grad."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+        logits, targets = logits.contiguous(), targets.contiguous()
+        rows, vocab = logits.shape
+        loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
+        lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
+        _softcap_ce_forward[(rows,)](logits, targets, loss, lse, logits.stride(0), cap,
+                                     VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        rows, vocab = logits.shape
+        _softcap_ce_backward[(rows,)](logits, targets, lse, grad_loss.contiguous(), grad_logits, logits.stride(0),
+                                      grad_logits.stride(0), ctx.cap, VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
+        return grad_logits, None, None
+
+
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float, fused: bool) -> torch.Tensor:
+    """Per-row losses of softcapped logits (rows, vocab); the Triton kernel when `fused`, else plain PyTorch."""
+    if fused:
+        return SoftcapCrossEntropy.apply(logits, targets, cap)
+    capped = cap * torch.tanh(logits.float() / cap)
+    return F.cross_entropy(capped, targets, reduction="none", ignore_index=CE_IGNORE_INDEX)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -485,8 +594,9 @@ def polar_express(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
 class Muon(torch.optim.Optimizer):
     """Momentum, MuonEq-R row normalisation, Polar Express, then a shape-scaled step with decoupled weight decay.
 
-    With several ranks, the matrices of each shape are dealt out round-robin: every rank orthogonalises its
-    share and the updates are all-gathered. Gradients must already be averaged across ranks."""
+    Matrices of one shape form a bucket that is orthogonalised as one batch. With several ranks each rank
+    takes a contiguous share of every bucket and the updates are all-gathered; gradients must already be
+    averaged across ranks."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int,
                  ns_dtype: torch.dtype, rank: int = 0, world_size: int = 1):
@@ -497,35 +607,42 @@ class Muon(torch.optim.Optimizer):
         by_shape: dict[tuple, list] = {}
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
-        self.shape_groups = list(by_shape.values())
+        self.buckets = list(by_shape.values())
 
-    def _orthogonal_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
-        state = self.state[p]
+    def _orthogonal_updates(self, mine: list, group: dict) -> torch.Tensor:
+        grads = torch.stack([p.grad for p in mine])
+        state = self.state[mine[0]]  # the share's stacked momentum lives with its first matrix
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(p.grad)
+            state["momentum_buffer"] = torch.zeros_like(grads)
         buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(p.grad)
-        update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+        buf.mul_(group["momentum"]).add_(grads)
+        update = grads.add_(buf, alpha=group["momentum"])  # Nesterov
         update = update / (update.norm(dim=-1, keepdim=True) + 1e-7)  # MuonEq-R: equal-norm rows
-        update = polar_express(update, self.ns_steps, self.ns_dtype).to(p.dtype)
-        return update * math.sqrt(max(1.0, p.size(-2) / p.size(-1)))
+        update = polar_express(update, self.ns_steps, self.ns_dtype).to(grads.dtype)
+        return update * math.sqrt(max(1.0, grads.size(-2) / grads.size(-1)))
 
     @torch.no_grad()
     def step(self):
         group = self.param_groups[0]
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
-        for params in self.shape_groups:
-            for base in range(0, len(params), self.world_size):
-                owned = base + self.rank
-                mine = (self._orthogonal_update(params[owned], group) if owned < len(params)
-                        else torch.zeros_like(params[base]))
-                if self.world_size > 1:
-                    updates = [torch.empty_like(mine) for _ in range(self.world_size)]
-                    dist.all_gather(updates, mine)
-                else:
-                    updates = [mine]
-                for p, update in zip(params[base:base + self.world_size], updates):
-                    p.mul_(decay).add_(update, alpha=-lr)
+        pending = []
+        for params in self.buckets:
+            share = -(-len(params) // self.world_size)
+            mine = params[self.rank * share:(self.rank + 1) * share]
+            updates = torch.zeros(share, *params[0].shape, device=params[0].device, dtype=params[0].dtype)
+            if mine:
+                updates[:len(mine)] = self._orthogonal_updates(mine, group)
+            handle = None
+            if self.world_size > 1:
+                gathered = torch.empty(share * self.world_size, *params[0].shape, device=updates.device, dtype=updates.dtype)
+                handle = dist.all_gather_into_tensor(gathered, updates, async_op=True)  # overlaps the next bucket
+                updates = gathered
+            pending.append((params, updates, handle))
+        for params, updates, handle in pending:
+            if handle is not None:
+                handle.wait()
+            torch._foreach_mul_(params, decay)
+            torch._foreach_add_(params, list(updates[:len(params)].unbind(0)), alpha=-lr)
 
 
 def split_parameters(model: GPT) -> tuple[list, list, list]:
@@ -852,8 +969,9 @@ def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
         offset += t.numel()
 
 
-def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
-               accum_steps: int, world_size: int, device: torch.device) -> torch.Tensor:
+def forward_backward(loss_fn, loader: DistributedTokenLoader, h: Hyperparameters, accum_steps: int,
+                     world_size: int, device: torch.device) -> torch.Tensor:
+    """Accumulate one step's gradients over the micro-steps; return the mean loss (on the device, no sync)."""
     local_tokens = h.train_batch_tokens // (world_size * accum_steps)
     total = torch.zeros((), device=device)
     for _ in range(accum_steps):
@@ -862,6 +980,11 @@ def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedT
             loss = loss_fn(x, y)
         (loss / accum_steps).backward()
         total += loss.detach()
+    return total / accum_steps
+
+
+def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters, world_size: int) -> None:
+    """Average the gradients across ranks, clip, step every optimizer, clear the gradients."""
     params = [p for p in model.parameters() if p.grad is not None]
     all_reduce_mean([p.grad for p in params], world_size)
     if h.grad_clip_norm > 0:
@@ -870,7 +993,13 @@ def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedT
         opt.step()
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    return total / accum_steps
+
+
+def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
+               accum_steps: int, world_size: int, device: torch.device) -> torch.Tensor:
+    loss = forward_backward(loss_fn, loader, h, accum_steps, world_size, device)
+    optimizer_step(model, optimizers, h, world_size)
+    return loss
 
 
 def set_schedule(optimizers: list, step: int, progress: float, h: Hyperparameters) -> None:
@@ -887,13 +1016,49 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
-    """True on every rank when any rank says so, so all ranks stop at the same step."""
-    if world_size == 1:
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+class TrainingClock:
+    """Training time that every rank agrees on, without a device sync every step.
+
+    Every TIME_SYNC_EVERY steps (every step once the budget is near) the device is synchronised and rank 0's
+    elapsed time is shared; in between, time is extrapolated from the last measured step time. The LR schedule
+    and the stop decision read this clock, so all ranks take the same steps with the same learning rates."""
+
+    def __init__(self, budget_ms: float, sync_every: int, world_size: int, device: torch.device):
+        self.budget_ms, self.sync_every = budget_ms, max(1, sync_every)
+        self.world_size, self.device = world_size, device
+        self.measured_ms, self.measured_step, self.ms_per_step = 0.0, 0, 0.0
+        self.paused_ms, self.t0 = 0.0, None
+
+    def _host_ms(self) -> float:
+        return self.paused_ms + 1000.0 * (time.perf_counter() - self.t0)
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def pause(self) -> None:
+        synchronize(self.device)
+        self.paused_ms = self._host_ms()
+
+    def resume(self) -> None:
+        self.start()
+
+    def estimate(self, step: int) -> float:
+        return self.measured_ms + (step - self.measured_step) * self.ms_per_step
+
+    def due(self, step: int) -> bool:
+        return step - self.measured_step >= self.sync_every or self.estimate(step + self.sync_every) >= self.budget_ms
+
+    def measure(self, step: int) -> float:
+        synchronize(self.device)
+        elapsed = torch.tensor(self._host_ms(), dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(elapsed, src=0)
+        elapsed_ms = elapsed.item()
+        if step > self.measured_step:
+            self.ms_per_step = (elapsed_ms - self.measured_ms) / (step - self.measured_step)
+        self.measured_ms, self.measured_step = elapsed_ms, step
+        return elapsed_ms
 
 
 def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log) -> float:
@@ -918,38 +1083,37 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size
 
 
 def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate) -> int:
-    """The timed loop: stops at ITERATIONS or when the wall clock reaches the budget less the quantization reserve."""
+    """The timed loop: stops at ITERATIONS or when the training clock reaches the budget less the quantization reserve."""
     loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
     budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
-    training_ms, step, stop = 0.0, 0, False
-    synchronize(device)
-    t0 = time.perf_counter()
+    clock = TrainingClock(budget_ms, h.time_sync_every, world_size, device)
+    step, stop, loss = 0, False, None
+    clock.start()
     while True:
         last_step = step == h.iterations or stop
         if h.val_loss_every > 0 and (last_step or step % h.val_loss_every == 0):
-            synchronize(device)
-            training_ms += 1000.0 * (time.perf_counter() - t0)
+            elapsed_ms = clock.measure(step)
+            clock.pause()
             val_loss, val_bpb = evaluate()
             log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
-            synchronize(device)
-            t0 = time.perf_counter()
+                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / max(step, 1):.2f}ms")
+            clock.resume()
         if last_step:
             break
-        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
-        set_schedule(optimizers, step, max(step / h.iterations, elapsed_ms / budget_ms), h)
+        set_schedule(optimizers, step, max(step / h.iterations, clock.estimate(step) / budget_ms), h)
         loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
         ema.update(model)
         step += 1
-        synchronize(device)
-        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - t0)
-        if h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0):
-            all_reduce_mean([loss], world_size)
-            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} "
-                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
-        stop = any_rank(elapsed_ms >= budget_ms, world_size, device)
-        if stop and step < h.iterations:
-            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
+        if log_now or clock.due(step) or step == h.iterations:
+            elapsed_ms = clock.measure(step)
+            stop = elapsed_ms >= budget_ms
+            if log_now:
+                all_reduce_mean([loss], world_size)
+                log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} "
+                    f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+            if stop and step < h.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
     return step
 
 
@@ -1022,7 +1186,8 @@ def main() -> None:
     log(f"val_tokens:{val_tokens.size - 1} val_bytes:{int(target_bytes.sum())}")
 
     model = GPT(h).to(device)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} fused_ce:{model.fused_ce}")
     optimizers = build_optimizers(model, h, rank, world_size, device)
     ema = EMA(model, h.ema_decay)
     accum_steps = derive_grad_accum_steps(h, world_size)

@@ -107,20 +107,26 @@ def test_polar_express_against_svd_polar_factor(shape):
 
 
 def test_muon_step_matches_a_hand_computed_update():
+    """Two buckets (two 32×16 matrices, one 16×48) batched in the optimizer, computed here one matrix at a time."""
     torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(32, 16))
-    grads = [torch.randn(32, 16) for _ in range(2)]
-    opt = tg.Muon([w], lr=0.1, momentum=0.9, weight_decay=0.5, ns_steps=5, ns_dtype=torch.float32)
-    expected, buf = w.detach().clone(), torch.zeros(32, 16)
-    for grad in grads:
-        w.grad = grad.clone()
+    shapes = [(32, 16), (16, 48), (32, 16)]
+    params = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+    grads = [[torch.randn(*s) for s in shapes] for _ in range(2)]
+    opt = tg.Muon(params, lr=0.1, momentum=0.9, weight_decay=0.5, ns_steps=5, ns_dtype=torch.float32)
+    expected = [p.detach().clone() for p in params]
+    bufs = [torch.zeros(*s) for s in shapes]
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.clone()
         opt.step()
-        buf = 0.9 * buf + grad
-        update = grad + 0.9 * buf
-        update = update / update.norm(dim=-1, keepdim=True)
-        update = tg.polar_express(update, 5, torch.float32) * math.sqrt(32 / 16)
-        expected = expected * (1 - 0.1 * 0.5) - 0.1 * update
-    assert torch.allclose(w.detach(), expected, atol=1e-5)
+        for i, g in enumerate(step_grads):
+            bufs[i] = 0.9 * bufs[i] + g
+            update = g + 0.9 * bufs[i]
+            update = update / update.norm(dim=-1, keepdim=True)
+            update = tg.polar_express(update, 5, torch.float32) * math.sqrt(max(1, shapes[i][0] / shapes[i][1]))
+            expected[i] = expected[i] * (1 - 0.1 * 0.5) - 0.1 * update
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.detach(), e, atol=1e-5)
 
 
 def test_lr_schedule_warmup_flat_warmdown():

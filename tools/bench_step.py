@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Time train_gpt.py's training step on one GPU at the per-GPU batch of an 8-GPU run, and say where the time goes.
+
+  DATA_PATH=... TOKENIZER_PATH=... python3 tools/bench_step.py        # any train_gpt.py variable applies
+
+Prints, after compiling and warming up:
+  - ms per micro-step (one GPU's share of a step on 8 GPUs: BENCH_MICRO_TOKENS, default 48 × 2048) and for the
+    full 786,432-token step run on this one GPU as 8 micro-steps (the proxy protocol's throughput figure);
+  - tokens/s, model FLOP utilisation against this GPU's measured bf16 matmul rate, peak memory;
+  - a breakdown of one step from the profiler: attention, matmuls, loss, other forward/backward kernels,
+    optimizer (with clipping and the EMA), and communication.
+Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones.
+"""
+import os
+import re
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as tg  # noqa: E402
+
+KERNEL_CLASSES = (  # first match wins; names as the profiler reports CUDA kernels
+    ("communication", re.compile(r"nccl", re.I)),
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
+    ("loss", re.compile(r"softcap_ce|cross_entropy|log_softmax|nll_loss", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|_mm_", re.I)),
+)
+
+
+def measured_bf16_tflops() -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * 8192 ** 3 * 20 / (start.elapsed_time(end) / 1000) / 1e12
+
+
+def flops_per_token(h: tg.Hyperparameters, params: int) -> float:
+    """6·N for the matmuls (tied embedding counted once, as the head) + causal attention's two products (6·L·T·d)."""
+    return 6 * params + 6 * h.num_layers * h.train_seq_len * h.model_dim
+
+
+def classify(name: str) -> str:
+    return next((label for label, pattern in KERNEL_CLASSES if pattern.search(name)), "other")
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_step.py measures a GPU: none is visible")
+    micro_tokens = int(os.environ.get("BENCH_MICRO_TOKENS", 48 * 2048))
+    steps, warmup = int(os.environ.get("BENCH_STEPS", 50)), int(os.environ.get("BENCH_WARMUP", 10))
+    os.environ.setdefault("TRAIN_BATCH_TOKENS", str(micro_tokens))
+    os.environ.setdefault("GRAD_ACCUM_STEPS", "1")
+    h = tg.Hyperparameters.from_env()
+    device = torch.device("cuda", 0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(h.seed)
+    model = tg.GPT(h).to(device)
+    model.fused_ce = h.fused_ce and tg.triton is not None
+    params = sum(p.numel() for p in model.parameters())
+    optimizers = tg.build_optimizers(model, h, 0, 1, device)
+    ema = tg.EMA(model, h.ema_decay)
+    loss_fn = torch.compile(model) if h.compile else model
+    loader = tg.DistributedTokenLoader(h.data_path, 0, 1, device)
+
+    def step(i: int, marks=None):
+        tg.set_schedule(optimizers, i, 0.5, h)
+        if marks:
+            marks[0].record()
+        tg.forward_backward(loss_fn, loader, h, 1, 1, device)
+        if marks:
+            marks[1].record()
+        tg.optimizer_step(model, optimizers, h, 1)
+        ema.update(model)
+        if marks:
+            marks[2].record()
+
+    start = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - start
+    torch.cuda.reset_peak_memory_stats()
+    timings = []
+    for i in range(steps):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        step(warmup + i, marks)
+        timings.append(marks)
+    torch.cuda.synchronize()
+    fwd_bwd = statistics.median(m[0].elapsed_time(m[1]) for m in timings)
+    optim = statistics.median(m[1].elapsed_time(m[2]) for m in timings)
+    total = statistics.median(m[0].elapsed_time(m[2]) for m in timings)
+    # back to back, without the events between phases: what the training loop sees
+    t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0.record()
+    for i in range(steps):
+        step(warmup + steps + i)
+    t1.record()
+    torch.cuda.synchronize()
+    loop_ms = t0.elapsed_time(t1) / steps
+    peak_gib = torch.cuda.max_memory_allocated() / 2 ** 30
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for i in range(3):
+            step(warmup + 2 * steps + i)
+        torch.cuda.synchronize()
+    by_class: dict[str, float] = {}
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and device_us:
+            by_class[classify(evt.key)] = by_class.get(classify(evt.key), 0.0) + device_us / 1000 / 3
+    kernel_total = sum(by_class.values())
+
+    peak = measured_bf16_tflops()
+    tokens_per_s = micro_tokens / (loop_ms / 1000)
+    mfu = flops_per_token(h, params) * tokens_per_s / (peak * 1e12)
+    full_step_ms = (tg.Hyperparameters().train_batch_tokens // micro_tokens) * fwd_bwd + optim
+    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__} attention: "
+          f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile}")
+    print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s")
+    print(f"| measure | value |\n|---|---|")
+    print(f"| ms per micro-step (fwd+bwd+optimizer+EMA, back to back) | {loop_ms:.1f} |")
+    print(f"| ms forward+backward / optimizer+clip+EMA (median, events) | {fwd_bwd:.1f} / {optim:.1f} |")
+    print(f"| ms per full 786,432-token step on 1 GPU (8 × fwd+bwd + 1 optimizer) | {full_step_ms:.0f} |")
+    print(f"| tokens/s (micro-steps back to back) | {tokens_per_s:,.0f} |")
+    print(f"| MFU vs measured bf16 matmul ({peak:.0f} TFLOP/s) | {100 * mfu:.1f}% |")
+    print(f"| peak memory allocated | {peak_gib:.1f} GiB |")
+    for label in ("matmul", "attention", "loss", "other", "communication"):
+        print(f"| kernels per step: {label} | {by_class.get(label, 0.0):.1f} ms |")
+    print(f"| kernels per step: all (sum of kernel times) | {kernel_total:.1f} ms |")
+    top = sorted(((e.key, (getattr(e, 'device_time_total', 0) or 0) / 3000) for e in prof.key_averages()
+                  if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda kv: -kv[1])[:12]
+    print("top kernels (ms per step):")
+    for name, ms in top:
+        print(f"  {ms:7.2f}  [{classify(name)}] {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()
