@@ -483,8 +483,8 @@ if triton is not None:
         return cap - 2.0 * cap / (tl.exp(2.0 * z / cap) + 1.0)
 
     @triton.jit
-    def _softcap_ce_forward(logits_ptr, targets_ptr, loss_ptr, lse_ptr, row_stride, cap,
-                            VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+    def _softcap_ce_forward(logits_ptr, targets_ptr, loss_ptr, lse_ptr, row_stride,
+                            CAP: tl.constexpr, VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * row_stride
         running_max = tl.full((BLOCK,), float("-inf"), tl.float32)
@@ -492,7 +492,7 @@ if triton is not None:
         for start in range(0, VOCAB, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             z = tl.load(row_ptr + cols, mask=cols < VOCAB, other=0.0).to(tl.float32)
-            s = tl.where(cols < VOCAB, _softcap(z, cap), float("-inf"))
+            s = tl.where(cols < VOCAB, _softcap(z, CAP), float("-inf"))
             new_max = tl.maximum(running_max, s)
             # a lane that has seen only padding has max −inf: shift by 0 there, so its sum stays exp(−inf) = 0
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -503,12 +503,12 @@ if triton is not None:
         target = tl.load(targets_ptr + row)
         valid = target != IGNORE
         target_logit = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - _softcap(target_logit, cap), 0.0))
+        tl.store(loss_ptr + row, tl.where(valid, lse - _softcap(target_logit, CAP), 0.0))
         tl.store(lse_ptr + row, lse)
 
     @triton.jit
     def _softcap_ce_backward(logits_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_logits_ptr, row_stride,
-                             grad_row_stride, cap, VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+                             grad_row_stride, CAP: tl.constexpr, VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         row_ptr = logits_ptr + row.to(tl.int64) * row_stride
         out_ptr = grad_logits_ptr + row.to(tl.int64) * grad_row_stride
@@ -519,8 +519,8 @@ if triton is not None:
             cols = start + tl.arange(0, BLOCK)
             inside = cols < VOCAB
             z = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-            s = _softcap(z, cap)
-            t = s / cap
+            s = _softcap(z, CAP)
+            t = s / CAP
             grad = (tl.exp(s - lse) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t) * scale
             tl.store(out_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inside)
 
@@ -539,8 +539,8 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         rows, vocab = logits.shape
         loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
         lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
-        _softcap_ce_forward[(rows,)](logits, targets, loss, lse, logits.stride(0), cap,
-                                     VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
+        _softcap_ce_forward[(rows,)](logits, targets, loss, lse, logits.stride(0),
+                                     CAP=cap, VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
         ctx.save_for_backward(logits, targets, lse)
         ctx.cap = cap
         return loss
@@ -551,7 +551,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         grad_logits = torch.empty_like(logits)
         rows, vocab = logits.shape
         _softcap_ce_backward[(rows,)](logits, targets, lse, grad_loss.contiguous(), grad_logits, logits.stride(0),
-                                      grad_logits.stride(0), ctx.cap, VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
+                                      grad_logits.stride(0), CAP=ctx.cap, VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
         return grad_logits, None, None
 
 
