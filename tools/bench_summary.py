@@ -2,17 +2,20 @@
 """Summarise train_gpt.py logs: median ms per step, tokens/s, model FLOP utilisation, val_bpb, bytes.
 
   python3 tools/bench_summary.py logs/RUN.txt [...]
+
+Reads the logs through tools/logparse.py, which must sit beside this file (tools/proxy_bench.sh copies both).
 """
-import re
+import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+try:
+    from logparse import LogFormatError, parse_log  # noqa: E402
+except ImportError:  # pragma: no cover - only when copied without its parser
+    raise SystemExit("bench_summary.py needs logparse.py in the same folder (copy tools/logparse.py with it)")
+
 PEAK_BF16_TFLOPS = 798.0  # an 8192³ bf16 matmul on this workplace's H100 (device KINDS.md, 2026-11-13)
-
-
-def read_settings(lines):
-    settings = dict(kv.split("=", 1) for kv in lines[0].split() if "=" in kv)
-    return {k: v for k, v in settings.items()}
 
 
 def flops_per_token(s, params):
@@ -22,37 +25,40 @@ def flops_per_token(s, params):
 
 
 def summarise(path):
-    lines = open(path, encoding="utf-8").read().splitlines()
-    s = read_settings(lines)
+    log = parse_log(path)
+    s = log.hparams
     out = {"run": path}
-    steps = [(int(m[1]), float(m[2])) for m in (re.match(r"step:(\d+)/\d+ train_loss:\S+ train_time:(\d+)ms", l) for l in lines) if m]
-    params = next((int(l.split(":")[1]) for l in lines if l.startswith("model_params:")), None)
+    steps = [(p.step, p.train_time_ms) for p in log.train]
+    params = log.model_params
     gaps = [(t2 - t1) / (s2 - s1) for (s1, t1), (s2, t2) in zip(steps, steps[1:]) if s1 >= 5]
     if gaps and params:
         ms = statistics.median(gaps)
         tokens = int(s["train_batch_tokens"])
         out.update(steps_timed=len(gaps), ms_per_step=round(ms, 1), tokens_per_s=round(tokens / ms * 1000),
                    mfu_pct=round(100 * flops_per_token(s, params) * tokens / (ms / 1000) / PEAK_BF16_TFLOPS / 1e12, 1))
-    for l in lines:
-        for key, pattern in (("compile_s", r"compile_warmup_time:([\d.]+)s"), ("peak_mem_mib", r"peak memory allocated: (\d+) MiB"),
-                             ("steps", r"pre_quant_ema step:(\d+)"), ("pre_quant_bpb", r"pre_quant_ema .*val_bpb:([\d.]+)"),
-                             ("pre_quant_eval_s", r"pre_quant_ema .*eval_time:(\d+)ms"),
-                             ("quant_compress_s", r"quantize_compress_time:([\d.]+)s"),
-                             ("model_bytes", r"Serialized model \S+: (\d+) bytes"), ("code_bytes", r"Code size \(packed\): (\d+) bytes"),
-                             ("total_bytes", r"Total submission size \S+: (\d+) bytes"),
-                             ("roundtrip_bpb", r"roundtrip_exact val_loss:\S+ val_bpb:([\d.]+)"),
-                             ("roundtrip_eval_s", r"roundtrip val_loss.*eval_time:(\d+)ms")):
-            m = re.search(pattern, l)
-            if m:
-                out[key] = m.group(1)
-    for key in ("pre_quant_eval_s", "roundtrip_eval_s"):
-        if key in out:
-            out[key] = round(int(out[key]) / 1000, 1)
+    # the log's own precision: 1 decimal for seconds, 4 for the rounded scores, 8 for the exact one
+    fields = (("compile_s", log.compile_warmup_s, "{:.1f}"), ("peak_mem_mib", log.peak_mem_allocated_mib, "{}"),
+              ("steps", log.pre_quant_step, "{}"), ("pre_quant_bpb", log.pre_quant_val_bpb, "{:.4f}"),
+              ("pre_quant_eval_s", log.pre_quant_eval_ms, None), ("quant_compress_s", log.quantize_compress_s, "{:.1f}"),
+              ("model_bytes", log.model_bytes, "{}"), ("code_bytes", log.code_bytes, "{}"),
+              ("total_bytes", log.total_bytes, "{}"), ("roundtrip_eval_s", log.final_eval_ms, None),
+              ("roundtrip_bpb", log.final_exact_val_bpb, "{:.8f}"))
+    for key, value, fmt in fields:
+        if value is not None:
+            out[key] = round(value / 1000, 1) if fmt is None else fmt.format(value)
     if "pre_quant_bpb" in out and "roundtrip_bpb" in out:
         out["quant_gap"] = round(float(out["roundtrip_bpb"]) - float(out["pre_quant_bpb"]), 5)
+    if not log.finished:
+        out["finished"] = "no"
     return out
 
 
 if __name__ == "__main__":
+    status = 0
     for path in sys.argv[1:]:
-        print(" ".join(f"{k}={v}" for k, v in summarise(path).items()))
+        try:
+            print(" ".join(f"{k}={v}" for k, v in summarise(path).items()))
+        except (LogFormatError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+    sys.exit(status)
