@@ -102,7 +102,8 @@ class Hyperparameters:
     quant_reserve_seconds: float = 4.0
     train_batch_tokens: int = 786432
     train_seq_len: int = 2048
-    grad_accum_steps: int = 0  # 0 = derived: 8 // world_size when that divides the batch
+    grad_accum_steps: int = 0  # 0 = derived: the fewest micro-steps whose share fits MICRO_BATCH_TOKENS
+    micro_batch_tokens: int = 98304  # most tokens per rank per micro-step: the 8-GPU record's per-GPU batch
     warmup_steps: int = 20
     warmdown_frac: float = 0.85
     min_lr: float = 0.10
@@ -953,8 +954,9 @@ def derive_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
             raise SystemExit(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must divide the {seqs_per_rank} sequences "
                              f"each rank gets per step")
         return h.grad_accum_steps
-    # the records' 8 // world_size (8 micro-steps on one GPU), rounded up to a divisor of the rank's sequences
-    return next(a for a in range(max(1, math.ceil(8 / world_size)), seqs_per_rank + 1) if seqs_per_rank % a == 0)
+    # split only as far as memory asks: small micro-steps are launch-bound and waste the GPU
+    max_seqs = max(1, h.micro_batch_tokens // h.train_seq_len)
+    return next(a for a in range(1, seqs_per_rank + 1) if seqs_per_rank % a == 0 and seqs_per_rank // a <= max_seqs)
 
 
 def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:

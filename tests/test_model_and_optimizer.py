@@ -150,9 +150,10 @@ def test_parameter_split_puts_block_matrices_in_muon():
     assert {names[id(p)] for p in scalars} == {"skip_gates"} | {f"blocks.{i}.attn.q_gain" for i in range(5)}
 
 
-@pytest.mark.parametrize("world,expected", [(1, 8), (2, 4), (4, 2), (8, 1), (3, 4)])
-def test_grad_accum_keeps_the_global_batch(world, expected):
-    h = tg.Hyperparameters()
+@pytest.mark.parametrize("world,batch,expected", [(1, 786432, 8), (2, 786432, 4), (4, 786432, 2), (8, 786432, 1),
+                                                  (3, 786432, 4), (1, 65536, 1), (1, 196608 + 2048 * 3, 3)])
+def test_grad_accum_keeps_the_global_batch(world, batch, expected):
+    h = tg.Hyperparameters(train_batch_tokens=batch)
     accum = tg.derive_grad_accum_steps(h, world)
     assert accum == expected
     assert h.train_batch_tokens % (world * accum * h.train_seq_len) == 0
