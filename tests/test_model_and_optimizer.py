@@ -164,3 +164,22 @@ def test_grad_accum_refuses_a_batch_that_does_not_split():
         tg.derive_grad_accum_steps(tg.Hyperparameters(train_batch_tokens=1000), 1)
     with pytest.raises(SystemExit, match="GRAD_ACCUM_STEPS"):
         tg.derive_grad_accum_steps(tg.Hyperparameters(grad_accum_steps=5), 1)
+
+
+def test_training_clock_extrapolates_between_syncs_and_syncs_every_step_near_the_budget(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
+    clock = tg.TrainingClock(budget_ms=1000.0, sync_every=10, world_size=1, device=torch.device("cpu"))
+    clock.start()
+    assert not clock.due(5) and clock.due(10)
+    now[0] += 0.2  # 10 steps of 20 ms
+    assert clock.measure(10) == pytest.approx(200.0)
+    assert clock.estimate(15) == pytest.approx(300.0)  # extrapolated, no sync
+    assert not clock.due(15)
+    clock.pause()
+    now[0] += 5.0  # an evaluation: not training time
+    clock.resume()
+    now[0] += 0.6  # 30 more steps of 20 ms
+    assert clock.measure(40) == pytest.approx(800.0)
+    assert clock.due(41)  # 41 + 10 steps would pass 1000 ms: sync every step now
+    assert clock.estimate(50) == pytest.approx(1000.0)
