@@ -85,6 +85,7 @@ class Hyperparameters:
     tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
     vocab_size: int = 8192
     val_tokens_limit: int = 0  # 0 = the whole validation set
+    caseops_enabled: bool = False  # val_bpb on the byte sidecars fineweb_val_bytes_*.bin (original UTF-8 bytes)
     # model
     num_layers: int = 11
     model_dim: int = 512
@@ -210,7 +211,8 @@ def read_shard(path: str) -> np.ndarray:
 
 
 def shard_paths(data_path: str, split: str) -> list[str]:
-    paths = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    paths = sorted(p for p in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
+                   if not os.path.basename(p).startswith(f"fineweb_{split}_bytes_"))  # byte sidecars are no shards
     if not paths:
         raise ShardError(f"no fineweb_{split}_*.bin shards in {data_path!r}: set DATA_PATH, or download with "
                          f"`python3 data/cached_challenge_fineweb.py --variant sp8192`")
@@ -317,6 +319,70 @@ def target_byte_counts(tokens: np.ndarray, tables) -> np.ndarray:
     base_bytes, has_space, is_boundary = tables
     prev, target = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
     return base_bytes[target] + (has_space[target] & ~is_boundary[prev])
+
+
+# Byte sidecars (CaseOps): fineweb_val_bytes_NNNNNN.bin beside fineweb_val_NNNNNN.bin, one uint16 per token of
+# that shard: the bytes of the original (untransformed) text the token accounts for (BOS and operators 0). Shard
+# format, with header[3] = BYTE_SIDECAR_TAG and header[4:6] = the total as an int64; a sidecar whose header[3:6]
+# is 0 (written by write_shard) records no total and is checked for its length only.
+BYTE_SIDECAR_TAG = 0x42595445
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")  # TITLE, ALLCAPS, CAPNEXT, ESC: ids 4..7
+
+
+def byte_sidecar_path(shard_path: str) -> str:
+    folder, name = os.path.split(shard_path)
+    return os.path.join(folder, name.replace("fineweb_val_", "fineweb_val_bytes_", 1))
+
+
+def write_byte_sidecar(path: str, counts, total_bytes: int | None = None) -> None:
+    counts = np.asarray(counts)
+    if counts.size and (counts.min() < 0 or counts.max() > 65535):
+        raise ValueError(f"{path}: byte counts must fit in uint16, got range [{counts.min()}, {counts.max()}]")
+    total = int(counts.astype(np.int64).sum())
+    if total_bytes is not None and int(total_bytes) != total:
+        raise ValueError(f"{path}: byte counts sum to {total}, not the {total_bytes} bytes given")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[:4] = (SHARD_MAGIC, SHARD_VERSION, counts.size, BYTE_SIDECAR_TAG)
+    header[4:6] = np.array([total], dtype="<i8").view("<i4")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(counts.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+def read_byte_sidecar(path: str) -> tuple[np.ndarray, int | None]:
+    """(byte counts as int64, the total recorded in the header or None); refuses a sidecar whose sum differs."""
+    num_values = read_shard_header(path)  # the same magic, version and length checks as a shard
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    counts = np.fromfile(path, dtype="<u2", count=num_values, offset=SHARD_HEADER_BYTES).astype(np.int64)
+    if header[3] == BYTE_SIDECAR_TAG:
+        total = int(header[4:6].copy().view("<i8")[0])
+        if int(counts.sum()) != total:
+            raise ShardError(f"{path}: byte counts sum to {int(counts.sum())}, the header records {total}")
+        return counts, total
+    if header[3:6].any():
+        raise ShardError(f"{path}: header[3] is {header[3]}, neither {BYTE_SIDECAR_TAG} (byte sidecar) nor 0")
+    return counts, None
+
+
+def load_validation_byte_counts(data_path: str, num_tokens: int) -> np.ndarray:
+    """Original bytes of each of the first num_tokens validation tokens, from the sidecars of the val shards."""
+    counts = []
+    for shard in shard_paths(data_path, "val"):
+        path = byte_sidecar_path(shard)
+        if not os.path.isfile(path):
+            raise ShardError(f"{path}: byte sidecar of {os.path.basename(shard)} not found (CASEOPS_ENABLED=1 needs "
+                             f"one per val shard: data/prepare_corpus.py --caseops, or the sp8192_caseops download)")
+        shard_counts, _ = read_byte_sidecar(path)
+        if shard_counts.size != read_shard_header(shard):
+            raise ShardError(f"{path}: {shard_counts.size} byte counts, but {os.path.basename(shard)} holds "
+                             f"{read_shard_header(shard)} tokens")
+        counts.append(shard_counts)
+    counts = np.concatenate(counts)
+    if counts.size < num_tokens:
+        raise ShardError(f"the byte sidecars in {data_path!r} cover {counts.size} tokens, not {num_tokens}")
+    return counts[:num_tokens]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1184,8 +1250,16 @@ def main() -> None:
     val_tokens = load_validation_tokens(h.data_path, h.val_tokens_limit)
     check_token_range(val_tokens, h.vocab_size, f"validation shards in {h.data_path}")
     check_token_range(read_shard(shard_paths(h.data_path, "train")[0]), h.vocab_size, f"first train shard in {h.data_path}")
-    target_bytes = target_byte_counts(val_tokens, token_byte_tables(sp))
-    log(f"val_tokens:{val_tokens.size - 1} val_bytes:{int(target_bytes.sum())}")
+    caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+    if h.caseops_enabled:
+        target_bytes = load_validation_byte_counts(h.data_path, val_tokens.size)[1:]
+    elif caseops_tokenizer:
+        raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
+                         f"counts the original bytes (its operator pieces are not text)")
+    else:
+        target_bytes = target_byte_counts(val_tokens, token_byte_tables(sp))
+    log(f"val_tokens:{val_tokens.size - 1} val_bytes:{int(target_bytes.sum())} "
+        f"byte_counts:{'sidecar' if h.caseops_enabled else 'pieces'} caseops_tokenizer:{int(caseops_tokenizer)}")
 
     model = GPT(h).to(device)
     model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"

@@ -19,7 +19,16 @@ a tokenizer file of the size the server reports. Each file is downloaded to a st
 destination, checked (the size the server reported; a shard's header against its length), and only then
 moved into place, so an interrupted or failed download never leaves a partial file where training reads.
 
-Environment: MATCHED_FINEWEB_REPO_ID (default willdepueoai/parameter-golf), MATCHED_FINEWEB_REMOTE_ROOT_PREFIX
+CaseOps (data/caseops.py): `--variant sp8192_caseops` fetches the CaseOps variant, published in its own dataset
+repo (romeerp/parameter-golf-caseops-v1, or MATCHED_FINEWEB_CASEOPS_REPO_ID) with the same manifest layout. Its
+dataset is fineweb10B_sp8192_caseops, or else the one dataset of its manifest whose tokenizer is
+fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model. Besides the shards and the tokenizer it fetches each
+validation shard's byte sidecar, datasets/<name>/fineweb_val_bytes_NNNNNN.bin (one uint16 per token: its bytes
+in the original text), and checks that the sidecar has as many entries as its shard has tokens. Train with
+CASEOPS_ENABLED=1, so that val_bpb counts the original bytes.
+
+Environment: MATCHED_FINEWEB_REPO_ID (default willdepueoai/parameter-golf), MATCHED_FINEWEB_CASEOPS_REPO_ID
+(default romeerp/parameter-golf-caseops-v1, for --variant sp8192_caseops), MATCHED_FINEWEB_REMOTE_ROOT_PREFIX
 (default "datasets"), MATCHED_FINEWEB_REVISION (default main); HF_ENDPOINT and HF_TOKEN as for huggingface_hub.
 """
 from __future__ import annotations
@@ -34,12 +43,20 @@ import tempfile
 from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+for _path in (REPO_ROOT, DATA_DIR):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 from train_gpt import ShardError, read_shard_header  # noqa: E402  (after the sys.path set-up)
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
+# Variants published in a dataset repo of their own: variant -> (env override, default repo, tokenizer file
+# that identifies the dataset in that repo's manifest). Their validation shards come with byte sidecars.
+CASEOPS_VARIANTS = {
+    "sp8192_caseops": ("MATCHED_FINEWEB_CASEOPS_REPO_ID", "romeerp/parameter-golf-caseops-v1",
+                       "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
+}
 DEFAULT_REMOTE_ROOT = "datasets"
 DEFAULT_TRAIN_SHARDS = 80
 DEFAULT_LOCAL_DIR = os.path.join(REPO_ROOT, "data")
@@ -64,6 +81,7 @@ class Plan:
     tokenizer_files: list[str]  # paths relative to the remote root
     files_train: int
     files_val: int
+    byte_sidecars: bool = False  # fetch datasets/<name>/fineweb_val_bytes_NNNNNN.bin beside each val shard
 
 
 def _require(obj, key: str, kind: type, where: str):
@@ -100,13 +118,34 @@ def _names(manifest, list_key: str) -> list:
     return [e.get("name") for e in manifest[list_key] if isinstance(e, dict)]
 
 
+def _tokenizer_model_path(manifest, tokenizer_name) -> str | None:
+    tok = _find_named(manifest, "tokenizers", tokenizer_name) if isinstance(tokenizer_name, str) else None
+    if not isinstance(tok, dict):
+        return None
+    path = tok.get("model_path", tok.get("path"))
+    return path if isinstance(path, str) else None
+
+
 def plan_from_manifest(manifest, variant: str) -> Plan:
-    """Find the dataset fineweb10B_<variant> and its tokenizer in the manifest; errors name the missing key."""
+    """Find the dataset fineweb10B_<variant> and its tokenizer in the manifest; errors name the missing key.
+    For a CaseOps variant, a dataset of another name is found by its tokenizer file, and sidecars are planned."""
     name = f"fineweb10B_{variant}"
     entry = _find_named(manifest, "datasets", name)
+    caseops = variant in CASEOPS_VARIANTS
+    if entry is None and caseops:
+        tokenizer_file = CASEOPS_VARIANTS[variant][2]
+        matches = [e for e in manifest["datasets"] if isinstance(e, dict) and
+                   posixpath.basename(_tokenizer_model_path(manifest, e.get("tokenizer_name")) or "") == tokenizer_file]
+        if len(matches) == 1:
+            entry = matches[0]
+            name = _require(entry, "name", str, "datasets[...]")
+        elif len(matches) > 1:
+            raise ManifestError(f"manifest: several datasets use {tokenizer_file} "
+                                f"({[e.get('name') for e in matches]}) and none is named {name!r}")
     if entry is None:
-        raise ManifestError(f"manifest: no dataset named {name!r} in 'datasets' (has: {_names(manifest, 'datasets')}); "
-                            f"check --variant")
+        raise ManifestError(f"manifest: no dataset named {name!r} in 'datasets' (has: {_names(manifest, 'datasets')})"
+                            + (f" and none uses the tokenizer {CASEOPS_VARIANTS[variant][2]}" if caseops else "")
+                            + "; check --variant")
     where = f"datasets[{name!r}]"
     tokenizer_name = _require(entry, "tokenizer_name", str, where)
     stats = _require(entry, "stats", dict, where)
@@ -129,7 +168,7 @@ def plan_from_manifest(manifest, variant: str) -> Plan:
     files = [_safe_relative(model, f"{twhere}['model_path']")]
     if "vocab_path" in tok and tok["vocab_path"]:
         files.append(_safe_relative(_require(tok, "vocab_path", str, twhere), f"{twhere}['vocab_path']"))
-    return Plan(name, tokenizer_name, files, files_train, files_val)
+    return Plan(name, tokenizer_name, files, files_train, files_val, byte_sidecars=caseops)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,10 +273,32 @@ def shard_is_complete(path: str) -> bool:
         return False
 
 
+def sidecar_checker(shard_path: str):
+    """check(path) for a byte sidecar: the shard format, a consistent recorded total, and one entry per token
+    of its (already downloaded) validation shard."""
+    def check(path: str) -> None:
+        from caseops import read_byte_sidecar  # data/caseops.py
+
+        counts, _ = read_byte_sidecar(path)
+        tokens = read_shard_header(shard_path)
+        if counts.size != tokens:
+            raise ShardError(f"{counts.size} byte counts, but {os.path.basename(shard_path)} holds {tokens} tokens")
+    return check
+
+
+def sidecar_is_complete(path: str, shard_path: str) -> bool:
+    try:
+        sidecar_checker(shard_path)(path)
+        return True
+    except ShardError:
+        return False
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", required=True, help="tokenizer variant: sp1024 or sp8192 "
-                                                    "(the dataset is fineweb10B_<variant>)")
+    p.add_argument("--variant", required=True, help="tokenizer variant: sp1024 or sp8192 (the dataset is "
+                                                    "fineweb10B_<variant>), or sp8192_caseops (CaseOps, from its "
+                                                    "own repo, with byte sidecars)")
     p.add_argument("--train-shards", type=int, default=DEFAULT_TRAIN_SHARDS,
                    help=f"number of training shards (default {DEFAULT_TRAIN_SHARDS}, capped by the manifest); "
                         f"all validation shards are always fetched")
@@ -258,7 +319,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     disable_progress_bars()  # one bar over files instead of one per file
-    remote = Remote(os.environ.get("MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID),
+    repo_env, default_repo = CASEOPS_VARIANTS[args.variant][:2] if args.variant in CASEOPS_VARIANTS else (
+        "MATCHED_FINEWEB_REPO_ID", DEFAULT_REPO_ID)
+    remote = Remote(os.environ.get(repo_env, default_repo),
                     os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", DEFAULT_REMOTE_ROOT),
                     os.environ.get("MATCHED_FINEWEB_REVISION", "main"))
     local_dir = os.path.abspath(args.local_dir)
@@ -268,7 +331,7 @@ def main(argv=None) -> int:
         try:
             manifest_path = os.path.join(manifest_tmp, "manifest.json")
             remote.fetch(remote.path("manifest.json"), manifest_path,
-                         if_missing="Check MATCHED_FINEWEB_REPO_ID and MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (the folder "
+                         if_missing=f"Check {repo_env} and MATCHED_FINEWEB_REMOTE_ROOT_PREFIX (the folder "
                                     "of manifest.json in the dataset repo), and HF_ENDPOINT if set")
             try:
                 with open(manifest_path, encoding="utf-8") as f:
@@ -291,6 +354,9 @@ def main(argv=None) -> int:
             for i in range(count):
                 name = f"fineweb_{split}_{i:06d}.bin"
                 jobs.append((f"datasets/{plan.dataset_name}/{name}", os.path.join(dataset_dir, name), "shard"))
+                if split == "val" and plan.byte_sidecars:  # after its shard, against which it is checked
+                    name = f"fineweb_val_bytes_{i:06d}.bin"
+                    jobs.append((f"datasets/{plan.dataset_name}/{name}", os.path.join(dataset_dir, name), "sidecar"))
 
         downloaded = skipped = 0
         bar = tqdm(jobs, desc=f"{plan.dataset_name}", unit="file", disable=args.no_progress, file=sys.stderr)
@@ -302,6 +368,12 @@ def main(argv=None) -> int:
                     skipped += 1
                     continue
                 remote.fetch(remote_path, dest, check=read_shard_header)
+            elif kind == "sidecar":
+                shard = dest.replace("fineweb_val_bytes_", "fineweb_val_")
+                if sidecar_is_complete(dest, shard):
+                    skipped += 1
+                    continue
+                remote.fetch(remote_path, dest, check=sidecar_checker(shard))
             else:
                 size = remote.remote_size(remote_path)
                 if os.path.isfile(dest) and size is not None and os.path.getsize(dest) == size:
@@ -320,8 +392,10 @@ def main(argv=None) -> int:
 
     tokenizer_model = os.path.join(local_dir, *plan.tokenizer_files[0].split("/"))
     print(f"{downloaded} file(s) downloaded, {skipped} already complete: {plan.files_val} val + {n_train} train "
-          f"shard(s) in {dataset_dir}, tokenizer {tokenizer_model}")
-    print(f"use: DATA_PATH={dataset_dir} TOKENIZER_PATH={tokenizer_model}")
+          f"shard(s)" + (f" + {plan.files_val} val byte sidecar(s)" if plan.byte_sidecars else "")
+          + f" in {dataset_dir}, tokenizer {tokenizer_model}")
+    print(f"use: DATA_PATH={dataset_dir} TOKENIZER_PATH={tokenizer_model}"
+          + (" CASEOPS_ENABLED=1" if plan.byte_sidecars else ""))
     return 0
 
 

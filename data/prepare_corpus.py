@@ -22,6 +22,18 @@ Examples:
     # hold out a deterministic 5% of the documents, reuse an existing tokenizer
     python3 data/prepare_corpus.py --train docs.jsonl --val-fraction 0.05 \\
         --tokenizer data/tokenizers/fineweb_8192_bpe.model --out-dir data/datasets/docs_sp8192
+
+    # CaseOps (data/caseops.py): the tokenizer is trained on, and the shards hold, the case-factored text;
+    # each validation shard gets fineweb_val_bytes_NNNNNN.bin, the original UTF-8 bytes of each of its tokens
+    python3 data/prepare_corpus.py --caseops --train corpus/train_*.jsonl.xz --val corpus/val.jsonl.xz \\
+        --vocab-size 8192 --out-dir data/datasets/mycorpus_sp8192_caseops \\
+        --tokenizer-prefix data/tokenizers/mycorpus_8192_bpe_caseops
+
+With --caseops (or --byte-sidecar, which writes the same sidecars for untransformed text), every validation
+shard fineweb_val_NNNNNN.bin gets a sidecar fineweb_val_bytes_NNNNNN.bin: one uint16 per token, aligned token
+for token, the number of bytes of the ORIGINAL document text that token accounts for (BOS 0, CaseOps operator
+tokens 0); each document's counts sum to its UTF-8 length (a document that encodes to no token at all puts its
+bytes on its BOS). Format: caseops.write_byte_sidecar. train_gpt.py scores val_bpb on them with CASEOPS_ENABLED=1.
 """
 from __future__ import annotations
 
@@ -38,10 +50,14 @@ from typing import Iterable, Iterator
 import numpy as np
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+for _path in (REPO_ROOT, DATA_DIR):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 from train_gpt import BOS_ID, write_shard  # noqa: E402  (after the sys.path set-up)
+
+import caseops  # noqa: E402  (data/caseops.py, beside this file)
 
 # Settings of the published FineWeb tokenizers (fineweb_1024_bpe.model, fineweb_8192_bpe.model), read from
 # the trainer_spec and normalizer_spec of fineweb_8192_bpe.model (sentencepiece_model_pb2.ModelProto).
@@ -54,7 +70,7 @@ from train_gpt import BOS_ID, write_shard  # noqa: E402  (after the sys.path set
 TOKENIZER_TRAINER_SETTINGS = dict(
     model_type="bpe",
     character_coverage=0.999,
-    byte_fallback=True,  # unknown characters become <0x00>..<0xFF> byte pieces (ids 4..259), never <unk>
+    byte_fallback=True,  # unknown characters become <0x00>..<0xFF> byte pieces (ids 4..259; 8..263 with --caseops)
     split_digits=True,
     hard_vocab_limit=False,
     pad_id=0,
@@ -208,12 +224,18 @@ def training_sentences(documents: Iterable[str], max_bytes: int) -> Iterator[str
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, prefix: str, input_sentence_size: int = 0,
-                    num_threads: int | None = None, verbose: bool = False) -> str:
+                    num_threads: int | None = None, verbose: bool = False, caseops_symbols: bool = False) -> str:
+    """Train on `documents` as given (with --caseops the caller passes transformed text). caseops_symbols:
+    declare the four CaseOps operators as user-defined symbols, ids 4..7 in the order TITLE, ALLCAPS,
+    CAPNEXT, ESC, as in the published fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model (byte
+    pieces then take ids 8..263); a user-defined symbol is always one piece, never merged."""
     import sentencepiece as spm
 
     os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
     settings = dict(TOKENIZER_TRAINER_SETTINGS)
     settings["input_sentence_size"] = input_sentence_size
+    if caseops_symbols:
+        settings["user_defined_symbols"] = list(caseops.OPERATORS)
     seen = {"sentences": 0}
 
     def sentences():
@@ -255,6 +277,17 @@ def load_tokenizer(path: str, vocab_size: int | None = None):
     return sp
 
 
+def check_caseops_tokenizer(sp, path: str, caseops_wanted: bool) -> None:
+    """A CaseOps tokenizer has each operator as one piece; refuse to mix CaseOps and plain text and models."""
+    found = caseops.operator_ids(sp)
+    if caseops_wanted and found.size != len(caseops.OPERATORS):
+        raise CorpusError(f"{path}: not a CaseOps tokenizer (its pieces do not include the four operators "
+                          f"U+E001..U+E004 as user-defined symbols); train one with --caseops --tokenizer-prefix")
+    if not caseops_wanted and found.size == len(caseops.OPERATORS):
+        raise CorpusError(f"{path}: a CaseOps tokenizer (it has the operators U+E001..U+E004 as pieces): "
+                          f"pass --caseops, so that the text is transformed as it expects")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Shards
 # ----------------------------------------------------------------------------------------------------
@@ -271,19 +304,30 @@ def _batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def write_split(sp, documents: Iterable[str], out_dir: str, split: str, shard_tokens: int,
-                progress: bool = True, num_threads: int | None = None, written: list[str] | None = None) -> dict:
+                progress: bool = True, num_threads: int | None = None, written: list[str] | None = None,
+                caseops_transform: bool = False, byte_sidecars: bool = False) -> dict:
     """Encode documents as BOS + tokens into fineweb_{split}_NNNNNN.bin shards of shard_tokens tokens
-    (the last one shorter). Returns counts; each shard's path is also appended to `written` as it is made."""
+    (the last one shorter). Returns counts; each shard's path is also appended to `written` as it is made.
+    caseops_transform: encode the CaseOps transform of each document (caseops.encode). byte_sidecars: also
+    write fineweb_{split}_bytes_NNNNNN.bin beside each shard, the original UTF-8 bytes of each token."""
     from tqdm import tqdm
 
+    threads = num_threads or os.cpu_count() or 1
     buf = np.empty(shard_tokens, dtype=np.uint16)
+    byte_buf = np.zeros(shard_tokens, dtype=np.uint16) if byte_sidecars else None
+    op_ids = caseops.operator_ids(sp)
     fill = 0
     shards: list[str] = []
-    n_docs = n_tokens = n_bytes = 0
+    n_docs = n_tokens = n_bytes = n_sidecar_bytes = n_operator_tokens = 0
 
     def flush():
         nonlocal fill
         path = os.path.join(out_dir, f"fineweb_{split}_{len(shards):06d}.bin")
+        if byte_sidecars:  # the sidecar first: a shard on disk always has its sidecar
+            sidecar = os.path.join(out_dir, f"fineweb_{split}_bytes_{len(shards):06d}.bin")
+            if written is not None:
+                written.append(sidecar)
+            caseops.write_byte_sidecar(sidecar, byte_buf[:fill])
         write_shard(path, buf[:fill])
         shards.append(path)
         if written is not None:
@@ -292,18 +336,36 @@ def write_split(sp, documents: Iterable[str], out_dir: str, split: str, shard_to
 
     bar = tqdm(desc=f"encoding {split}", unit=" docs", disable=not progress, file=sys.stderr)
     for batch in _batches(documents, 256):
-        encoded = sp.encode(batch, num_threads=num_threads or os.cpu_count() or 1)
-        for text, ids in zip(batch, encoded):
+        if byte_sidecars:
+            encoded = caseops.encode_with_byte_counts(sp, batch, caseops_transform, threads, op_ids)
+        else:
+            texts = [caseops.encode(t) for t in batch] if caseops_transform else batch
+            encoded = [(ids, None) for ids in sp.encode(texts, num_threads=threads)]
+        for text, (ids, counts) in zip(batch, encoded):
             doc = np.empty(len(ids) + 1, dtype=np.uint16)
             doc[0] = BOS_ID
             doc[1:] = ids
+            text_bytes = len(text.encode("utf-8"))
+            if byte_sidecars:
+                doc_bytes = np.empty(doc.size, dtype=np.int64)
+                # BOS counts 0, except for a document that encodes to no token (its bytes go on its BOS)
+                doc_bytes[0] = 0 if len(ids) else text_bytes
+                doc_bytes[1:] = counts
+                if int(doc_bytes.sum()) != text_bytes or doc_bytes.max() > 65535:
+                    raise AssertionError(f"byte counts of a {split} document sum to {int(doc_bytes.sum())}, "
+                                         f"not its {text_bytes} bytes")
+                n_sidecar_bytes += text_bytes
+            if op_ids.size:
+                n_operator_tokens += int(caseops.operator_token_mask(doc, op_ids).sum())
             n_docs += 1
             n_tokens += doc.size
-            n_bytes += len(text.encode("utf-8"))
+            n_bytes += text_bytes
             pos = 0
             while pos < doc.size:
                 take = min(doc.size - pos, shard_tokens - fill)
                 buf[fill:fill + take] = doc[pos:pos + take]
+                if byte_sidecars:
+                    byte_buf[fill:fill + take] = doc_bytes[pos:pos + take]
                 fill += take
                 pos += take
                 if fill == shard_tokens:
@@ -316,10 +378,12 @@ def write_split(sp, documents: Iterable[str], out_dir: str, split: str, shard_to
     if n_docs == 0:
         raise CorpusError(f"no {split} documents: the {split} set is empty"
                           + (" (raise --val-fraction or give --val files)" if split == "val" else ""))
-    return {"split": split, "documents": n_docs, "tokens": n_tokens, "text_bytes": n_bytes, "shards": shards}
+    return {"split": split, "documents": n_docs, "tokens": n_tokens, "text_bytes": n_bytes, "shards": shards,
+            "sidecar_bytes": n_sidecar_bytes if byte_sidecars else None, "operator_tokens": n_operator_tokens}
 
 
 def existing_shards(out_dir: str) -> list[str]:
+    """Shards and byte sidecars already in out_dir (fineweb_val_*.bin matches fineweb_val_bytes_*.bin too)."""
     return sorted(glob.glob(os.path.join(out_dir, "fineweb_train_*.bin"))
                   + glob.glob(os.path.join(out_dir, "fineweb_val_*.bin")))
 
@@ -342,6 +406,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="train a tokenizer and write PATH.model and PATH.vocab")
     tok.add_argument("--tokenizer", metavar="MODEL", help="reuse this SentencePiece model instead of training one")
     p.add_argument("--out-dir", required=True, help="folder for the fineweb_{train,val}_NNNNNN.bin shards")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps (data/caseops.py): train the tokenizer on, and encode, the case-factored text, "
+                        "with the operators as user-defined symbols; write byte sidecars beside the val shards")
+    p.add_argument("--byte-sidecar", action="store_true",
+                   help="write fineweb_val_bytes_NNNNNN.bin (original UTF-8 bytes per token) beside each val "
+                        "shard without CaseOps, to score a plain tokenizer on original bytes (implied by --caseops)")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--input-sentence-size", type=int, default=0,
@@ -371,8 +441,8 @@ def main(argv=None) -> int:
         check_input_files(args.train, "--train")
         if args.val:
             check_input_files(args.val, "--val")
-        if args.tokenizer:
-            load_tokenizer(args.tokenizer, args.vocab_size)  # fail early on a bad model
+        if args.tokenizer:  # fail early on a bad model
+            check_caseops_tokenizer(load_tokenizer(args.tokenizer, args.vocab_size), args.tokenizer, args.caseops)
         os.makedirs(args.out_dir, exist_ok=True)
         old = existing_shards(args.out_dir)
         if old and not args.overwrite:
@@ -388,19 +458,23 @@ def main(argv=None) -> int:
                   f"(the SentencePiece step can take minutes on a large corpus)", file=sys.stderr)
             docs = tqdm(corpus.train(), desc="reading train for tokenizer", unit=" docs",
                         disable=not progress, file=sys.stderr)
+            if args.caseops:
+                docs = (caseops.encode(d) for d in docs)
             model_path = train_tokenizer(docs, args.vocab_size, args.tokenizer_prefix, args.input_sentence_size,
-                                         args.num_threads, args.verbose)
+                                         args.num_threads, args.verbose, caseops_symbols=args.caseops)
             print(f"tokenizer: {model_path}", file=sys.stderr)
         sp = load_tokenizer(model_path, args.vocab_size)
+        check_caseops_tokenizer(sp, model_path, args.caseops)
+        sidecars = args.caseops or args.byte_sidecar
 
         for path in old:
             os.remove(path)
         written: list[str] = []
         try:
             stats = [write_split(sp, corpus.val(), args.out_dir, "val", args.shard_tokens, progress,
-                                 args.num_threads, written),
+                                 args.num_threads, written, args.caseops, sidecars),
                      write_split(sp, corpus.train(), args.out_dir, "train", args.shard_tokens, progress,
-                                 args.num_threads, written)]
+                                 args.num_threads, written, args.caseops)]
         except BaseException:
             for path in written:  # no half-made set of shards
                 if os.path.exists(path):
@@ -416,7 +490,10 @@ def main(argv=None) -> int:
     for s in stats:
         print(f"{s['split']}: {s['documents']:,} documents, {s['tokens']:,} tokens (BOS included), "
               f"{s['text_bytes']:,} text bytes, {s['text_bytes'] / max(s['tokens'], 1):.3f} bytes/token, "
-              f"{len(s['shards'])} shard(s)")
+              f"{len(s['shards'])} shard(s)"
+              + (f", {s['operator_tokens']:,} CaseOps operator tokens" if args.caseops else "")
+              + (f", byte sidecars summing to {s['sidecar_bytes']:,} bytes" if s["sidecar_bytes"] is not None
+                 else ""))
     print(f"wrote shards to {args.out_dir} with tokenizer {model_path} in {time.time() - t0:.1f}s")
     return 0
 

@@ -322,7 +322,7 @@ class FakeHub:
     drop[path] = n: GET sends only n bytes of the body (Content-Length stays the full size), then closes;
     short[path] = n: GET is a complete response of only the first n bytes while HEAD reports the full size."""
 
-    def __init__(self, files: dict[str, bytes]):
+    def __init__(self, files: dict[str, bytes], repo_id: str = REPO_ID):
         self.files = dict(files)
         self.drop: dict[str, int] = {}
         self.short: dict[str, int] = {}
@@ -335,7 +335,7 @@ class FakeHub:
                 pass
 
             def _resolve(self):
-                prefix = f"/datasets/{REPO_ID}/resolve/main/"
+                prefix = f"/datasets/{repo_id}/resolve/main/"
                 path = self.path.split("?")[0]
                 if not path.startswith(prefix):
                     hub.unexpected.append(f"{self.command} {self.path}")
@@ -614,3 +614,137 @@ def test_manifest_error_through_the_command(hub, tmp_path):
     assert r.returncode != 0 and "has no key 'files_val'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert local_files(local) == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# cached_challenge_fineweb.py --variant sp8192_caseops: its own repo, byte sidecars beside the val shards
+# ----------------------------------------------------------------------------------------------------
+
+CASEOPS_REPO_ID = "test-org/fake-golf-caseops"
+CASEOPS_TOKENIZER = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+# a dataset name other than fineweb10B_sp8192_caseops: the downloader finds it by its tokenizer file
+CASEOPS_DATASET = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_SHARDS = f"datasets/datasets/{CASEOPS_DATASET}/"
+
+
+def make_fake_caseops_repo(tmp_path) -> dict[str, bytes]:
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    from caseops import write_byte_sidecar
+
+    rng = np.random.default_rng(11)
+    files = {}
+    for name, n in (("fineweb_train_000000.bin", 3000), ("fineweb_val_000000.bin", 1000),
+                    ("fineweb_val_000001.bin", 500)):
+        tokens = rng.integers(0, 8192, size=n).astype(np.uint16)
+        tokens[0] = BOS_ID
+        write_shard(str(tmp_path / name), tokens)
+        files[CASEOPS_SHARDS + name] = (tmp_path / name).read_bytes()
+        if "_val_" in name:
+            side = name.replace("fineweb_val_", "fineweb_val_bytes_")
+            counts = rng.integers(0, 12, size=n)
+            counts[tokens == BOS_ID] = 0
+            write_byte_sidecar(str(tmp_path / side), counts)
+            files[CASEOPS_SHARDS + side] = (tmp_path / side).read_bytes()
+    files[f"datasets/tokenizers/{CASEOPS_TOKENIZER}"] = open(SAMPLE_TOKENIZER, "rb").read()
+    manifest = {
+        "version": 1,
+        "datasets": [{"name": CASEOPS_DATASET, "tokenizer_name": "sp_bpe_8192_caseops",
+                      "stats": {"files_train": 1, "files_val": 2}}],
+        "tokenizers": [{"name": "sp_bpe_8192_caseops", "model_path": f"tokenizers/{CASEOPS_TOKENIZER}"}],
+    }
+    files["datasets/manifest.json"] = json.dumps(manifest, indent=1).encode()
+    return files
+
+
+@pytest.fixture
+def caseops_hub(tmp_path):
+    served = tmp_path / "served_caseops"
+    served.mkdir()
+    fake = FakeHub(make_fake_caseops_repo(served), repo_id=CASEOPS_REPO_ID)
+    yield fake
+    fake.close()
+
+
+def download_caseops(hub, local_dir, *extra):
+    # MATCHED_FINEWEB_REPO_ID stays the main repo: the CaseOps variant must not use it
+    return download(hub, local_dir, *extra, variant="sp8192_caseops", MATCHED_FINEWEB_CASEOPS_REPO_ID=CASEOPS_REPO_ID)
+
+
+def test_download_caseops_variant_with_sidecars(caseops_hub, tmp_path):
+    local = tmp_path / "data"
+    r = download_caseops(caseops_hub, local)
+    assert r.returncode == 0, r.stderr
+    names = ["fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_000001.bin",
+             "fineweb_val_bytes_000000.bin", "fineweb_val_bytes_000001.bin"]
+    expected = {f"datasets/{CASEOPS_DATASET}/{n}": CASEOPS_SHARDS + n for n in names}
+    expected[f"tokenizers/{CASEOPS_TOKENIZER}"] = f"datasets/tokenizers/{CASEOPS_TOKENIZER}"
+    assert local_files(local) == sorted(expected), "unexpected or leftover files"
+    for mine, theirs in expected.items():
+        assert (local / mine).read_bytes() == caseops_hub.files[theirs], mine
+    assert caseops_hub.unexpected == [], "requests for another repository than the CaseOps one"
+    assert "6 file(s) downloaded, 0 already complete" in r.stdout
+    assert "+ 2 val byte sidecar(s)" in r.stdout and "CASEOPS_ENABLED=1" in r.stdout
+
+    caseops_hub.requests.clear()
+    r = download_caseops(caseops_hub, local)
+    assert r.returncode == 0, r.stderr
+    assert caseops_hub.gets() == ["datasets/manifest.json"]
+    assert "0 file(s) downloaded, 6 already complete" in r.stdout
+
+    # a sidecar that no longer matches its shard is fetched again
+    side = local / f"datasets/{CASEOPS_DATASET}/fineweb_val_bytes_000001.bin"
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    from caseops import write_byte_sidecar
+    write_byte_sidecar(str(side), np.ones(499, dtype=np.int64))
+    caseops_hub.requests.clear()
+    r = download_caseops(caseops_hub, local)
+    assert r.returncode == 0, r.stderr
+    assert caseops_hub.gets() == sorted(["datasets/manifest.json", CASEOPS_SHARDS + "fineweb_val_bytes_000001.bin"])
+    assert side.read_bytes() == caseops_hub.files[CASEOPS_SHARDS + "fineweb_val_bytes_000001.bin"]
+
+
+def test_download_plain_variant_fetches_no_sidecars(hub, tmp_path):
+    # the main repo's variants are unchanged: no sidecar is asked for
+    r = download(hub, tmp_path / "data", MATCHED_FINEWEB_CASEOPS_REPO_ID=CASEOPS_REPO_ID)
+    assert r.returncode == 0, r.stderr
+    assert not [rel for _, rel in hub.requests if "bytes" in rel] and "CASEOPS_ENABLED" not in r.stdout
+
+
+def test_download_caseops_sidecar_of_wrong_length(caseops_hub, tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    from caseops import write_byte_sidecar
+
+    bad = tmp_path / "bad.bin"
+    write_byte_sidecar(str(bad), np.ones(999, dtype=np.int64))  # its shard has 1000 tokens
+    caseops_hub.files[CASEOPS_SHARDS + "fineweb_val_bytes_000000.bin"] = bad.read_bytes()
+    local = tmp_path / "data"
+    r = download_caseops(caseops_hub, local)
+    assert_failed_cleanly(r, local, r"fineweb_val_bytes_000000\.bin downloaded but .*999 byte counts, but "
+                                    r"fineweb_val_000000\.bin holds 1000 tokens",
+                          f"datasets/{CASEOPS_DATASET}/fineweb_val_bytes_000000.bin")
+
+
+def test_download_caseops_missing_sidecar(caseops_hub, tmp_path):
+    del caseops_hub.files[CASEOPS_SHARDS + "fineweb_val_bytes_000001.bin"]
+    local = tmp_path / "data"
+    r = download_caseops(caseops_hub, local)
+    assert_failed_cleanly(r, local, rf"missing on the server: {re.escape(CASEOPS_SHARDS)}fineweb_val_bytes_000001\.bin "
+                                    rf"in dataset repo {CASEOPS_REPO_ID}",
+                          f"datasets/{CASEOPS_DATASET}/fineweb_val_bytes_000001.bin")
+
+
+def test_caseops_manifest_dataset_found_by_name_or_tokenizer(tmp_path):
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    from cached_challenge_fineweb import ManifestError, plan_from_manifest
+
+    manifest = json.loads(make_fake_caseops_repo(tmp_path)["datasets/manifest.json"])
+    plan = plan_from_manifest(manifest, "sp8192_caseops")
+    assert (plan.dataset_name, plan.files_val, plan.byte_sidecars) == (CASEOPS_DATASET, 2, True)
+    manifest["datasets"][0]["name"] = "fineweb10B_sp8192_caseops"
+    assert plan_from_manifest(manifest, "sp8192_caseops").dataset_name == "fineweb10B_sp8192_caseops"
+    manifest["datasets"][0]["name"] = "other"
+    manifest["tokenizers"][0]["model_path"] = "tokenizers/other.model"
+    with pytest.raises(ManifestError, match="none uses the tokenizer " + re.escape(CASEOPS_TOKENIZER)):
+        plan_from_manifest(manifest, "sp8192_caseops")
+    assert not plan_from_manifest(json.loads(make_fake_repo(tmp_path)["datasets/manifest.json"]),
+                                  "sp1024").byte_sidecars
