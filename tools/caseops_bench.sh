@@ -21,6 +21,8 @@ VOCAB=${VOCAB:-8192}
 THREADS=${THREADS:-$(nproc)}
 QUALITY_SECONDS=${QUALITY_SECONDS:-180}
 BROTLI_QUALITY=${BROTLI_QUALITY:-5}  # val_bpb does not depend on it; brotli-11 would add ~80 s per run
+# ...but at level 5 the artifact is over 16 MB, which must not stop a comparison of val_bpb
+ARTIFACT_LIMIT=${ARTIFACT_LIMIT:-1000000000}
 
 prepare() {
   local train=("$CORPUS"/train_*.jsonl.xz)
@@ -50,7 +52,7 @@ run_args() {  # $1 = plain | caseops
   local dir=$PLAIN; [ "$1" = caseops ] && dir=$CASEOPS
   echo DATA_PATH="$dir" TOKENIZER_PATH="$dir/tokenizer/proxy_${VOCAB}_bpe_$1.model" VOCAB_SIZE="$VOCAB" \
        CASEOPS_ENABLED=1 TRAIN_BATCH_TOKENS=65536 MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 RUN_ID="caseops_bench_$1" \
-       BROTLI_QUALITY="$BROTLI_QUALITY"
+       BROTLI_QUALITY="$BROTLI_QUALITY" ARTIFACT_LIMIT_BYTES="$ARTIFACT_LIMIT"
 }
 
 case "${1:-}" in
