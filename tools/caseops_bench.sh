@@ -13,6 +13,7 @@
 # normaliser collapses (5.2% of the proxy val bytes), which alone would move val_bpb by ~5%.
 # Needs train_gpt.py with CASEOPS_ENABLED (issue 7). Everything it writes goes under /tmp.
 set -u
+source "$(dirname "$0")/device_job.sh"
 CORPUS=${2:-.bench/corpus}
 PLAIN=${PLAIN_DIR:-/tmp/proxy_plain}
 CASEOPS=${CASEOPS_DIR:-/tmp/proxy_caseops}
@@ -65,14 +66,10 @@ prepare)
 start)
   rm -rf "$WORK" && mkdir -p "$WORK"
   cp -r train_gpt.py tools "$WORK/"
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl || exit 1
-  fi
+  install_wheels "$WORK" || exit 1
   prepare > "$WORK/prepare.log" 2>&1 || { cat "$WORK/prepare.log"; exit 1; }
   cat "$WORK/prepare.log"
-  setsid nohup bash "$0" run > "$WORK/bench.log" 2>&1 < /dev/null &
-  echo $! > "$WORK/pid"
-  echo "started pid $(cat "$WORK/pid")"
+  start_job "$WORK" "$0"
   ;;
 run)
   cd "$WORK" || exit 1
@@ -84,10 +81,8 @@ run)
   echo BENCH_DONE
   ;;
 poll)
-  if kill -0 "$(cat "$WORK/pid")" 2>/dev/null; then echo "running"; tail -n 5 "$WORK/bench.log"; exit 0; fi
-  cat "$WORK/bench.log"
-  grep -h "val_tokens:\|roundtrip_exact" "$WORK"/logs/*.txt
-  mkdir -p "${OUT:-/tmp/out}" && cp "$WORK"/logs/*.txt "$WORK/bench.log" "$WORK/prepare.log" "${OUT:-/tmp/out}/" 2>/dev/null
+  poll_job "$WORK" "$WORK"/logs/*.txt "$WORK/prepare.log"
+  grep -h "val_tokens:\|roundtrip_exact" "$WORK"/logs/*.txt 2>/dev/null
   ;;
 *)
   echo "usage: $0 prepare|start [CORPUS_DIR] | poll" >&2; exit 2 ;;

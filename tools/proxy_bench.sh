@@ -8,6 +8,7 @@
 #   2. throughput: tools/bench_step.py on the full default model, once per FUSED_CE setting in BENCH_FUSED_CE;
 #   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default).
 set -u
+source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/proxy_bench
 SHARDS=/tmp/proxy_sp8192
 QUALITY_SECONDS=${QUALITY_SECONDS:-180}
@@ -18,18 +19,14 @@ case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK"
   cp -r train_gpt.py tools tests "$WORK/" && cp .bench/tokenizers/fineweb_8192_bpe.model "$WORK/"
-  if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl || exit 1
-  fi
+  install_wheels "$WORK" || exit 1
   if [ ! -f "$SHARDS/fineweb_val_000000.bin" ]; then
     python3 .bench/bench/make_shards.py .bench/corpus .bench/tokenizers/fineweb_8192_bpe.model "$SHARDS" > "$WORK/shards.log" 2>&1 \
       || { cat "$WORK/shards.log"; exit 1; }
     cat "$WORK/shards.log"
   fi
-  BENCH_FUSED_CE="$BENCH_FUSED_CE" QUALITY_SECONDS="$QUALITY_SECONDS" SKIP_QUALITY="$SKIP_QUALITY" \
-    setsid nohup bash "$0" run > "$WORK/bench.log" 2>&1 < /dev/null &
-  echo $! > "$WORK/pid"
-  echo "started pid $(cat "$WORK/pid")"
+  export BENCH_FUSED_CE QUALITY_SECONDS SKIP_QUALITY
+  start_job "$WORK" "$0"
   ;;
 run)
   cd "$WORK" || exit 1
@@ -52,9 +49,7 @@ run)
   echo BENCH_DONE
   ;;
 poll)
-  if kill -0 "$(cat "$WORK/pid")" 2>/dev/null; then echo "running"; tail -n 5 "$WORK/bench.log"; exit 0; fi
-  cat "$WORK/bench.log"
-  mkdir -p "${OUT:-/tmp/out}" && cp "$WORK"/logs/*.txt "$WORK/bench.log" "$WORK"/*.err "${OUT:-/tmp/out}/" 2>/dev/null
+  poll_job "$WORK" "$WORK"/logs/*.txt "$WORK"/*.err
   ;;
 *)
   echo "usage: $0 start|poll" >&2; exit 2 ;;

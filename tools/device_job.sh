@@ -1,0 +1,25 @@
+# Background jobs on the device machine, for tools/proxy_bench.sh and tools/caseops_bench.sh (source it).
+# A call of the device tool may last 10 minutes, so a long job runs detached and later calls poll it.
+
+# install_wheels WORK: the wheels carried in .whl/ (brotli: the device has none) into WORK/site
+install_wheels() {
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$1/site" .whl/*.whl
+  fi
+}
+
+# start_job WORK SCRIPT: run `SCRIPT run` detached, its output in WORK/bench.log, its pid in WORK/pid
+start_job() {
+  setsid nohup bash "$2" run > "$1/bench.log" 2>&1 < /dev/null &
+  echo $! > "$1/pid"
+  echo "started pid $(cat "$1/pid")"
+}
+
+# poll_job WORK FILE...: "running" and the log's tail, or, once done, the whole log and FILEs copied to $OUT
+poll_job() {
+  local work=$1; shift
+  if kill -0 "$(cat "$work/pid")" 2>/dev/null; then echo "running"; tail -n 5 "$work/bench.log"; return 0; fi
+  cat "$work/bench.log"
+  mkdir -p "${OUT:-/tmp/out}" && cp "$work/bench.log" "$@" "${OUT:-/tmp/out}/" 2>/dev/null
+  return 0
+}
