@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import string
 import sys
-import unicodedata
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ import re
 import sys
 
 import numpy as np
-import pytest
 import torch
 
 import train_gpt as tg

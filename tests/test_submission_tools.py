@@ -2,7 +2,6 @@
 runner and plots. CPU only, no training runs: logs are the device's real ones (tests/fixtures/) or made from
 them, artifacts come from a tiny model."""
 import json
-import math
 import os
 import shutil
 import statistics

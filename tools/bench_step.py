@@ -98,7 +98,6 @@ def main() -> None:
     torch.cuda.synchronize()
     fwd_bwd = statistics.median(m[0].elapsed_time(m[1]) for m in timings)
     optim = statistics.median(m[1].elapsed_time(m[2]) for m in timings)
-    total = statistics.median(m[0].elapsed_time(m[2]) for m in timings)
     # back to back, without the events between phases: what the training loop sees
     t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t0.record()
@@ -127,7 +126,7 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__} attention: "
           f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile}")
     print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s")
-    print(f"| measure | value |\n|---|---|")
+    print("| measure | value |\n|---|---|")
     print(f"| ms per micro-step (fwd+bwd+optimizer+EMA, back to back) | {loop_ms:.1f} |")
     print(f"| ms forward+backward / optimizer+clip+EMA (median, events) | {fwd_bwd:.1f} / {optim:.1f} |")
     print(f"| ms per full 786,432-token step on 1 GPU (8 × fwd+bwd + 1 optimizer) | {full_step_ms:.0f} |")
