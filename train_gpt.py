@@ -12,13 +12,11 @@ from __future__ import annotations
 import ast
 import base64
 import glob
-import io
 import json
 import lzma
 import math
 import os
 import struct
-import sys
 import time
 import zlib
 from dataclasses import dataclass, fields
@@ -142,6 +140,10 @@ class Hyperparameters:
     clip_sigmas_embed: float = 14.0
     clip_sigmas_other: float = 12.85
     float_max_numel: int = 65536
+    quant_method: str = "rtn"  # "rtn": round to nearest; "gptq": GPTQ on SDClip's grid with calibration Hessians
+    gptq_calibration_batches: int = 16  # training batches (TRAIN_BATCH_TOKENS each) whose activations give XᵀX
+    gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
+    gptq_block: int = 128  # columns per GPTQ block (error feedback inside a block at once, lazily beyond it)
     brotli_quality: int = 11
     artifact_limit_bytes: int = 16_000_000
 
@@ -774,15 +776,24 @@ def tensor_class(name: str) -> str:
     return "other"
 
 
-def quantize_per_row(weight: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round to nearest on a per-row grid whose step is clip_sigmas·std(row)/qmax; values past it are clipped.
+def sdclip_scale(weight: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+    """SDClip: each row's step is clip_sigmas·std(row)/qmax (float16, as stored), so ±qmax steps reach k sigmas.
 
     Tying the step to the row's spread, not its extreme, keeps the integer alphabet narrow and cheap to compress."""
     qmax = 2 ** (bits - 1) - 1
-    w = weight.detach().float()
-    scale = (clip_sigmas * w.std(dim=1, unbiased=False) / qmax).to(torch.float16)
-    safe = scale.float().clamp_min(1e-30)[:, None]
-    q = torch.where(scale[:, None] > 0, torch.round(w / safe).clamp(-qmax, qmax), torch.zeros_like(w))
+    return (clip_sigmas * weight.detach().float().std(dim=1, unbiased=False) / qmax).to(torch.float16)
+
+
+def round_to_grid(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Nearest multiple of `step` (broadcast against w), clipped to ±qmax; a zero step (a constant row) stores 0."""
+    safe = step.clamp_min(1e-30)
+    return torch.where(step > 0, torch.round(w / safe).clamp(-qmax, qmax), torch.zeros_like(w))
+
+
+def quantize_per_row(weight: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest on SDClip's per-row grid; values past ±qmax steps are clipped."""
+    scale = sdclip_scale(weight, bits, clip_sigmas)
+    q = round_to_grid(weight.detach().float(), scale.float()[:, None], 2 ** (bits - 1) - 1)
     return q.to(torch.int8), scale
 
 
@@ -790,19 +801,107 @@ def dequantize_per_row(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters) -> dict[str, dict]:
-    """name → {"kind": "int", "bits", "q", "scale"} for large matrices, {"kind": "float16", "data"} otherwise."""
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, qmax: int,
+                  damp: float = 0.01, block: int = 128) -> torch.Tensor:
+    """GPTQ (arXiv 2210.17323) on a fixed per-row grid: the integers that minimise ‖X·Wᵀ − X·(q·scale)ᵀ‖ greedily.
+
+    Columns are rounded one at a time; each rounding error is spread over the columns not yet rounded, weighted
+    by the Cholesky factor of H⁻¹ (H = XᵀX of the layer's inputs), so correlated inputs absorb it. Columns go in
+    descending diag(H) order (act-order: the busiest inputs first, while the most columns can still compensate),
+    and the result is put back in the original order. The scales are SDClip's, fixed beforehand, so the
+    artifact's format is unchanged: only which integers are stored differs from round-to-nearest."""
+    w = weight.detach().float().clone()
+    step = scale.to(w.device).float()
+    H = hessian.detach().to(w.device).float().clone()
+    dead = H.diagonal() <= 0
+    H[dead, dead] = 1.0  # an input that is always 0: its column has no error to spread and is rounded plainly
+    order = torch.argsort(H.diagonal(), descending=True)
+    w, H = w[:, order], H[order][:, order]
+    H.diagonal().add_(damp * H.diagonal().mean())  # after the permutation: the same sum whatever the column order
+    # U: upper Cholesky factor of H⁻¹. Rounding column i with error e moves the later columns j by −e·U[i, j]/U[i, i].
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    wt = w.T.contiguous()  # one column per row of memory: the loop reads and updates whole columns
+    qt = torch.zeros_like(wt)
+    cols = wt.size(0)
+    for start in range(0, cols, block):
+        end = min(start + block, cols)
+        wb, Ub = wt[start:end], U[start:end, start:end]  # views: the block is updated in place
+        errors = torch.zeros_like(wb)
+        for i in range(end - start):
+            qt[start + i] = round_to_grid(wb[i], step, qmax)
+            errors[i] = (wb[i] - qt[start + i] * step) / Ub[i, i]
+            wb[i + 1:] -= Ub[i, i + 1:, None] * errors[i]
+        wt[end:] -= U[start:end, end:].T @ errors  # the block's errors reach the later blocks in one matmul
+    return qt.T[:, torch.argsort(order)].to(torch.int8)
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
+                        hessians: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """name → {"kind": "int", "bits", "q", "scale"} for large matrices, {"kind": "float16", "data"} otherwise.
+
+    A matrix with a Hessian in `hessians` (QUANT_METHOD=gptq) gets GPTQ's integers, the others round to
+    nearest; both use SDClip's scales, so the two give artifacts of the same layout."""
     clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn, "other": h.clip_sigmas_other}
+    hessians = hessians or {}
     quantized = {}
     for name, tensor in state.items():
         if tensor.ndim == 2 and tensor.numel() > h.float_max_numel:
             cls = tensor_class(name)
             bits = h.embed_bits if cls == "embed" else h.matrix_bits
             q, scale = quantize_per_row(tensor, bits, clip[cls])
+            if name in hessians:
+                q = gptq_quantize(tensor, hessians[name], scale, 2 ** (bits - 1) - 1, h.gptq_damp, h.gptq_block)
             quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
         else:
             quantized[name] = {"kind": "float16", "data": tensor.detach().to(torch.float16)}
     return quantized
+
+
+GPTQ_MICRO_BATCH_SEQS = 8  # sequences per calibration forward: no gradients, so a few keep activations small
+
+
+def calibration_batches(h: Hyperparameters, rank: int, world_size: int, device: torch.device):
+    """GPTQ_CALIBRATION_BATCHES training batches of TRAIN_BATCH_TOKENS (this rank's share of each), from a fresh
+    loader over the training shards (never validation), yielded in pieces of GPTQ_MICRO_BATCH_SEQS sequences."""
+    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
+    for _ in range(h.gptq_calibration_batches):
+        x, _ = loader.next_batch(h.train_batch_tokens // world_size, h.train_seq_len)
+        yield from x.split(GPTQ_MICRO_BATCH_SEQS)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, device: torch.device) -> dict[str, torch.Tensor]:
+    """state-dict name → float32 XᵀX summed over `batches`: X the inputs of each Linear in the blocks (forward
+    hooks), and for the tied embedding the final normed hidden states, the inputs of the logits = hidden·Eᵀ."""
+    hessians: dict[str, torch.Tensor] = {}
+
+    def accumulate(name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        with torch.autocast(device.type, enabled=False):  # sum in float32, whatever the forward ran in
+            if name not in hessians:
+                hessians[name] = torch.zeros(x.size(1), x.size(1), device=x.device)
+            hessians[name].addmm_(x.T, x)
+
+    handles = [module.register_forward_hook(lambda _m, inputs, _out, name=f"blocks.{path}.weight": accumulate(name, inputs[0]))
+               for path, module in model.blocks.named_modules() if isinstance(module, nn.Linear)]
+    was_training = model.training
+    model.eval()
+    try:
+        for x in batches:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                accumulate("tok_emb.weight", model.hidden(x))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return hessians
+
+
+def all_reduce_sum(tensors: dict[str, torch.Tensor], world_size: int) -> None:
+    """Sum each rank's Hessians: every rank calibrated on its own slice of the same batches."""
+    if world_size > 1:
+        for name in sorted(tensors):  # the same order on every rank
+            dist.all_reduce(tensors[name])
 
 
 def dequantize_state_dict(quantized: dict[str, dict]) -> dict[str, torch.Tensor]:
@@ -1150,8 +1249,9 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size
     return seconds
 
 
-def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate) -> int:
-    """The timed loop: stops at ITERATIONS or when the training clock reaches the budget less the quantization reserve."""
+def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate) -> tuple[int, float]:
+    """The timed loop: stops at ITERATIONS or when the training clock reaches the budget less the quantization
+    reserve. Returns (steps, training time in ms)."""
     loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
     budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
     clock = TrainingClock(budget_ms, h.time_sync_every, world_size, device)
@@ -1182,7 +1282,30 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
                     f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
             if stop and step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
-    return step
+    return step, clock.measured_ms
+
+
+def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, rank: int, world_size: int,
+                    device: torch.device, log) -> dict[str, torch.Tensor] | None:
+    """Load the EMA weights and, for QUANT_METHOD=gptq, collect the calibration Hessians (summed over ranks).
+
+    This runs right after the loop stops, inside QUANT_RESERVE_SECONDS: calibration reads training data, so it
+    counts in the training budget, and the log says whether training plus calibration fit MAX_WALLCLOCK_SECONDS."""
+    start = time.perf_counter()
+    ema.copy_to(model)
+    if h.quant_method != "gptq":
+        return None
+    hessians = collect_hessians(model, calibration_batches(h, rank, world_size, device), device)
+    all_reduce_sum(hessians, world_size)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    total_ms = train_ms + 1000 * seconds
+    log(f"gptq_hessians:{h.gptq_calibration_batches} batches time:{seconds:.2f}s")
+    log(f"train_plus_calibration_time:{total_ms:.0f}ms budget:{1000 * h.max_wallclock_seconds:.0f}ms")
+    if 0 < h.max_wallclock_seconds and total_ms > 1000 * h.max_wallclock_seconds:
+        log(f"WARNING: training plus GPTQ calibration took {total_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
+            f"raise QUANT_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
+    return hessians
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1206,12 +1329,17 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
-def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, log) -> tuple[str, int]:
-    """Quantize, serialize and compress on rank 0; every rank gets the artifact's path back."""
+def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, log,
+                    hessians: dict[str, torch.Tensor] | None = None) -> tuple[str, int]:
+    """Quantize (GPTQ where there are Hessians), serialize and compress on rank 0; every rank gets the path back."""
     path = os.path.join(h.output_dir, "final_model.int6.ptz")
     if rank == 0:
         start = time.perf_counter()
-        payload = serialize_quantized(quantize_state_dict(model.state_dict(), h))
+        quantized = quantize_state_dict(model.state_dict(), h, hessians)
+        if hessians is not None:
+            synchronize(next(model.parameters()).device)
+            log(f"gptq_quantize_time:{time.perf_counter() - start:.1f}s")
+        payload = serialize_quantized(quantized)
         blob = compress_artifact(payload, h.brotli_quality)
         with open(path + ".tmp", "wb") as f:
             f.write(blob)
@@ -1238,6 +1366,8 @@ def load_artifact(path: str, model: GPT) -> None:
 
 def main() -> None:
     h = Hyperparameters.from_env()
+    if h.quant_method not in ("rtn", "gptq") or h.gptq_block < 1:
+        raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, and GPTQ_BLOCK={h.gptq_block} at least 1")
     rank, world_size, device = setup_distributed()
     log = Logger(h, rank)
     log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
@@ -1279,12 +1409,12 @@ def main() -> None:
 
     if h.compile and device.type == "cuda":
         warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log)
-    steps = train(train_loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate)
+    steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate)
+    hessians = finish_training(model, ema, h, train_ms, rank, world_size, device, log)
     if device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    ema.copy_to(model)
     if rank == 0:
         torch.save(model.state_dict(), os.path.join(h.output_dir, "final_model.pt"))
     start = time.perf_counter()
@@ -1292,7 +1422,8 @@ def main() -> None:
     log(f"pre_quant_ema step:{steps} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
         f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
 
-    artifact_path, model_bytes = export_artifact(model, h, rank, world_size, log)
+    artifact_path, model_bytes = export_artifact(model, h, rank, world_size, log, hessians)
+    hessians = None  # free them before the final evaluation
     code_bytes = counted_code_bytes(os.path.abspath(__file__))
     total_bytes = code_bytes + model_bytes
     log(f"Serialized model int{h.matrix_bits}+brotli: {model_bytes} bytes")
