@@ -95,6 +95,13 @@ class Hyperparameters:
     qk_gain_init: float = 5.0
     logit_softcap: float = 30.0
     embed_init_std: float = 0.005
+    # Issue 3 features from the top published stack, each behind its own switch and OFF by default: they are
+    # turned on only once measured on the GPU (next session). Off, each leaves the model exactly the baseline
+    # (same parameters, same outputs).
+    xsa_enabled: bool = False  # XSA: drop each head's output component along its own normalised value vector
+    smear_gate_enabled: bool = False  # SmearGate: x_t += sigmoid(gate)·x_{t-1} on the embeddings, none at BOS
+    attn_gate_enabled: bool = False  # per-head output gate 2·sigmoid(0.5·W·x[:12]), W = 0 at init (gate = 1)
+    parallel_residual_start: int = -1  # from this layer on: x + attn(n(x)) + mlp(n(x)); -1 = off (spec: 8)
     # training
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -413,6 +420,28 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: y_h − (y_h·v̂_h)·v̂_h, v̂_h the unit value vector at the same position of the kv head that query head h
+    reads (h // group under grouped queries, as causal_attention pairs them). y: (batch, time, heads, head_dim),
+    v: (batch, time, kv_heads, head_dim). What is left is what attention brings from other positions' values."""
+    batch, seq_len, heads, head_dim = y.shape
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)  # (batch, time, kv_heads, 1, head_dim)
+    y = y.view(batch, seq_len, v.size(2), heads // v.size(2), head_dim)
+    y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+    return y.view(batch, seq_len, heads, head_dim)
+
+
+def smear(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """SmearGate: x_t + gate·x_{t−1} (gate broadcast over channels), except at position 0 (no previous token)
+    and where token t is BOS, so nothing crosses a document boundary. The same in training and evaluation."""
+    keep = (idx[:, 1:] != BOS_ID).unsqueeze(-1).to(x.dtype)
+    return torch.cat((x[:, :1], x[:, 1:] + gate * keep * x[:, :-1]), dim=1)
+
+
+ATTN_GATE_WIDTH = 12  # channels of the block's normed attention input that the per-head output gate reads
+ATTN_GATE_SCALE = 0.5  # gate logit = 0.5·W·x[:12]
+
+
 class PartialRotary(nn.Module):
     """RoPE on the first `rope_dims` channels of each head; the rest carry no position."""
 
@@ -441,6 +470,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(h.num_heads * self.head_dim, h.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((h.num_heads, 1), h.qk_gain_init))
         self.rotary = PartialRotary(h.rope_dims, h.rope_base)
+        self.xsa = h.xsa_enabled
+        if h.attn_gate_enabled:
+            # A plain Parameter, not an nn.Linear: split_parameters gives it to Adam (Muon is for the big matrices;
+            # orthogonalising a zero-initialised 8×12 gate would force its first steps to full size), GPTQ hooks
+            # skip it, and at ≤ FLOAT_MAX_NUMEL elements it is stored float16.
+            self.gate = nn.Parameter(torch.zeros(h.num_heads, ATTN_GATE_WIDTH))  # 2·sigmoid(0) = 1: transparent
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape
@@ -451,6 +486,11 @@ class Attention(nn.Module):
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)
         k = self.rotary(rms_norm(k))
         y = causal_attention(q, k, v)
+        if self.xsa:
+            y = exclusive_self_attention(y, v)
+        if hasattr(self, "gate"):
+            gate = 2 * torch.sigmoid(ATTN_GATE_SCALE * F.linear(x[..., :ATTN_GATE_WIDTH], self.gate.to(x.dtype)))
+            y = y * gate.unsqueeze(-1)  # (batch, time, heads, 1): one factor per head and position
         return self.proj(y.reshape(batch, seq_len, -1))
 
 
@@ -470,8 +510,14 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer_index + 1)  # deeper layers write smaller inputs to their sublayers
         self.attn = Attention(h)
         self.mlp = MLP(h)
+        # Parallel residual: attention and MLP read the same normed input and both add to the one stream
+        # (the classic parallel block, one stream, so there are no lanes to mix).
+        self.parallel = 0 <= h.parallel_residual_start <= layer_index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            n = rms_norm(x) * self.norm_scale
+            return x + self.attn(n) + self.mlp(n)
         x = x + self.attn(rms_norm(x) * self.norm_scale)
         return x + self.mlp(rms_norm(x) * self.norm_scale)
 
@@ -487,6 +533,8 @@ class GPT(nn.Module):
         head_dim = h.model_dim // h.num_heads
         if h.rope_dims % 2 or not 0 < h.rope_dims <= head_dim:
             raise SystemExit(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
+        if h.attn_gate_enabled and h.model_dim < ATTN_GATE_WIDTH:
+            raise SystemExit(f"ATTN_GATE_ENABLED needs MODEL_DIM={h.model_dim} of at least {ATTN_GATE_WIDTH}")
         self.logit_softcap = h.logit_softcap
         self.fused_ce = False  # main() turns the Triton loss on where it can run
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
@@ -494,6 +542,8 @@ class GPT(nn.Module):
         self.num_encoder_layers = h.num_layers // 2
         num_skips = min(self.num_encoder_layers, h.num_layers - self.num_encoder_layers)
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))  # sigmoid(0): half of each skip
+        if h.smear_gate_enabled:
+            self.smear_gate = nn.Parameter(torch.full((h.model_dim,), -3.0))  # per channel; sigmoid(−3) ≈ 0.047
         self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
@@ -506,7 +556,10 @@ class GPT(nn.Module):
                     nn.init.normal_(module.weight, std=module.in_features ** -0.5)
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        x = rms_norm(self.tok_emb(idx))
+        x = self.tok_emb(idx)
+        if hasattr(self, "smear_gate"):
+            x = smear(x, idx, torch.sigmoid(self.smear_gate).to(x.dtype))  # on the raw embeddings, before the norm
+        x = rms_norm(x)
         skips = []
         for i, block in enumerate(self.blocks):
             decoder_index = i - self.num_encoder_layers

@@ -1,0 +1,301 @@
+"""Issue 3 model features (XSA, SmearGate, attention output gate, parallel residuals): each off is the baseline
+exactly, each on does what it says, and all four together stay causal and train end to end."""
+import math
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+from conftest import REPO, run_script
+
+FEATURES = {
+    "xsa": dict(xsa_enabled=True),
+    "smear": dict(smear_gate_enabled=True),
+    "attn_gate": dict(attn_gate_enabled=True),
+    "parallel": dict(parallel_residual_start=2),
+}
+OFF = {"xsa": dict(xsa_enabled=False), "smear": dict(smear_gate_enabled=False),
+       "attn_gate": dict(attn_gate_enabled=False), "parallel": dict(parallel_residual_start=-1)}
+ALL_ON = {k: v for f in FEATURES.values() for k, v in f.items()}
+
+
+def tiny_hparams(**overrides) -> tg.Hyperparameters:
+    h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8)
+    for k, v in overrides.items():
+        setattr(h, k, v)
+    return h
+
+
+def make_model(seed: int = 0, **overrides) -> tg.GPT:
+    torch.manual_seed(seed)
+    return tg.GPT(tiny_hparams(**overrides)).eval()
+
+
+def perturb(model: tg.GPT, seed: int = 1, scale: float = 0.05) -> None:
+    """Zero-initialised projections and gates would hide the features: move every weight a little."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def baseline_keys(num_layers: int) -> set[str]:
+    keys = {"tok_emb.weight", "skip_gates"}
+    for i in range(num_layers):
+        keys |= {f"blocks.{i}.attn.{n}" for n in ("q.weight", "k.weight", "v.weight", "proj.weight", "q_gain")}
+        keys |= {f"blocks.{i}.mlp.up.weight", f"blocks.{i}.mlp.down.weight"}
+    return keys
+
+
+def baseline_logits(model: tg.GPT, idx: torch.Tensor) -> torch.Tensor:
+    """The pre-issue-3 model written out by hand from the state dict: sequential pre-norm blocks, U-Net skips."""
+    sd, h = model.state_dict(), tiny_hparams()
+    heads, kv, hd = h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
+    rotary = tg.PartialRotary(h.rope_dims, h.rope_base)
+    B, T = idx.shape
+
+    def attn(i, x):
+        p = f"blocks.{i}.attn."
+        q = (x @ sd[p + "q.weight"].T).view(B, T, heads, hd)
+        k = (x @ sd[p + "k.weight"].T).view(B, T, kv, hd)
+        v = (x @ sd[p + "v.weight"].T).view(B, T, kv, hd)
+        q = rotary(tg.rms_norm(q)) * sd[p + "q_gain"]
+        k = rotary(tg.rms_norm(k))
+        y = tg.causal_attention(q, k, v).reshape(B, T, -1)
+        return y @ sd[p + "proj.weight"].T
+
+    def mlp(i, x):
+        p = f"blocks.{i}.mlp."
+        return F.leaky_relu(x @ sd[p + "up.weight"].T, 0.5).square() @ sd[p + "down.weight"].T
+
+    x = tg.rms_norm(sd["tok_emb.weight"][idx])
+    n_enc = h.num_layers // 2
+    skips = []
+    for i in range(h.num_layers):
+        if 0 <= i - n_enc < sd["skip_gates"].size(0):
+            x = x + torch.sigmoid(sd["skip_gates"][i - n_enc]) * skips.pop()
+        s = 1 / math.sqrt(i + 1)
+        x = x + attn(i, tg.rms_norm(x) * s)
+        x = x + mlp(i, tg.rms_norm(x) * s)
+        if i < n_enc:
+            skips.append(x)
+    logits = tg.rms_norm(x) @ sd["tok_emb.weight"].T
+    return h.logit_softcap * torch.tanh(logits / h.logit_softcap)
+
+
+def tokens_with_bos(seed: int = 3, shape=(2, 24)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(2, 97, shape, generator=g)
+    idx[:, 0] = tg.BOS_ID
+    idx[0, 9] = idx[1, 14] = tg.BOS_ID  # a document boundary inside each sequence
+    return idx
+
+
+def test_defaults_are_off():
+    h = tg.Hyperparameters()
+    assert (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start) == (False, False, False, -1)
+
+
+def test_switches_are_read_from_the_environment(monkeypatch):
+    for name in ("XSA_ENABLED", "SMEAR_GATE_ENABLED", "ATTN_GATE_ENABLED"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("PARALLEL_RESIDUAL_START", "8")
+    h = tg.Hyperparameters.from_env()
+    assert (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start) == (True, True, True, 8)
+
+
+def test_all_off_is_the_handwritten_baseline():
+    model = make_model()
+    perturb(model)
+    assert set(model.state_dict()) == baseline_keys(5)
+    idx = tokens_with_bos()
+    with torch.no_grad():
+        assert torch.allclose(model.logits(idx), baseline_logits(model, idx), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_each_feature_off_equals_the_baseline_and_on_changes_the_model(feature):
+    off = make_model(**OFF[feature])
+    base = make_model()
+    on = make_model(**FEATURES[feature])
+    assert set(off.state_dict()) == set(base.state_dict()) == baseline_keys(5)
+    for name, tensor in base.state_dict().items():  # same seed, same initial weights: new parameters use no RNG
+        assert torch.equal(off.state_dict()[name], tensor) and torch.equal(on.state_dict()[name], tensor)
+    extra = set(on.state_dict()) - baseline_keys(5)
+    expected_extra = {"smear": {"smear_gate"}, "attn_gate": {f"blocks.{i}.attn.gate" for i in range(5)}}
+    assert extra == expected_extra.get(feature, set())
+    perturb(base)
+    perturb(off)
+    with torch.no_grad():
+        for name, p in on.named_parameters():
+            p.copy_(base.state_dict()[name] if name in base.state_dict() else 0.3 * torch.randn_like(p))
+    idx = tokens_with_bos()
+    with torch.no_grad():
+        a, b, c = base.logits(idx), off.logits(idx), on.logits(idx)
+    assert torch.equal(a, b)
+    assert torch.allclose(a, baseline_logits(base, idx), atol=1e-5, rtol=0)
+    assert (a - c).abs().max() > 1e-3  # switched on, the feature does change the model
+
+
+def test_attention_gate_is_transparent_at_init():
+    base, gated = make_model(), make_model(attn_gate_enabled=True)
+    assert all(torch.equal(b.attn.gate, torch.zeros(4, tg.ATTN_GATE_WIDTH)) for b in gated.blocks)
+    perturb(base)
+    with torch.no_grad():  # the same (perturbed) other weights, the gates left at their zero init
+        for name, p in gated.named_parameters():
+            if name in base.state_dict():
+                p.copy_(base.state_dict()[name])
+    idx = tokens_with_bos()
+    with torch.no_grad():
+        assert torch.equal(gated.logits(idx), base.logits(idx))
+
+
+def attention_with_identity_proj(**overrides):
+    torch.manual_seed(5)
+    h = tiny_hparams(**overrides)
+    attn = tg.Attention(h).eval()
+    with torch.no_grad():
+        attn.proj.weight.copy_(torch.eye(h.model_dim))  # the output is the per-head attention output itself
+    return h, attn
+
+
+def test_attention_gate_scales_each_head_by_two_sigmoid_half_logit():
+    h, plain = attention_with_identity_proj()
+    _, gated = attention_with_identity_proj(attn_gate_enabled=True)
+    gated.load_state_dict({**plain.state_dict(), "gate": torch.randn(4, tg.ATTN_GATE_WIDTH)})
+    x = torch.randn(2, 10, h.model_dim)
+    with torch.no_grad():
+        y0, y1 = plain(x).view(2, 10, 4, 16), gated(x).view(2, 10, 4, 16)
+    expected_gate = 2 * torch.sigmoid(0.5 * x[..., :12] @ gated.gate.T)  # (2, 10, heads)
+    assert torch.allclose(y1, y0 * expected_gate.unsqueeze(-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 2), (6, 3)])
+def test_xsa_output_is_orthogonal_to_the_heads_own_value(heads, kv_heads):
+    g = torch.Generator().manual_seed(heads)
+    y = torch.randn(2, 7, heads, 16, generator=g)
+    v = 3 * torch.randn(2, 7, kv_heads, 16, generator=g)
+    out = tg.exclusive_self_attention(y, v)
+    v_hat = F.normalize(v.repeat_interleave(heads // kv_heads, dim=2), dim=-1)  # query head h reads kv head h // group
+    assert (out * v_hat).sum(-1).abs().max() < 1e-5
+    # only the component along v̂ is removed: y − out is parallel to v̂ with y's coefficient
+    assert torch.allclose(y - out, (y * v_hat).sum(-1, keepdim=True) * v_hat, atol=1e-5)
+
+
+def test_xsa_in_the_attention_module_removes_the_value_component():
+    h, attn = attention_with_identity_proj(xsa_enabled=True)
+    x = torch.randn(2, 10, h.model_dim)
+    with torch.no_grad():
+        y = attn(x).view(2, 10, 4, 16)
+        v = attn.v(x).view(2, 10, 2, 16).repeat_interleave(2, dim=2)
+    assert (y * F.normalize(v, dim=-1)).sum(-1).abs().max() < 1e-5
+    assert y.abs().max() > 1e-2
+    # position 0 attends only to itself: its output is its own value, so XSA leaves nothing there
+    assert y[:, 0].abs().max() < 1e-5
+
+
+def test_smear_mixes_the_previous_token_except_at_bos_and_position_zero():
+    idx = tokens_with_bos()
+    x = torch.randn(2, 24, 8)
+    gate = torch.rand(8)
+    out = tg.smear(x, idx, gate)
+    for b in range(2):
+        for t in range(24):
+            if t == 0 or idx[b, t] == tg.BOS_ID:
+                assert torch.equal(out[b, t], x[b, t])
+            else:
+                assert torch.allclose(out[b, t], x[b, t] + gate * x[b, t - 1], atol=1e-6)
+
+
+def test_smear_does_not_cross_a_document_boundary():
+    idx = tokens_with_bos()
+    x = torch.randn(2, 24, 8)
+    gate = torch.full((8,), 0.7)
+    changed = x.clone()
+    changed[0, 8] += 5.0  # the token just before the BOS at position 9
+    changed[1, 13] += 5.0  # the token just before the BOS at position 14
+    a, b = tg.smear(x, idx, gate), tg.smear(changed, idx, gate)
+    assert torch.equal(a[0, 9], b[0, 9]) and torch.equal(a[1, 14], b[1, 14])
+    # the same change does reach the next position where there is no boundary
+    plain = idx.clone()
+    plain[0, 9] = plain[1, 14] = 5
+    assert (tg.smear(x, plain, gate)[0, 9] - tg.smear(changed, plain, gate)[0, 9]).abs().max() > 1.0
+
+
+def test_smear_gate_in_the_model_starts_small_and_respects_bos():
+    model = make_model(smear_gate_enabled=True)
+    assert torch.allclose(torch.sigmoid(model.smear_gate), torch.full((64,), 1 / (1 + math.e ** 3)))
+    perturb(model)
+    idx = tokens_with_bos()
+    hidden_inputs = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda _m, args: hidden_inputs.append(args[0]))
+    changed = idx.clone()
+    changed[0, 8] = (changed[0, 8] + 1) % 95 + 2  # the last token of document 1 (BOS at 9)
+    with torch.no_grad():
+        model.logits(idx), model.logits(changed)
+    handle.remove()
+    a, b = hidden_inputs
+    assert torch.equal(a[0, 9], b[0, 9])  # the BOS position's input to the blocks is untouched
+    assert (a[0, 8] - b[0, 8]).abs().max() > 1e-3
+
+
+def test_parallel_residual_blocks_read_one_input():
+    model = make_model(parallel_residual_start=2)
+    perturb(model)
+    assert [b.parallel for b in model.blocks] == [False, False, True, True, True]
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            n = tg.rms_norm(x) * block.norm_scale
+            if i >= 2:
+                expected = x + block.attn(n) + block.mlp(n)
+            else:
+                x1 = x + block.attn(n)
+                expected = x1 + block.mlp(tg.rms_norm(x1) * block.norm_scale)
+            assert torch.allclose(block(x), expected, atol=1e-6)
+
+
+def test_causal_with_all_features_on():
+    model = make_model(**ALL_ON)
+    perturb(model)
+    idx = tokens_with_bos()
+    t = 11
+    changed = idx.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.randint(0, 90, changed[:, t + 1:].shape)) % 97
+    with torch.no_grad():
+        a, b = model.logits(idx), model.logits(changed)
+    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6, rtol=0)
+    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3
+
+
+def test_new_parameters_go_to_adam_and_stay_float16_in_the_artifact():
+    model = make_model(**ALL_ON)
+    matrices, embeddings, scalars = tg.split_parameters(model)
+    assert len(matrices) == 5 * 6  # the Muon set is the baseline's
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in scalars} == ({"skip_gates", "smear_gate"} | {f"blocks.{i}.attn.q_gain" for i in range(5)}
+                                               | {f"blocks.{i}.attn.gate" for i in range(5)})
+    perturb(model)
+    quantized = tg.quantize_state_dict(model.state_dict(), tiny_hparams(float_max_numel=1000))
+    assert quantized["blocks.0.attn.gate"]["kind"] == "float16" and quantized["smear_gate"]["kind"] == "float16"
+    restored = tg.dequantize_state_dict(tg.deserialize_quantized(tg.serialize_quantized(quantized)))
+    assert torch.allclose(restored["blocks.3.attn.gate"].float(), model.blocks[3].attn.gate, atol=1e-3)
+
+
+def test_attention_gate_needs_twelve_channels():
+    with pytest.raises(SystemExit, match="ATTN_GATE_ENABLED"):
+        tg.GPT(tiny_hparams(attn_gate_enabled=True, model_dim=8, num_heads=2, num_kv_heads=1, rope_dims=4))
+
+
+def test_smoke_run_with_all_features_on(tmp_path):
+    env = {"RUN_ID": "arch", "ITERATIONS": "3", "VAL_TOKENS_LIMIT": "2048", "BROTLI_QUALITY": "5",
+           "XSA_ENABLED": "1", "SMEAR_GATE_ENABLED": "1", "ATTN_GATE_ENABLED": "1", "PARALLEL_RESIDUAL_START": "2"}
+    out = run_script([sys.executable, f"{REPO}/train_gpt.py"], env, str(tmp_path))
+    assert "xsa_enabled=True smear_gate_enabled=True attn_gate_enabled=True parallel_residual_start=2" in out
+    last = out.strip().splitlines()[-1]
+    match = re.match(r"final_int6_brotli_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", last)
+    assert match, last
+    assert math.isfinite(float(match.group(2)))
