@@ -30,3 +30,13 @@ def run_script(args: list[str], env_overrides: dict[str, str], cwd: str, timeout
 def sample_tokenizer():
     import sentencepiece as spm
     return spm.SentencePieceProcessor(model_file=SAMPLE_TOKENIZER)
+
+
+def assert_causal(model, idx: torch.Tensor, t: int, vocab: int) -> None:
+    """Changing the tokens after position t leaves the logits at ≤ t unchanged, and does change those after it."""
+    changed = idx.clone()
+    changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.randint(0, vocab - 7, changed[:, t + 1:].shape)) % vocab
+    with torch.no_grad():
+        a, b = model.logits(idx), model.logits(changed)
+    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6, rtol=0)
+    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3  # the changed positions do see their inputs

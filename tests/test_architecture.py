@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import REPO, run_script
+from conftest import REPO, assert_causal, run_script
 
 FEATURES = {
     "xsa": dict(xsa_enabled=True),
@@ -261,14 +261,7 @@ def test_parallel_residual_blocks_read_one_input():
 def test_causal_with_all_features_on():
     model = make_model(**ALL_ON)
     perturb(model)
-    idx = tokens_with_bos()
-    t = 11
-    changed = idx.clone()
-    changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.randint(0, 90, changed[:, t + 1:].shape)) % 97
-    with torch.no_grad():
-        a, b = model.logits(idx), model.logits(changed)
-    assert torch.allclose(a[:, :t + 1], b[:, :t + 1], atol=1e-6, rtol=0)
-    assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3
+    assert_causal(model, tokens_with_bos(), t=11, vocab=97)
 
 
 def test_new_parameters_go_to_adam_and_stay_float16_in_the_artifact():
