@@ -23,3 +23,8 @@ poll_job() {
   mkdir -p "${OUT:-/tmp/out}" && cp "$work/bench.log" "$@" "${OUT:-/tmp/out}/" 2>/dev/null
   return 0
 }
+
+# run_overrides ENTRY: "NAME:VAR=V,VAR=V" -> "VAR=V VAR=V" (nothing for a bare NAME), for env
+run_overrides() {
+  case "$1" in *:*) echo "${1#*:}" | tr ',' ' ' ;; esac
+}

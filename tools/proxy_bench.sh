@@ -5,15 +5,18 @@
 # Needs .bench/ (corpus, tokenizers, bench) and, on a machine without brotli, .whl/ with its wheel.
 # Writes only under /tmp/proxy_bench (the device re-sends the working tree on each call).
 #   1. the kernel and model tests on the GPU;
-#   2. throughput: tools/bench_step.py on the full default model, once per FUSED_CE setting in BENCH_FUSED_CE;
-#   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default).
+#   2. throughput: tools/bench_step.py on the full default model, once per entry of BENCH_RUNS;
+#   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default), once per
+#      entry of QUALITY_RUNS.
+# A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol), entries separated by spaces:
+#   BENCH_RUNS="base all:XSA_ENABLED=1,SMEAR_GATE_ENABLED=1" QUALITY_RUNS="rtn gptq:QUANT_METHOD=gptq" tools/proxy_bench.sh start
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/proxy_bench
 SHARDS=/tmp/proxy_sp8192
 QUALITY_SECONDS=${QUALITY_SECONDS:-180}
-BENCH_FUSED_CE=${BENCH_FUSED_CE:-"0 1"}
-SKIP_QUALITY=${SKIP_QUALITY:-0}
+BENCH_RUNS=${BENCH_RUNS-"fused_ce0:FUSED_CE=0 fused_ce1:FUSED_CE=1"}
+QUALITY_RUNS=${QUALITY_RUNS-quality}
 
 case "${1:-}" in
 start)
@@ -25,7 +28,7 @@ start)
       || { cat "$WORK/shards.log"; exit 1; }
     cat "$WORK/shards.log"
   fi
-  export BENCH_FUSED_CE QUALITY_SECONDS SKIP_QUALITY
+  export BENCH_RUNS QUALITY_SECONDS QUALITY_RUNS
   start_job "$WORK" "$0"
   ;;
 run)
@@ -34,22 +37,24 @@ run)
   common=(DATA_PATH="$SHARDS" TOKENIZER_PATH="$WORK/fineweb_8192_bpe.model" VOCAB_SIZE=8192)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_model_and_optimizer.py 2>&1 | tail -3
-  for fused in $BENCH_FUSED_CE; do
-    echo "== bench_step FUSED_CE=$fused"
-    env "${common[@]}" FUSED_CE="$fused" TORCH_LOGS=graph_breaks python3 tools/bench_step.py 2> "bench_step_$fused.err"
-    grep -c "Graph break" "bench_step_$fused.err" | sed 's/^/graph breaks: /'
+  for entry in $BENCH_RUNS; do
+    name=${entry%%:*}; overrides=$(run_overrides "$entry")
+    echo "== bench_step $name $overrides"
+    env "${common[@]}" $overrides TORCH_LOGS=graph_breaks python3 tools/bench_step.py 2> "bench_step_$name.err"
+    grep -c "Graph break" "bench_step_$name.err" | sed 's/^/graph breaks: /'
   done
-  if [ "$SKIP_QUALITY" != 1 ]; then
-    echo "== quality (protocol v1, ${QUALITY_SECONDS}s)"
-    env "${common[@]}" RUN_ID=quality TRAIN_BATCH_TOKENS=65536 MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 \
-        python3 train_gpt.py > quality.out 2>&1 || echo "quality run exited non-zero"
-    tail -n 12 quality.out
-    python3 tools/bench_summary.py logs/quality.txt
-  fi
+  for entry in $QUALITY_RUNS; do
+    name=${entry%%:*}; overrides=$(run_overrides "$entry")
+    echo "== quality $name (protocol v1, ${QUALITY_SECONDS}s) $overrides"
+    env "${common[@]}" TRAIN_BATCH_TOKENS=65536 MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 $overrides RUN_ID="$name" \
+        OUTPUT_DIR="$WORK/out_$name" python3 train_gpt.py > "$name.out" 2>&1 || echo "quality run $name exited non-zero"
+    tail -n 12 "$name.out"
+    python3 tools/bench_summary.py "out_$name/logs/$name.txt"
+  done
   echo BENCH_DONE
   ;;
 poll)
-  poll_job "$WORK" "$WORK"/logs/*.txt "$WORK"/*.err
+  poll_job "$WORK" "$WORK"/out_*/logs/*.txt "$WORK"/*.err
   ;;
 *)
   echo "usage: $0 start|poll" >&2; exit 2 ;;
