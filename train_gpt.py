@@ -118,6 +118,7 @@ class Hyperparameters:
     compile: bool = True
     compile_warmup_steps: int = 20
     fused_ce: bool = True  # Triton softcapped cross-entropy in training, on CUDA
+    residual_bf16: bool = False  # on CUDA: carry the residual stream in bfloat16, not float32 (half the bytes moved)
     time_sync_every: int = 10  # steps between device syncs that read the training clock
     # optimizers
     matrix_lr: float = 0.026
@@ -537,6 +538,7 @@ class GPT(nn.Module):
             raise SystemExit(f"ATTN_GATE_ENABLED needs MODEL_DIM={h.model_dim} of at least {ATTN_GATE_WIDTH}")
         self.logit_softcap = h.logit_softcap
         self.fused_ce = False  # main() turns the Triton loss on where it can run
+        self.residual_dtype = None  # main() sets bfloat16 for RESIDUAL_BF16 on CUDA; None keeps the embedding's float32
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         self.num_encoder_layers = h.num_layers // 2
@@ -560,6 +562,10 @@ class GPT(nn.Module):
         if hasattr(self, "smear_gate"):
             x = smear(x, idx, torch.sigmoid(self.smear_gate).to(x.dtype))  # on the raw embeddings, before the norm
         x = rms_norm(x)
+        if self.residual_dtype is not None:
+            # The elementwise work around the blocks (adds, norms, gates) is memory-bound; a float32 stream moves
+            # twice the bytes. The blocks' outputs are bfloat16 under autocast, so the stream stays in this dtype.
+            x = x.to(self.residual_dtype)
         skips = []
         for i, block in enumerate(self.blocks):
             decoder_index = i - self.num_encoder_layers
@@ -1365,6 +1371,12 @@ def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, r
 # Main: set up, train, export the artifact, reload it from bytes and score it
 # ----------------------------------------------------------------------------------------------------
 
+def use_device_paths(model: GPT, h: Hyperparameters, device: torch.device) -> None:
+    """The CUDA-only training paths: the Triton loss (FUSED_CE) and the bfloat16 residual stream (RESIDUAL_BF16)."""
+    model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
+    model.residual_dtype = torch.bfloat16 if h.residual_bf16 and device.type == "cuda" else None
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -1445,7 +1457,7 @@ def main() -> None:
         f"byte_counts:{'sidecar' if h.caseops_enabled else 'pieces'} caseops_tokenizer:{int(caseops_tokenizer)}")
 
     model = GPT(h).to(device)
-    model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
+    use_device_paths(model, h, device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} fused_ce:{model.fused_ce}")
     optimizers = build_optimizers(model, h, rank, world_size, device)
     ema = EMA(model, h.ema_decay)

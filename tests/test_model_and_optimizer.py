@@ -177,3 +177,24 @@ def test_training_clock_extrapolates_between_syncs_and_syncs_every_step_near_the
     assert clock.measure(40) == pytest.approx(800.0)
     assert clock.due(41)  # 41 + 10 steps would pass 1000 ms: sync every step now
     assert clock.estimate(50) == pytest.approx(1000.0)
+
+
+def test_residual_stream_dtype_follows_the_switch():
+    """RESIDUAL_BF16: every block reads a bfloat16 stream under autocast; without it (and always on the CPU
+    paths that main() sets up) the stream stays float32, so CPU numbers are unchanged."""
+    h = tiny_hparams(residual_bf16=True)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    tg.use_device_paths(model, h, torch.device("cpu"))
+    assert model.residual_dtype is None and not model.fused_ce
+    idx = torch.randint(0, 97, (2, 16))
+    for residual_dtype, expected in ((None, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        model.residual_dtype = residual_dtype
+        seen = []
+        handles = [b.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype)) for b in model.blocks]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(idx, idx)
+        for handle in handles:
+            handle.remove()
+        assert seen == [expected] * len(model.blocks)
+        assert torch.isfinite(loss)

@@ -9,7 +9,7 @@ Prints, after compiling and warming up:
   - tokens/s, model FLOP utilisation against this GPU's measured bf16 matmul rate, peak memory;
   - a breakdown of one step from the profiler: attention, matmuls, loss, other forward/backward kernels,
     optimizer (with clipping and the EMA), and communication.
-Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones.
+Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12).
 """
 import os
 import re
@@ -65,7 +65,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(h.seed)
     model = tg.GPT(h).to(device)
-    model.fused_ce = h.fused_ce and tg.triton is not None
+    tg.use_device_paths(model, h, device)
     params = sum(p.numel() for p in model.parameters())
     optimizers = tg.build_optimizers(model, h, 0, 1, device)
     ema = tg.EMA(model, h.ema_decay)
@@ -137,7 +137,7 @@ def main() -> None:
         print(f"| kernels per step: {label} | {by_class.get(label, 0.0):.1f} ms |")
     print(f"| kernels per step: all (sum of kernel times) | {kernel_total:.1f} ms |")
     top = sorted(((e.key, (getattr(e, 'device_time_total', 0) or 0) / 3000) for e in prof.key_averages()
-                  if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda kv: -kv[1])[:12]
+                  if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda kv: -kv[1])[:int(os.environ.get("BENCH_TOP", 12))]
     print("top kernels (ms per step):")
     for name, ms in top:
         print(f"  {ms:7.2f}  [{classify(name)}] {name[:110]}")
