@@ -1108,10 +1108,13 @@ def evaluate_bpb(loss_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: H
     byte_sum = 0.0
     for i in range(0, len(mine), h.eval_batch_seqs):
         batch = mine[i:i + h.eval_batch_seqs]
-        x = torch.stack([tokens[s:e] for s, _, e in batch]).to(device, non_blocking=True)
-        y = torch.stack([tokens[s + 1:e + 1] for s, _, e in batch]).to(device, non_blocking=True)
+        # The last batch is padded with copies of its first window to the full batch size: one static shape,
+        # so the compiled eval graph is built once (a second shape would cost another compile).
+        padded = batch + batch[:1] * (h.eval_batch_seqs - len(batch)) if len(mine) > h.eval_batch_seqs else batch
+        x = torch.stack([tokens[s:e] for s, _, e in padded]).to(device, non_blocking=True)
+        y = torch.stack([tokens[s + 1:e + 1] for s, _, e in padded]).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = loss_fn(x, y).double()
+            losses = loss_fn(x, y)[:len(batch)].double()
         positions = torch.arange(x.size(1), device=device)
         first = torch.tensor([f - s for s, f, _ in batch], device=device)
         keep = positions[None, :] >= first[:, None]
