@@ -118,6 +118,7 @@ class Hyperparameters:
     compile: bool = True
     compile_warmup_steps: int = 20
     fused_ce: bool = True  # Triton softcapped cross-entropy in training, on CUDA
+    fused_mlp: bool = False  # Triton matmuls with LeakyReLU² (and its derivative) fused in, training on CUDA
     residual_bf16: bool = False  # on CUDA: carry the residual stream in bfloat16, not float32 (half the bytes moved)
     time_sync_every: int = 10  # steps between device syncs that read the training clock
     # optimizers
@@ -501,7 +502,13 @@ class MLP(nn.Module):
         self.up = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
         self.down = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
 
+        self.fused = False  # use_device_paths sets FUSED_MLP on CUDA
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The Triton path only in training and with no hooks on the Linears: GPTQ's Hessian hooks and evaluation
+        # go through the plain modules, which are what the artifact stores.
+        if self.fused and self.training and not (self.up._forward_hooks or self.down._forward_hooks):
+            return fused_leaky_relu_square_mlp(x, self.up.weight, self.down.weight)
         return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
 
 
@@ -689,6 +696,88 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: floa
         return SoftcapCrossEntropy.apply(logits, targets, cap)
     capped = cap * torch.tanh(logits.float() / cap)
     return F.cross_entropy(capped, targets, reduction="none", ignore_index=CE_IGNORE_INDEX)
+
+
+if triton is not None:
+    @triton.jit
+    def _mlp_matmul(a_ptr, b_ptr, h_ptr, out_ptr, M, N, stride_am, stride_ak, stride_bk, stride_bn,
+                    K: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr):
+        # C = A·B (M×K times K×N, any strides) with the MLP's activation in the epilogue, on the tile in registers.
+        #   forward:  A = x, B = W_upᵀ; store h = C and a = LeakyReLU(h, 0.5)² (both bfloat16, M×N contiguous)
+        #   backward: A = dL/d(out), B = W_down; C = dL/da; store dL/dh = C·(2h if h > 0 else 0.5h), reading h
+        pid = tl.program_id(0)
+        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        # GROUP_M row-blocks share each column block while it sits in L2
+        group_size = tl.minimum(blocks_m - (pid // (GROUP_M * blocks_n)) * GROUP_M, GROUP_M)
+        pid_m = (pid // (GROUP_M * blocks_n)) * GROUP_M + (pid % (GROUP_M * blocks_n)) % group_size
+        pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + (k + ks)[None, :] * stride_ak,
+                        mask=(rows[:, None] < M) & (k + ks[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + (k + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
+                        mask=(k + ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+            if DOT_F32:  # Triton's CPU interpreter multiplies bfloat16 tiles wrongly: give it float32
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        if BACKWARD:
+            h = tl.load(h_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offsets, (acc * tl.where(h > 0, 2.0 * h, 0.5 * h)).to(out_ptr.dtype.element_ty), mask=inside)
+        else:
+            h = acc.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + offsets, h, mask=inside)
+            leaky = tl.where(h > 0, h.to(tl.float32), 0.5 * h.to(tl.float32))  # from the rounded h, as unfused
+            tl.store(out_ptr + offsets, (leaky * leaky).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, backward: bool) -> None:
+    M, K = a.shape
+    N = b.size(1)
+    # 128×128×64 tiles, 8 warps, 3 stages on the GPU; the interpreter (CPU tests) takes the smallest legal tiles
+    bm, bn, bk, warps, stages = (16, 16, 16, 1, 1) if a.device.type == "cpu" else MLP_TILES
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _mlp_matmul[grid](a, b, h, out, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), K=K, BACKWARD=backward,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DOT_F32=a.device.type == "cpu",
+                      num_warps=warps, num_stages=stages)
+
+
+MLP_TILES = (128, 128, 64, 8, 3)  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU
+
+
+class FusedLeakyReluSquareMLP(torch.autograd.Function):
+    """down(LeakyReLU(up(x), 0.5)²) with the activation and its derivative fused into the up-projection's matmul
+    (forward) and into the matmul that gives dL/da (backward): the hidden activations are written once each way
+    instead of being read back by separate elementwise kernels. Inputs in bfloat16; h and a are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.size(-1)).contiguous()
+        h = torch.empty(x2.size(0), w_up.size(0), device=x.device, dtype=x.dtype)
+        a = torch.empty_like(h)
+        _mlp_matmul_launch(x2, w_up.t(), h, a, backward=False)
+        ctx.save_for_backward(x2, w_up, w_down, h, a)
+        return (a @ w_down.t()).view(*x.shape[:-1], w_down.size(0))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, w_up, w_down, h, a = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.size(-1)).contiguous()
+        grad_h = torch.empty_like(h)
+        _mlp_matmul_launch(g, w_down, h, grad_h, backward=True)
+        grad_x = (grad_h @ w_up).view(*grad_out.shape[:-1], w_up.size(1))
+        return grad_x, grad_h.t() @ x2, g.t() @ a
+
+
+def fused_leaky_relu_square_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The MLP through FusedLeakyReluSquareMLP, in bfloat16 (the weights are cast as autocast would)."""
+    dtype = torch.bfloat16
+    return FusedLeakyReluSquareMLP.apply(x.to(dtype), w_up.to(dtype), w_down.to(dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1375,9 +1464,12 @@ def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, r
 # ----------------------------------------------------------------------------------------------------
 
 def use_device_paths(model: GPT, h: Hyperparameters, device: torch.device) -> None:
-    """The CUDA-only training paths: the Triton loss (FUSED_CE) and the bfloat16 residual stream (RESIDUAL_BF16)."""
+    """The CUDA-only training paths: the Triton loss (FUSED_CE) and MLP (FUSED_MLP), the bfloat16 residual stream."""
     model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
     model.residual_dtype = torch.bfloat16 if h.residual_bf16 and device.type == "cuda" else None
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.fused = h.fused_mlp and triton is not None and device.type == "cuda"
 
 
 def setup_distributed() -> tuple[int, int, torch.device]:

@@ -60,3 +60,46 @@ def test_fused_and_plain_paths_agree_inside_the_model():
     assert torch.allclose(fused, plain, rtol=1e-5)
     for a, p in zip(fused_grads, model.parameters()):
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows,dim,hidden", [(37, 32, 64), (16, 48, 80)])
+def test_fused_mlp_matches_float64(rows, dim, hidden):
+    """FUSED_MLP against down(LeakyReLU(up(x), 0.5)²) in float64: output and all three gradients, odd sizes
+    (rows, and hidden or dim not multiples of the tile) included."""
+    g = torch.Generator().manual_seed(rows + dim)
+    x = torch.randn(rows, dim, generator=g).to(torch.bfloat16)
+    w_up = (torch.randn(hidden, dim, generator=g) / dim ** 0.5).to(torch.bfloat16)
+    w_down = (torch.randn(dim, hidden, generator=g) / hidden ** 0.5).to(torch.bfloat16)
+    grad_out = torch.randn(rows, dim, generator=g)
+    ref = [t.double().requires_grad_(True) for t in (x, w_up, w_down)]
+    out_ref = torch.nn.functional.leaky_relu(ref[0] @ ref[1].T, 0.5).square() @ ref[2].T
+    out_ref.backward(grad_out.double())
+
+    ins = [t.to(DEVICE).requires_grad_(True) for t in (x, w_up, w_down)]
+    out = tg.fused_leaky_relu_square_mlp(*ins)
+    out.backward(grad_out.to(DEVICE, torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (rows, dim)
+
+    def rel(a, b):
+        return ((a.double().cpu() - b).norm() / b.norm()).item()
+
+    assert rel(out, out_ref.detach()) < 2e-2  # bf16 storage of h, a and the output
+    for got, want in zip(ins, ref):
+        assert rel(got.grad, want.grad) < 3e-2
+
+
+def test_fused_mlp_is_used_only_in_training_without_hooks(monkeypatch):
+    """The model takes the Triton MLP in training; evaluation and GPTQ's hooked forward take the plain modules."""
+    h = tg.Hyperparameters(vocab_size=64, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=4)
+    mlp = tg.MLP(h)
+    mlp.fused = True
+    calls = []
+    monkeypatch.setattr(tg, "fused_leaky_relu_square_mlp", lambda *a: calls.append(1) or torch.zeros(2, 32))
+    x = torch.randn(2, 32)
+    mlp.train()(x)
+    assert calls == [1]
+    mlp.eval()(x)
+    handle = mlp.up.register_forward_hook(lambda *_: None)
+    mlp.train()(x)
+    handle.remove()
+    assert calls == [1]
