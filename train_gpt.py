@@ -155,6 +155,25 @@ class Hyperparameters:
     gptq_block: int = 128  # columns per GPTQ block (error feedback inside a block at once, lazily beyond it)
     brotli_quality: int = 11
     artifact_limit_bytes: int = 16_000_000
+    # evaluation with test-time training, score first (off until measured on the GPU)
+    ttt_mode: str = "none"  # none | sgd: whole model, chunk by chunk | lora: per-document LoRA and global phases
+    ttt_eval_only: bool = False  # no training: load ARTIFACT_PATH, score it plain, then with TTT_MODE
+    artifact_path: str = ""  # "" = OUTPUT_DIR/final_model.int6.ptz
+    eval_budget_seconds: float = 600.0  # TTT stops adapting when the rest would no longer fit (EvalGuard)
+    ttt_chunk_tokens: int = 32768  # sgd: targets scored before each update; lora: targets per global-phase step
+    ttt_epochs: int = 3  # sgd: steps on each scored chunk
+    ttt_lr: float = 0.005  # sgd: peak LR, cosine over the chunks
+    ttt_momentum: float = 0.9  # sgd and the global phases
+    ttt_grad_clip: float = 1.0  # sgd and the global phases
+    ttt_chunk: int = 48  # lora: targets of a document scored before each Adam step
+    ttt_batch_docs: int = 64  # lora: documents adapted side by side
+    ttt_lora_rank: int = 80
+    ttt_lora_alpha: float = 144.0
+    ttt_lora_lr: float = 1e-4
+    ttt_lora_wd: float = 0.5
+    ttt_phase_docs: str = "833,1666,2500"  # lora: a global SGD phase once this many documents are scored
+    ttt_phase_lr: float = 1e-3
+    ttt_log_every: int = 100  # chunks (sgd) or document batches (lora) between progress lines
 
     @classmethod
     def from_env(cls) -> "Hyperparameters":
@@ -1168,7 +1187,7 @@ def counted_code_bytes(script_path: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: val_bpb over sliding windows, every validation token scored exactly once
+# Evaluation: val_bpb over sliding windows, every validation token scored exactly once; test-time training
 # ----------------------------------------------------------------------------------------------------
 
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -1184,39 +1203,310 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[i
     return windows
 
 
+class ScoreSums:
+    """This rank's float64 sums of scored losses, targets and bytes. `result` adds them up over the ranks and
+    checks that exactly the validation set was scored: as many targets and bytes as it holds."""
+
+    def __init__(self, target_bytes: np.ndarray, device: torch.device):
+        self.bytes = torch.from_numpy(target_bytes.astype(np.int32)).to(device)
+        self.total_bytes = int(target_bytes.sum())
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)
+
+    def add(self, losses: torch.Tensor, index: torch.Tensor) -> None:
+        """Losses of one scoring pass and the global target index of each; index −1 marks context, not scored."""
+        keep = index >= 0
+        parts = (torch.where(keep, losses, 0).sum(), keep.sum(), torch.where(keep, self.bytes[index.clamp_min(0)], 0).sum())
+        self.sums += torch.stack([p.double() for p in parts])
+
+    def result(self, world_size: int) -> tuple[float, float]:
+        totals = self.sums.clone()
+        if world_size > 1:
+            dist.all_reduce(totals)
+        loss_sum, scored, byte_sum = totals.tolist()
+        if int(scored) != self.bytes.numel() or int(byte_sum) != self.total_bytes:
+            raise RuntimeError(f"scored {int(scored)} of {self.bytes.numel()} validation targets and {int(byte_sum)} "
+                               f"of {self.total_bytes} bytes")
+        return loss_sum / scored, loss_sum / math.log(2) / byte_sum
+
+
+def score_windows(loss_fn, tokens: torch.Tensor, batch: list, device: torch.device,
+                  pad_to: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 losses of a batch of equal-length windows (start, first scored target, end), and the global target
+    index of each position: −1 where the position is context only. Rows up to `pad_to` are copies of the first
+    window with nothing scored, so a short last batch keeps the compiled graph's shape."""
+    padding = batch[:1] * max(0, pad_to - len(batch))
+    x = torch.stack([tokens[s:e] for s, _, e in batch + padding]).to(device, non_blocking=True)
+    y = torch.stack([tokens[s + 1:e + 1] for s, _, e in batch + padding]).to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        losses = loss_fn(x, y).double()
+    bounds = torch.tensor([(s, f) for s, f, _ in batch] + [(s, e + 1) for s, _, e in padding], device=device)
+    index = bounds[:, :1] + torch.arange(x.size(1), device=device)
+    return losses, torch.where(index >= bounds[:, 1:], index, -1)
+
+
 @torch.no_grad()
 def evaluate_bpb(loss_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
                  rank: int, world_size: int, device: torch.device) -> tuple[float, float]:
     """Return (mean loss in nats per token, bits per byte). loss_fn(x, y) gives per-token losses."""
     num_targets = val_tokens.size - 1
-    windows = sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride)
-    mine = windows[rank::world_size]
+    mine = sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride)[rank::world_size]
     tokens = torch.from_numpy(val_tokens.astype(np.int64))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    scored = torch.zeros((), dtype=torch.float64, device=device)
-    byte_sum = 0.0
+    sums = ScoreSums(target_bytes, device)
     for i in range(0, len(mine), h.eval_batch_seqs):
-        batch = mine[i:i + h.eval_batch_seqs]
-        # The last batch is padded with copies of its first window to the full batch size: one static shape,
-        # so the compiled eval graph is built once (a second shape would cost another compile).
-        padded = batch + batch[:1] * (h.eval_batch_seqs - len(batch)) if len(mine) > h.eval_batch_seqs else batch
-        x = torch.stack([tokens[s:e] for s, _, e in padded]).to(device, non_blocking=True)
-        y = torch.stack([tokens[s + 1:e + 1] for s, _, e in padded]).to(device, non_blocking=True)
+        # all batches padded to the full size (unless there is only one): one static shape, one compile
+        pad_to = h.eval_batch_seqs if len(mine) > h.eval_batch_seqs else 0
+        sums.add(*score_windows(loss_fn, tokens, mine[i:i + h.eval_batch_seqs], device, pad_to))
+    return sums.result(world_size)
+
+
+# Test-time training (TTT_MODE), "score first": every target is scored once, and trained on only after that.
+# Both modes take a `trace(kind, index, losses, lora)` for the tests, called with ("score", global target indices
+# (−1: context), their float64 losses) after every scoring pass and ("update", the indices of the targets whose
+# loss it follows, None) just before every step; `lora` is the BatchedLoRA in use, or None.
+
+class EvalGuard:
+    """When TTT stops adapting. It stops for good once the elapsed eval time, plus the last adaptation's duration,
+    plus twice the time that scoring the remaining targets takes at the measured pace, would reach
+    EVAL_BUDGET_SECONDS; what is left is then scored with the weights of that moment, so every target is still
+    scored inside the budget. Twice, because the pace comes from earlier units and later ones may be slower; the
+    first unit (a chunk, or a batch of documents) is not measured, since it includes compilation."""
+
+    def __init__(self, h: Hyperparameters, targets: int, device: torch.device, world_size: int, clock, start: float):
+        self.budget, self.targets, self.device, self.world_size = h.eval_budget_seconds, targets, device, world_size
+        self.clock, self.start = clock, start
+        self.scored, self.measured, self.score_s, self.adapt_s, self.stopped = 0, 0, 0.0, 0.0, False
+
+    def now(self) -> float:
+        synchronize(self.device)
+        return self.clock()
+
+    def elapsed(self) -> float:
+        return self.now() - self.start
+
+    def scored_unit(self, seconds: float, targets: int) -> None:
+        if self.scored:
+            self.score_s, self.measured = self.score_s + seconds, self.measured + targets
+        self.scored += targets
+
+    def allows(self, log, collective: bool) -> bool:
+        """Whether to adapt on what was just scored; `collective` when every rank asks at the same point."""
+        pace = self.score_s / self.measured if self.measured else 0.0
+        needed = self.elapsed() + self.adapt_s + 2 * pace * (self.targets - self.scored)
+        stop = torch.tensor(float(self.stopped or needed >= self.budget), device=self.device)
+        if collective and self.world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+        if stop.item() and not self.stopped:
+            self.stopped = True
+            log(f"ttt_time_guard:adaptation_stopped elapsed:{self.elapsed():.1f}s budget:{self.budget:.0f}s "
+                f"rank0_targets_left:{self.targets - self.scored}")
+        return not self.stopped
+
+
+def log_progress(log, sums: ScoreSums, guard: EvalGuard, unit: int, units: int) -> None:
+    loss_sum, scored, byte_sum = sums.sums.tolist()
+    log(f"ttt_progress:{unit}/{units} rank0_targets:{int(scored)} rank0_bpb:{loss_sum / math.log(2) / max(byte_sum, 1):.4f} "
+        f"elapsed:{guard.elapsed():.1f}s adapting:{int(not guard.stopped)}")
+
+
+def cosine_lr(peak: float, i: int, n: int) -> float:
+    return peak * 0.5 * (1 + math.cos(math.pi * i / n))
+
+
+def sgd_step(model: GPT, opt, lr: float, train_fn, tokens: torch.Tensor, first: int, end: int, h: Hyperparameters,
+             rank: int, world_size: int, device: torch.device, trace) -> None:
+    """One step on the mean loss of targets [first, end), in sequences of EVAL_SEQ_LEN: each rank takes every
+    world_size-th sequence, and the gradients are averaged over the ranks, so every rank takes the same step."""
+    if trace:
+        trace("update", torch.arange(first, end), None, None)
+    spans = [(s, min(s + h.eval_seq_len, end)) for s in range(first, end, h.eval_seq_len)][rank::world_size]
+    for n in sorted({e - s for s, e in spans}):
+        starts = [s for s, e in spans if e - s == n]
+        x = torch.stack([tokens[s:s + n] for s in starts]).to(device)
+        y = torch.stack([tokens[s + 1:s + n + 1] for s in starts]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = loss_fn(x, y)[:len(batch)].double()
-        positions = torch.arange(x.size(1), device=device)
-        first = torch.tensor([f - s for s, f, _ in batch], device=device)
-        keep = positions[None, :] >= first[:, None]
-        loss_sum += losses[keep].sum()
-        scored += keep.sum()
-        byte_sum += float(sum(target_bytes[f:e].sum() for _, f, e in batch))
-    totals = torch.stack([loss_sum, scored, torch.tensor(byte_sum, dtype=torch.float64, device=device)])
-    if world_size > 1:
-        dist.all_reduce(totals)
-    loss_sum, scored, byte_sum = totals.tolist()
-    if int(scored) != num_targets:
-        raise RuntimeError(f"scored {int(scored)} of {num_targets} validation targets")
-    return loss_sum / scored, loss_sum / math.log(2) / byte_sum
+            loss = train_fn(x, y)
+        (loss * (world_size * x.numel() / (end - first))).backward()  # a share of the sum; the reduction averages
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # a rank without a sequence still joins the reduction
+    for group in opt.param_groups:
+        group["lr"] = lr
+    optimizer_step(model, [opt], h.ttt_grad_clip, world_size)
+
+
+def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
+            rank: int, world_size: int, device: torch.device, log, start: float, clock=time.perf_counter,
+            trace=None) -> tuple[float, float]:
+    """Whole-model TTT: the plain score's sliding windows, in chunks of about TTT_CHUNK_TOKENS targets cut at window
+    ends (so LR 0 gives the plain score). Each chunk is scored under no_grad, then the whole model takes
+    TTT_EPOCHS SGD steps on that chunk alone (cosine LR over the chunks); every earlier chunk was trained on right
+    after it was scored, so by then the model has had every scored chunk, and no target is trained on before it
+    is scored. The last chunk is not trained on. The model is adapted in place: main() runs this last."""
+    num_targets = val_tokens.size - 1
+    chunks, current = [], []
+    for window in sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride):
+        current.append(window)
+        if window[2] - current[0][1] >= h.ttt_chunk_tokens:
+            chunks.append(current)
+            current = []
+    chunks += [current] if current else []
+    tokens = torch.from_numpy(val_tokens.astype(np.int64))
+    sums, guard = ScoreSums(target_bytes, device), EvalGuard(h, num_targets, device, world_size, clock, start)
+    opt = torch.optim.SGD(model.parameters(), lr=h.ttt_lr, momentum=h.ttt_momentum)
+    for i, chunk in enumerate(chunks):
+        t0, mine = guard.now(), chunk[rank::world_size]
+        with torch.no_grad():
+            for j in range(0, len(mine), h.eval_batch_seqs):
+                losses, index = score_windows(score_fn, tokens, mine[j:j + h.eval_batch_seqs], device)
+                sums.add(losses, index)
+                if trace:
+                    trace("score", index, losses, None)
+        first, end = chunk[0][1], chunk[-1][2]
+        guard.scored_unit(guard.now() - t0, end - first)
+        if i + 1 < len(chunks) and guard.allows(log, collective=True):
+            t0 = guard.now()
+            for _ in range(h.ttt_epochs):
+                sgd_step(model, opt, cosine_lr(h.ttt_lr, i, len(chunks) - 1), train_fn, tokens, first, end, h,
+                         rank, world_size, device, trace)
+            guard.adapt_s = guard.now() - t0
+        if (i + 1) % h.ttt_log_every == 0 or i + 1 == len(chunks):
+            log_progress(log, sums, guard, i + 1, len(chunks))
+    return sums.result(world_size)
+
+
+LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down")
+
+
+class BatchedLoRA:
+    """Low-rank adapters for a batch of documents: row d of every A (docs, rank, in) and B (docs, out, rank) is
+    document d's own, on each Linear named in LORA_TARGETS and on the head. The model's classes stay as they are:
+    forward hooks add x·A_dᵀ·B_dᵀ·alpha/rank to the adapted Linears' outputs (while `active`), and token_losses
+    adds the head's delta to the tied-embedding logits."""
+
+    def __init__(self, model: GPT, h: Hyperparameters, device: torch.device):
+        docs, rank = h.ttt_batch_docs, h.ttt_lora_rank
+        self.model, self.scale, self.active = model, h.ttt_lora_alpha / rank, False
+        linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(LORA_TARGETS)]
+        shapes = [(m.in_features, m.out_features) for m in linears] + [model.tok_emb.weight.shape[::-1]]
+        generator = torch.Generator().manual_seed(h.seed)  # A as nn.Linear initialises a weight; B = 0: the base model
+        self.A = [((torch.rand(docs, rank, i, generator=generator) * 2 - 1) * i ** -0.5).to(device).requires_grad_()
+                  for i, _ in shapes]
+        self.B = [torch.zeros(docs, o, rank, device=device, requires_grad=True) for _, o in shapes]
+        self.handles = [m.register_forward_hook(lambda _m, inputs, out, i=i: out + self.delta(i, inputs[0]) if self.active else out)
+                        for i, m in enumerate(linears)]
+
+    def delta(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A[i].transpose(1, 2)) @ self.B[i].transpose(1, 2) * self.scale
+
+    def token_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.hidden(x)
+        logits = F.linear(hidden, self.model.tok_emb.weight.to(hidden.dtype)) + self.delta(-1, hidden)
+        logits = self.model.logit_softcap * torch.tanh(logits.float() / self.model.logit_softcap)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: list, lengths: list, h: Hyperparameters,
+                     sums: ScoreSums, guard: EvalGuard, adapt: bool, trace) -> tuple[float, float]:
+    """Score a batch of documents TTT_CHUNK targets at a time, all documents side by side: each chunk is scored
+    first, in a window of the ≤ EVAL_SEQ_LEN tokens of the same document up to the chunk's end, then (if `adapt`)
+    one Adam step on that chunk's loss. Each document's loss is its own mean, nothing is clipped and Adam is
+    elementwise, so no document's adapters see another's tokens. Returns (scoring, adapting) seconds."""
+    device = tokens.device
+    first, length = torch.tensor(starts, device=device)[:, None], torch.tensor(lengths, device=device)[:, None]
+    with torch.no_grad():
+        for b in lora.B:
+            b.zero_()
+    opt = torch.optim.AdamW(lora.A + lora.B, lr=h.ttt_lora_lr, betas=(0.0, 0.99), weight_decay=h.ttt_lora_wd)
+    chunks, score_s, adapt_s = -(-max(lengths) // h.ttt_chunk), 0.0, 0.0
+    for j in range(chunks):
+        end = (j + 1) * h.ttt_chunk
+        pos = torch.arange(max(0, end - h.eval_seq_len), end, device=device)  # input positions in the document
+        index, inside = first + pos, pos < length  # input i predicts target i
+        gather = index.clamp_max(tokens.numel() - 2)
+        x, y = torch.where(inside, tokens[gather], 0), torch.where(inside, tokens[gather + 1], 0)
+        scored = inside & (pos >= end - h.ttt_chunk)
+        t0 = guard.now()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses = loss_fn(x, y)
+        record, index = torch.where(scored, losses.detach().double(), 0), torch.where(scored, index, -1)
+        sums.add(record, index)
+        if trace:
+            trace("score", index, record, lora)
+        t1 = guard.now()
+        score_s += t1 - t0
+        if adapt and j + 1 < chunks:
+            if trace:
+                trace("update", index, None, lora)
+            (losses * scored / scored.sum(1, keepdim=True).clamp_min(1)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            adapt_s += guard.now() - t1
+    return score_s, adapt_s
+
+
+def document_spans(val_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(first target, number of targets) of each document. A document starts at a BOS (or at the stream's start)
+    and its targets run up to and including the next BOS, which it predicts from its own tokens."""
+    num_targets = val_tokens.size - 1
+    starts = np.union1d([0], np.flatnonzero(val_tokens[:num_targets] == BOS_ID))
+    return starts, np.diff(np.append(starts, num_targets))
+
+
+def phase_cuts(h: Hyperparameters) -> list[int]:
+    try:
+        return sorted({int(p) for p in h.ttt_phase_docs.split(",") if p.strip()})
+    except ValueError:
+        raise SystemExit(f"TTT_PHASE_DOCS={h.ttt_phase_docs!r} must be document counts separated by commas") from None
+
+
+def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
+             rank: int, world_size: int, device: torch.device, log, start: float, clock=time.perf_counter,
+             trace=None) -> tuple[float, float]:
+    """Phased LoRA TTT. The documents are cut into segments at the TTT_PHASE_DOCS counts, in the validation set's
+    own order (a frozen shuffle). Within a segment they are sorted by length, longest first, dealt out to the ranks,
+    and scored TTT_BATCH_DOCS at a time by lora_score_batch; B starts at 0 for every document, A carries over from
+    the batch before, on each rank (so with LoRA LR > 0 the scores depend on the number of ranks). After every
+    segment but the last, all ranks run a global phase: one epoch of SGD on the base weights over every target of
+    the segments scored so far, in steps of TTT_CHUNK_TOKENS. score_fn is not used (the same signature as ttt_sgd)."""
+    starts, lengths = document_spans(val_tokens)
+    bounds = [0] + [c for c in phase_cuts(h) if c < len(starts)] + [len(starts)]
+    segments = [sorted(range(a, b), key=lambda d: (-lengths[d], d))[rank::world_size] for a, b in zip(bounds, bounds[1:])]
+    guard = EvalGuard(h, int(sum(lengths[d] for docs in segments for d in docs)), device, world_size, clock, start)
+    tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(device)
+    sums, lora, size = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), h.ttt_batch_docs
+    loss_fn = torch.compile(lora.token_losses) if h.compile and device.type == "cuda" else lora.token_losses
+    units, unit = sum(-(-len(docs) // size) for docs in segments), 0
+    try:
+        for k, docs in enumerate(segments):
+            for i in range(0, len(docs), size):
+                batch, pad = docs[i:i + size], [0] * (size - len(docs[i:i + size]))  # a fixed shape for compile
+                adapt = guard.allows(log, collective=False)
+                model.requires_grad_(False)
+                lora.active = True
+                score_s, adapt_s = lora_score_batch(lora, loss_fn, tokens, starts[batch].tolist() + pad,
+                                                    lengths[batch].tolist() + pad, h, sums, guard, adapt, trace)
+                lora.active = False
+                guard.scored_unit(score_s, int(lengths[batch].sum()))
+                if adapt:
+                    guard.adapt_s = adapt_s
+                unit += 1
+                if unit % h.ttt_log_every == 0 or unit == units:
+                    log_progress(log, sums, guard, unit, units)
+            if k + 1 < len(segments) and guard.allows(log, collective=True):
+                model.requires_grad_(True)
+                t0, end = guard.now(), int(starts[bounds[k + 1]])
+                opt = torch.optim.SGD(model.parameters(), lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
+                steps = range(0, end, h.ttt_chunk_tokens)
+                for step, first in enumerate(steps):
+                    sgd_step(model, opt, cosine_lr(h.ttt_phase_lr, step, len(steps)), train_fn, tokens, first,
+                             min(first + h.ttt_chunk_tokens, end), h, rank, world_size, device, trace)
+                guard.adapt_s = guard.now() - t0
+                log(f"ttt_phase:{k + 1} docs:{bounds[k + 1]} targets:{end} time:{guard.adapt_s:.1f}s")
+    finally:
+        for handle in lora.handles:
+            handle.remove()
+        model.requires_grad_(True)
+    return sums.result(world_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1224,10 +1514,12 @@ def evaluate_bpb(loss_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: H
 # ----------------------------------------------------------------------------------------------------
 
 class Logger:
-    """Rank 0 writes each line to stdout and to logs/<RUN_ID>.txt, flushed at once so a crash loses nothing."""
+    """Rank 0 writes each line to stdout and to logs/<RUN_ID>.txt (logs/<RUN_ID>_eval.txt with TTT_EVAL_ONLY, so
+    the training run's log is kept), flushed at once so a crash loses nothing."""
 
     def __init__(self, h: Hyperparameters, rank: int):
-        self.path = os.path.join(h.output_dir, "logs", f"{h.run_id}.txt") if rank == 0 else None
+        name = f"{h.run_id}_eval" if h.ttt_eval_only else h.run_id
+        self.path = os.path.join(h.output_dir, "logs", f"{name}.txt") if rank == 0 else None
         if self.path:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             open(self.path, "w").close()
@@ -1301,12 +1593,12 @@ def forward_backward(loss_fn, loader: DistributedTokenLoader, h: Hyperparameters
     return total / accum_steps
 
 
-def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters, world_size: int) -> None:
-    """Average the gradients across ranks, clip, step every optimizer, clear the gradients."""
+def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_size: int) -> None:
+    """Average the gradients across ranks, clip their global norm (0 = no clip), step every optimizer, clear them."""
     params = [p for p in model.parameters() if p.grad is not None]
     all_reduce_mean([p.grad for p in params], world_size)
-    if h.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:
@@ -1316,7 +1608,7 @@ def optimizer_step(model: nn.Module, optimizers: list, h: Hyperparameters, world
 def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
                accum_steps: int, world_size: int, device: torch.device) -> torch.Tensor:
     loss = forward_backward(loss_fn, loader, h, accum_steps, world_size, device)
-    optimizer_step(model, optimizers, h, world_size)
+    optimizer_step(model, optimizers, h.grad_clip_norm, world_size)
     return loss
 
 
@@ -1514,59 +1806,25 @@ def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, 
 def load_artifact(path: str, model: GPT) -> None:
     """Overwrite every tensor of `model` with the artifact's: what is scored comes from its bytes alone."""
     with open(path, "rb") as f:
-        quantized = deserialize_quantized(decompress_artifact(f.read()))
-    mismatched = set(model.state_dict()) ^ set(quantized)
+        state = dequantize_state_dict(deserialize_quantized(decompress_artifact(f.read())))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    mismatched = sorted(set(expected) ^ set(state)) or [f"{n} {tuple(t.shape)} != {expected[n]}" for n, t in state.items()
+                                                        if tuple(t.shape) != expected[n]]
     if mismatched:
-        raise ArtifactError(f"artifact tensors do not match the model the hyperparameters describe: {sorted(mismatched)[:5]}")
+        raise ArtifactError(f"artifact tensors do not match the model the hyperparameters describe: {mismatched[:5]}")
     with torch.no_grad():
         for p in model.state_dict().values():
             p.fill_(float("nan"))  # anything the load missed would poison the score, not pass silently
-    model.load_state_dict(dequantize_state_dict(quantized))
+    model.load_state_dict(state)
 
 
-def main() -> None:
-    h = Hyperparameters.from_env()
-    if h.quant_method not in ("rtn", "gptq") or h.gptq_block < 1:
-        raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, and GPTQ_BLOCK={h.gptq_block} at least 1")
-    rank, world_size, device = setup_distributed()
-    log = Logger(h, rank)
-    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
-    log(f"world_size:{world_size} device:{device} torch:{torch.__version__} "
-        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'}")
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-
-    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    val_tokens = load_validation_tokens(h.data_path, h.val_tokens_limit)
-    check_token_range(val_tokens, h.vocab_size, f"validation shards in {h.data_path}")
-    check_token_range(read_shard(shard_paths(h.data_path, "train")[0]), h.vocab_size, f"first train shard in {h.data_path}")
-    caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
-    if h.caseops_enabled:
-        target_bytes = load_validation_byte_counts(h.data_path, val_tokens.size)[1:]
-    elif caseops_tokenizer:
-        raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
-                         f"counts the original bytes (its operator pieces are not text)")
-    else:
-        target_bytes = target_byte_counts(val_tokens, token_byte_tables(sp))
-    log(f"val_tokens:{val_tokens.size - 1} val_bytes:{int(target_bytes.sum())} "
-        f"byte_counts:{'sidecar' if h.caseops_enabled else 'pieces'} caseops_tokenizer:{int(caseops_tokenizer)}")
-
-    model = GPT(h).to(device)
-    use_device_paths(model, h, device)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} fused_ce:{model.fused_ce}")
+def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, rank: int, world_size: int,
+                     device: torch.device, log) -> tuple[str, int]:
+    """Train, save the EMA weights, score them, export the artifact; return its path and the submission's bytes."""
     optimizers = build_optimizers(model, h, rank, world_size, device)
     ema = EMA(model, h.ema_decay)
     accum_steps = derive_grad_accum_steps(h, world_size)
     log(f"grad_accum_steps:{accum_steps} micro_batch_tokens:{h.train_batch_tokens // (world_size * accum_steps)}")
-    train_loss_fn = torch.compile(model) if h.compile and device.type == "cuda" else model
-    eval_loss_fn = torch.compile(model.token_losses) if h.compile and device.type == "cuda" else model.token_losses
-
-    def evaluate() -> tuple[float, float]:
-        model.eval()
-        result = evaluate_bpb(eval_loss_fn, val_tokens, target_bytes, h, rank, world_size, device)
-        model.train()
-        return result
-
     if h.compile and device.type == "cuda":
         warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log)
     steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate)
@@ -1583,7 +1841,6 @@ def main() -> None:
         f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
 
     artifact_path, model_bytes = export_artifact(model, h, rank, world_size, log, hessians)
-    hessians = None  # free them before the final evaluation
     code_bytes = counted_code_bytes(os.path.abspath(__file__))
     total_bytes = code_bytes + model_bytes
     log(f"Serialized model int{h.matrix_bits}+brotli: {model_bytes} bytes")
@@ -1592,13 +1849,80 @@ def main() -> None:
     if total_bytes > h.artifact_limit_bytes:
         log(f"ERROR: total {total_bytes} bytes exceeds the {h.artifact_limit_bytes}-byte limit by "
             f"{total_bytes - h.artifact_limit_bytes} bytes; the artifact is kept at {artifact_path} and still scored")
+    return artifact_path, total_bytes
+
+
+def main() -> None:
+    h = Hyperparameters.from_env()
+    if h.quant_method not in ("rtn", "gptq") or h.gptq_block < 1:
+        raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, and GPTQ_BLOCK={h.gptq_block} at least 1")
+    if h.ttt_mode not in ("none", "sgd", "lora") or min(h.ttt_chunk_tokens, h.ttt_chunk, h.ttt_batch_docs, h.ttt_lora_rank) < 1:
+        raise SystemExit(f"TTT_MODE={h.ttt_mode!r} must be none, sgd or lora, and TTT_CHUNK_TOKENS, TTT_CHUNK, "
+                         f"TTT_BATCH_DOCS and TTT_LORA_RANK at least 1")
+    phase_cuts(h)  # a malformed TTT_PHASE_DOCS is refused now, not after training
+    rank, world_size, device = setup_distributed()
+    log = Logger(h, rank)
+    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
+    log(f"world_size:{world_size} device:{device} torch:{torch.__version__} "
+        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'}")
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    val_tokens = load_validation_tokens(h.data_path, h.val_tokens_limit)
+    check_token_range(val_tokens, h.vocab_size, f"validation shards in {h.data_path}")
+    if not h.ttt_eval_only:  # evaluation reads no training data
+        check_token_range(read_shard(shard_paths(h.data_path, "train")[0]), h.vocab_size, f"first train shard in {h.data_path}")
+    caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+    if h.caseops_enabled:
+        target_bytes = load_validation_byte_counts(h.data_path, val_tokens.size)[1:]
+    elif caseops_tokenizer:
+        raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
+                         f"counts the original bytes (its operator pieces are not text)")
+    else:
+        target_bytes = target_byte_counts(val_tokens, token_byte_tables(sp))
+    log(f"val_tokens:{val_tokens.size - 1} val_bytes:{int(target_bytes.sum())} "
+        f"byte_counts:{'sidecar' if h.caseops_enabled else 'pieces'} caseops_tokenizer:{int(caseops_tokenizer)}")
+
+    model = GPT(h).to(device)
+    use_device_paths(model, h, device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} fused_ce:{model.fused_ce}")
+    train_loss_fn = torch.compile(model) if h.compile and device.type == "cuda" else model
+    eval_loss_fn = torch.compile(model.token_losses) if h.compile and device.type == "cuda" else model.token_losses
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        result = evaluate_bpb(eval_loss_fn, val_tokens, target_bytes, h, rank, world_size, device)
+        model.train()
+        return result
+
+    if h.ttt_eval_only:
+        artifact_path, total_bytes = h.artifact_path or os.path.join(h.output_dir, "final_model.int6.ptz"), 0
+        if not os.path.isfile(artifact_path):
+            raise SystemExit(f"TTT_EVAL_ONLY=1: no artifact at {artifact_path!r}: set ARTIFACT_PATH (or OUTPUT_DIR) "
+                             f"to a run's final_model.int6.ptz")
+        log(f"eval_only_artifact_bytes:{os.path.getsize(artifact_path)} artifact:{artifact_path}")
+    else:
+        artifact_path, total_bytes = train_and_export(model, train_loss_fn, evaluate, h, rank, world_size, device, log)
 
     start = time.perf_counter()
-    load_artifact(artifact_path, model)  # same module, so the compiled eval graph is reused
+    try:
+        load_artifact(artifact_path, model)  # same module, so the compiled eval graph is reused
+    except (OSError, ArtifactError) as exc:
+        raise SystemExit(f"cannot score the artifact {artifact_path!r}: {exc}") from None
+    load_s = time.perf_counter() - start
     val_loss, val_bpb = evaluate()
     eval_ms = 1000 * (time.perf_counter() - start)
     log(f"final_int{h.matrix_bits}_brotli_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
     log(f"final_int{h.matrix_bits}_brotli_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    if h.ttt_mode != "none":
+        # TTT's eval time: the artifact's load and its own work; the plain score above is a separate measurement
+        start = time.perf_counter() - load_s
+        run = ttt_sgd if h.ttt_mode == "sgd" else ttt_lora
+        val_loss, val_bpb = run(model, eval_loss_fn, train_loss_fn, val_tokens, target_bytes, h, rank, world_size,
+                                device, log, start)
+        log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
+            f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
     if world_size > 1:
         dist.destroy_process_group()
     if total_bytes > h.artifact_limit_bytes:

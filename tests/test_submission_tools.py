@@ -184,6 +184,32 @@ def test_parser_keeps_known_fields_when_a_newer_script_logs_more(tmp_path):
     assert bench_summary.summarise(str(p))["ms_per_step"] == 144.7  # needs model_params
 
 
+def test_a_ttt_run_is_scored_by_its_ttt_line(tmp_path):
+    """With TTT_MODE set, the score is the legal_ttt_exact line after the round trip: the run is unfinished
+    without it, and its eval time is the one the packager checks and reports."""
+    lines = read_lines(QUALITY)
+    lines[0] += " ttt_mode=sgd"
+    roundtrip = lines[:]
+    lines += ["ttt_progress:10/10 rank0_targets:959012 rank0_bpb:1.0950 elapsed:300.5s adapting:1",
+              "legal_ttt_exact val_loss:2.26000000 val_bpb:1.09000000 eval_time:300512ms"]
+    p, cut = tmp_path / "ttt.txt", tmp_path / "ttt_cut.txt"
+    p.write_text("\n".join(lines) + "\n")
+    cut.write_text("\n".join(roundtrip) + "\n")
+    log = logparse.parse_log(str(p))
+    assert log.ttt and log.finished and log.unknown_lines == []
+    assert (log.val_loss, log.val_bpb, log.score_eval_ms) == (2.26, 1.09, 300512)
+    assert (log.final_exact_val_bpb, log.final_eval_ms) == (1.10675416, 11869)
+    assert log.summary()["val_bpb"] == 1.09 and log.to_dict()["score_eval_ms"] == 300512
+    assert package_record.log_problems(log) == []
+    assert package_record.seed_result(log, "ttt.txt", None)["eval_time_s"] == 300.512
+    assert bench_summary.summarise(str(p))["ttt_bpb"] == "1.09000000"
+    died = logparse.parse_log(str(cut))  # the round trip is there, the TTT score is not
+    assert not died.finished and died.val_bpb is None and died.val_loss is None
+    assert "unfinished run" in package_record.log_problems(died)[0]
+    p.write_text(p.read_text().replace("eval_time:300512ms", "eval_time:600001ms"))
+    assert any("final evaluation took 600.0 s" in e for e in package_record.log_problems(logparse.parse_log(str(p))))
+
+
 def test_parser_tolerates_interrupted_logs(tmp_path):
     lines = read_lines(QUALITY)
     cut = lines.index(next(l for l in lines if l.startswith("step:600/")))

@@ -79,7 +79,7 @@ def main() -> None:
         tg.forward_backward(loss_fn, loader, h, 1, 1, device)
         if marks:
             marks[1].record()
-        tg.optimizer_step(model, optimizers, h, 1)
+        tg.optimizer_step(model, optimizers, h.grad_clip_norm, 1)
         ema.update(model)
         if marks:
             marks[2].record()

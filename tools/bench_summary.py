@@ -42,7 +42,8 @@ def summarise(path):
               ("pre_quant_eval_s", log.pre_quant_eval_ms, None), ("quant_compress_s", log.quantize_compress_s, "{:.1f}"),
               ("model_bytes", log.model_bytes, "{}"), ("code_bytes", log.code_bytes, "{}"),
               ("total_bytes", log.total_bytes, "{}"), ("roundtrip_eval_s", log.final_eval_ms, None),
-              ("roundtrip_bpb", log.final_exact_val_bpb, "{:.8f}"))
+              ("roundtrip_bpb", log.final_exact_val_bpb, "{:.8f}"), ("ttt_eval_s", log.ttt_eval_ms, None),
+              ("ttt_bpb", log.ttt_val_bpb, "{:.8f}"))
     for key, value, fmt in fields:
         if value is not None:
             out[key] = round(value / 1000, 1) if fmt is None else fmt.format(value)

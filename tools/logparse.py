@@ -10,6 +10,10 @@ of our logs raises `LogFormatError` naming the file and what is wrong. A newer t
 does not break the tools: `key:value` fields added to a known line, or lines made only of such fields, go to
 `RunLog.extras`; any other line it does not know is kept in `RunLog.unknown_lines`. The last line of a file
 that does not end in a newline was cut mid-write and is not parsed (it goes to `unknown_lines`).
+
+The run's score (`val_bpb`, `val_loss`, `score_eval_ms`) is the exact round trip of the artifact, or, in a run
+with TTT_MODE sgd or lora, the test-time-training score that follows it (`legal_ttt_exact`): such a run is
+finished only once that line is written.
 """
 from __future__ import annotations
 
@@ -87,15 +91,23 @@ class RunLog:
     final_eval_ms: Optional[float] = None
     final_exact_val_loss: Optional[float] = None  # 8 decimals, from the last line of a finished run
     final_exact_val_bpb: Optional[float] = None
+    ttt_val_loss: Optional[float] = None  # 8 decimals, from the legal_ttt_exact line of a TTT_MODE run
+    ttt_val_bpb: Optional[float] = None
+    ttt_eval_ms: Optional[float] = None
     extras: dict = field(default_factory=dict)  # key:value fields this parser has no slot for (e.g. fused_ce)
     truncated_last_line: bool = False  # the file does not end with a newline: cut mid-write; that line is not parsed
     unknown_lines: list = field(default_factory=list)  # (line number, text)
 
     # ---- derived values ----
     @property
+    def ttt(self) -> bool:
+        """The run scores with test-time training (TTT_MODE sgd or lora), after the plain round trip."""
+        return self.hparams.get("ttt_mode", "none") != "none"
+
+    @property
     def finished(self) -> bool:
-        """A finished run ends with the exact round-trip score."""
-        return self.final_exact_val_bpb is not None
+        """A finished run ends with its score: the exact round trip, then the TTT score when TTT_MODE is set."""
+        return self.final_exact_val_bpb is not None and (self.ttt_val_bpb is not None or not self.ttt)
 
     @property
     def seed(self):
@@ -107,13 +119,19 @@ class RunLog:
 
     @property
     def val_bpb(self) -> Optional[float]:
-        """The run's score: the exact round-trip val_bpb (None if the run did not finish)."""
-        return self.final_exact_val_bpb
+        """The run's score: the TTT val_bpb in a TTT run, else the exact round trip's (None until it is logged)."""
+        return self.ttt_val_bpb if self.ttt else self.final_exact_val_bpb
 
     @property
     def val_loss(self) -> Optional[float]:
-        """Nats per token of the scored artifact (None if the run did not finish)."""
-        return self.final_exact_val_loss
+        """Nats per token of the score (None until it is logged)."""
+        return self.ttt_val_loss if self.ttt else self.final_exact_val_loss
+
+    @property
+    def score_eval_ms(self) -> Optional[float]:
+        """How long the evaluation that gave the score took: the TTT line's eval_time in a TTT run (artifact load
+        included), else the round trip's."""
+        return self.ttt_eval_ms if self.ttt else self.final_eval_ms
 
     @property
     def steps(self) -> Optional[int]:
@@ -144,12 +162,13 @@ class RunLog:
 
     def summary(self) -> dict:
         keys = ("path", "run_id", "seed", "finished", "steps", "train_time_ms", "pre_quant_val_bpb", "val_loss",
-                "val_bpb", "final_eval_ms", "model_bytes", "code_bytes", "total_bytes", "world_size", "device")
+                "val_bpb", "final_eval_ms", "final_exact_val_bpb", "score_eval_ms", "model_bytes", "code_bytes", "total_bytes", "world_size", "device")
         return {k: getattr(self, k) for k in keys}
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(finished=self.finished, steps=self.steps, train_time_ms=self.train_time_ms)
+        d.update(finished=self.finished, steps=self.steps, train_time_ms=self.train_time_ms, val_bpb=self.val_bpb,
+                 val_loss=self.val_loss, score_eval_ms=self.score_eval_ms)
         return d
 
 
@@ -200,6 +219,7 @@ _PATTERNS = [
     ("error", re.compile(r"^ERROR: (.*)$")),
     ("final", re.compile(rf"^final_(\S+)_roundtrip val_loss:{_NUM} val_bpb:{_NUM} eval_time:([\d.]+)ms" + _END)),
     ("final_exact", re.compile(rf"^final_(\S+)_roundtrip_exact val_loss:{_NUM} val_bpb:{_NUM}" + _END)),
+    ("ttt", re.compile(rf"^legal_ttt_exact val_loss:{_NUM} val_bpb:{_NUM} eval_time:([\d.]+)ms" + _END)),
 ]
 _FIELD = re.compile(r"^([A-Za-z_][\w.]*):(\S+)$")
 
@@ -240,6 +260,8 @@ def _apply(log: RunLog, kind: str, g: tuple) -> None:
         log.final_label, log.final_val_loss, log.final_val_bpb, log.final_eval_ms = g[0], float(g[1]), float(g[2]), float(g[3])
     elif kind == "final_exact":
         log.final_label, log.final_exact_val_loss, log.final_exact_val_bpb = g[0], float(g[1]), float(g[2])
+    elif kind == "ttt":
+        log.ttt_val_loss, log.ttt_val_bpb, log.ttt_eval_ms = float(g[0]), float(g[1]), float(g[2])
 
 
 def parse_text(text: str, path: str = "<text>") -> RunLog:

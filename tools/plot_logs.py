@@ -5,8 +5,8 @@
 
 Four panels: train loss by step, train loss by training time (the timed loop's clock, without evaluation),
 val_bpb by step and by training time. val_bpb points come from VAL_LOSS_EVERY lines, the pre-quantization
-EMA score (circle) and the final round-trip score of the artifact (star) at the run's last step. The train
-loss axis is logarithmic so the late, flat part stays readable. Unfinished runs are plotted as far as they
+EMA score (circle) and the run's score (star: the artifact's round trip, or its TTT score) at the last step.
+The train loss axis is logarithmic so the late, flat part stays readable. Unfinished runs are plotted as far as they
 got and marked "(unfinished)" in the legend. The image is WIDTH×HEIGHT inches at DPI, exactly (no cropping).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def plot(paths: list[str], out: str, title: str | None = None, size=(12.0, 8.0),
             ax_bs.plot([v[0] for v in vs], [v[2] for v in vs], color=c, marker=".", lw=1.2, label=label)
             ax_bt.plot([v[1] for v in vs], [v[2] for v in vs], color=c, marker=".", lw=1.2, label=label)
         end_step, end_s = log.steps, (log.train_time_ms or 0) / 1000
-        for value, marker, what in ((log.pre_quant_val_bpb, "o", "pre-quant EMA"), (log.val_bpb, "*", "round trip")):
+        for value, marker, what in ((log.pre_quant_val_bpb, "o", "pre-quant EMA"), (log.val_bpb, "*", "score")):
             if value is not None and end_step is not None:
                 kw = dict(color=c, marker=marker, ms=9, ls="none", mfc="none" if marker == "o" else c, zorder=3)
                 ax_bs.plot([end_step], [value], **kw)
@@ -61,8 +61,8 @@ def plot(paths: list[str], out: str, title: str | None = None, size=(12.0, 8.0),
                                fontsize=8, color=c)
     ax_ls.set(title="train loss by step", xlabel="step", ylabel="train loss (nats/token)", yscale="log")
     ax_lt.set(title="train loss by training time", xlabel="training time (s)", ylabel="train loss (nats/token)", yscale="log")
-    ax_bs.set(title="val_bpb by step (o pre-quant EMA, * artifact round trip)", xlabel="step", ylabel="val_bpb")
-    ax_bt.set(title="val_bpb by training time (o pre-quant EMA, * round trip)", xlabel="training time (s)", ylabel="val_bpb")
+    ax_bs.set(title="val_bpb by step (o pre-quant EMA, * score of the artifact)", xlabel="step", ylabel="val_bpb")
+    ax_bt.set(title="val_bpb by training time (o pre-quant EMA, * score)", xlabel="training time (s)", ylabel="val_bpb")
     for ax in (ax_ls, ax_lt):
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))

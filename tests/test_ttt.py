@@ -1,0 +1,399 @@
+"""Test-time training at evaluation (TTT_MODE=sgd|lora): score first, proved by replaying the traced model states;
+every target scored once with the byte total of the set; documents independent in LoRA mode; LR 0 gives the
+plain score; 2 gloo ranks equal 1 process; TTT_EVAL_ONLY on a saved smoke artifact; the time guard."""
+import math
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train_gpt as tg
+from conftest import REPO, run_script
+
+if os.path.join(REPO, "tools") not in sys.path:
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+import logparse  # noqa: E402
+
+CPU = torch.device("cpu")
+SCRIPT = os.path.join(REPO, "train_gpt.py")
+TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=4, eval_seq_len=16,
+            eval_stride=4, eval_batch_seqs=3, ttt_chunk_tokens=22, ttt_chunk=5, ttt_batch_docs=3, ttt_lora_rank=4,
+            ttt_lora_alpha=8.0, ttt_phase_docs="3,6", ttt_lr=0.05, ttt_lora_lr=0.01, ttt_phase_lr=0.02, ttt_epochs=2,
+            compile=False, ttt_log_every=1000)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models here are tiny: a second thread only waits on the first (and on a busy machine, much longer)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_h(**overrides) -> tg.Hyperparameters:
+    return tg.Hyperparameters(**{**TINY, **overrides})
+
+
+def tiny_model(h: tg.Hyperparameters) -> tg.GPT:
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # the zero-initialised projections too: every adapter matters
+    return model
+
+
+def tiny_stream(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens and per-target bytes. "docs": 4 tokens before the first BOS, a 40-token document (longer than the
+    16-token context), single-token documents (a BOS right before the next BOS), a final BOS as the last target.
+    "plain": 53 tokens and no BOS at all: one document, longer than the context, chunks that do not divide it."""
+    rng = np.random.default_rng(1)
+    if kind == "plain":
+        stream = list(rng.integers(2, 64, 53))
+    else:
+        stream = list(rng.integers(2, 64, 4))
+        for length in (7, 1, 40, 12, 3, 25, 9, 1, 18, 5):
+            stream += [tg.BOS_ID] + list(rng.integers(2, 64, length - 1))
+        stream += [tg.BOS_ID]
+    tokens = np.array(stream, dtype=np.uint16)
+    return tokens, rng.integers(0, 5, tokens.size - 1)
+
+
+def run_ttt(mode, model, tokens, target_bytes, h, trace=None, log=None, clock=None, rank=0, world_size=1):
+    fn = tg.ttt_sgd if mode == "sgd" else tg.ttt_lora
+    clock = clock or tg.time.perf_counter
+    return fn(model, model.token_losses, model, tokens, target_bytes, h, rank, world_size, CPU,
+              log or (lambda line: None), clock(), clock=clock, trace=trace)
+
+
+class Recorder:
+    """Every trace event, with a copy of the state at that moment: the model's weights and, in LoRA mode, the
+    adapters. Log lines (when passed as `log`) are kept in the same sequence."""
+
+    def __init__(self, model):
+        self.model, self.events = model, []
+
+    def __call__(self, kind, index, losses, lora):
+        weights = [p.detach().clone() for p in self.model.parameters()]
+        adapters = [t.detach().clone() for t in lora.A + lora.B] if lora is not None else None
+        self.events.append((kind, index.clone(), None if losses is None else losses.clone(), weights, adapters))
+
+    def log(self, line):
+        self.events.append(("log", line, None, None, None))
+
+    def scored_targets(self) -> np.ndarray:
+        return np.concatenate([e[1][e[1] >= 0].numpy() for e in self.events if e[0] == "score"])
+
+    def updates(self) -> int:
+        return sum(e[0] == "update" for e in self.events)
+
+
+def check_score_first(rec: Recorder, num_targets: int) -> None:
+    """Every target scored exactly once, and every update follows only targets scored before it."""
+    assert np.array_equal(np.sort(rec.scored_targets()), np.arange(num_targets))
+    seen = np.zeros(num_targets, dtype=bool)
+    for kind, index, *_ in rec.events:
+        if kind == "score":
+            seen[index[index >= 0].numpy()] = True
+        elif kind == "update":
+            assert seen[index[index >= 0].numpy()].all(), "an update used a target before it was scored"
+
+
+def check_totals(rec: Recorder, result, target_bytes) -> None:
+    total = sum(e[2][e[1] >= 0].sum().item() for e in rec.events if e[0] == "score")
+    assert result[0] == pytest.approx(total / target_bytes.size, rel=1e-12)
+    assert result[1] == pytest.approx(total / math.log(2) / target_bytes.sum(), rel=1e-12)
+
+
+def plain_losses(model, weights, tokens, start, end) -> torch.Tensor:
+    """Losses of targets start..end-1 from one forward over tokens[start:end] with the given weights."""
+    with torch.no_grad():
+        saved = [p.detach().clone() for p in model.parameters()]
+        for p, w in zip(model.parameters(), weights):
+            p.copy_(w)
+        t = torch.from_numpy(tokens.astype(np.int64))
+        out = model.token_losses(t[None, start:end], t[None, start + 1:end + 1])[0].double()
+        for p, w in zip(model.parameters(), saved):
+            p.copy_(w)
+    return out
+
+
+def lora_reference_losses(model, weights, adapters, row, scale, tokens, start, end) -> torch.Tensor:
+    """One document's losses under the base weights plus row `row` of each adapter, computed one layer at a time
+    with plain matrices: no batching, no padding, no masks."""
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(tg.LORA_TARGETS)]
+    half = len(adapters) // 2
+    a, b = [t[row] for t in adapters[:half]], [t[row] for t in adapters[half:]]
+    hooks = [m.register_forward_hook(lambda _m, inputs, out, i=i: out + inputs[0] @ a[i].T @ b[i].T * scale)
+             for i, m in enumerate(linears)]
+    saved = [p.detach().clone() for p in model.parameters()]
+    try:
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), weights):
+                p.copy_(w)
+            t = torch.from_numpy(tokens.astype(np.int64))
+            hidden = model.hidden(t[None, start:end])[0]
+            logits = hidden @ model.tok_emb.weight.T + hidden @ a[-1].T @ b[-1].T * scale
+            logits = model.logit_softcap * torch.tanh(logits / model.logit_softcap)
+            return F.cross_entropy(logits, t[start + 1:end + 1], reduction="none").double()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), saved):
+                p.copy_(w)
+
+
+def doc_window(starts, lengths, h, first_target):
+    """The document of a chunk's first scored target, and the chunk's window [start, end) of input positions:
+    the ≤ EVAL_SEQ_LEN tokens of the document up to the chunk's end."""
+    d = int(np.searchsorted(starts, first_target, side="right") - 1)
+    chunk_end = ((first_target - starts[d]) // h.ttt_chunk + 1) * h.ttt_chunk
+    return starts[d] + max(0, chunk_end - h.eval_seq_len), starts[d] + min(chunk_end, lengths[d])
+
+
+@pytest.mark.parametrize("kind", ["docs", "plain"])
+def test_sgd_scores_first_by_replay(kind):
+    """Each recorded loss is the loss, recomputed from scratch, of the weights at the moment of scoring; those
+    weights are the ones the next update starts from (nothing changes them unseen); every target is scored once,
+    before any update that uses it; the totals are the exact sums over the whole set."""
+    h = tiny_h()
+    tokens, target_bytes = tiny_stream(kind)
+    model = tiny_model(h)
+    initial = [p.detach().clone() for p in model.parameters()]
+    rec = Recorder(model)
+    result = run_ttt("sgd", model, tokens, target_bytes, h, trace=rec)
+    check_score_first(rec, tokens.size - 1)
+    check_totals(rec, result, target_bytes)
+    assert rec.updates() > 2 and any(not torch.equal(a, b) for a, b in zip(initial, model.parameters()))
+    scratch = tiny_model(h)
+    for n, (kind_, index, losses, weights, _) in enumerate(rec.events):
+        if kind_ == "update" and rec.events[n - 1][0] == "score":
+            assert all(torch.equal(a, b) for a, b in zip(weights, rec.events[n - 1][3]))
+        if kind_ != "score":
+            continue
+        for row in range(index.size(0)):
+            keep = index[row] >= 0
+            end = int(index[row].max()) + 1
+            replay = plain_losses(scratch, weights, tokens, end - index.size(1), end)
+            assert torch.allclose(replay[keep], losses[row][keep], rtol=0, atol=1e-5)
+    plain = tg.evaluate_bpb(tiny_model(h).token_losses, tokens, target_bytes, h, 0, 1, CPU)
+    assert abs(result[1] - plain[1]) > 1e-4  # it did adapt
+
+
+@pytest.mark.parametrize("kind", ["docs", "plain"])
+def test_lora_scores_first_by_replay(kind):
+    """The same for LoRA TTT and its global phases: each recorded loss equals a from-scratch, one-document
+    computation with the base weights and that document's adapters at the moment of scoring, in a window of the
+    document's own ≤ EVAL_SEQ_LEN tokens up to the chunk's end."""
+    h = tiny_h()
+    tokens, target_bytes = tiny_stream(kind)
+    starts, lengths = tg.document_spans(tokens)
+    model = tiny_model(h)
+    rec = Recorder(model)
+    log_lines = []
+    result = run_ttt("lora", model, tokens, target_bytes, h, trace=rec, log=log_lines.append)
+    check_score_first(rec, tokens.size - 1)
+    check_totals(rec, result, target_bytes)
+    assert rec.updates() > 5 and sum(l.startswith("ttt_phase:") for l in log_lines) == (2 if kind == "docs" else 0)
+    scale = h.ttt_lora_alpha / h.ttt_lora_rank
+    scratch = tiny_model(h)
+    for kind_, index, losses, weights, adapters in rec.events:
+        if kind_ != "score":
+            continue
+        for row in range(index.size(0)):
+            keep = index[row] >= 0
+            if keep.any():
+                targets = index[row][keep]
+                start, end = doc_window(starts, lengths, h, int(targets[0]))
+                assert int(targets[-1]) == end - 1
+                replay = lora_reference_losses(scratch, weights, adapters, row, scale, tokens, start, end)
+                assert torch.allclose(replay[-len(targets):], losses[row][keep], rtol=0, atol=1e-5)
+    assert not any(p.requires_grad is False for p in model.parameters())  # handed back trainable, hooks gone
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_lora_documents_in_a_batch_are_independent():
+    """Changing one document's tokens changes its own scores and no other score in its batch (adapters are per
+    document, windows hold one document); later batches may differ (A carries over, as the protocol says)."""
+    h = tiny_h(ttt_phase_docs="", ttt_batch_docs=4)
+    tokens, target_bytes = tiny_stream("docs")
+    starts, lengths = tg.document_spans(tokens)
+    order = sorted(range(len(starts)), key=lambda d: (-lengths[d], d))
+    first_batch, changed = order[:4], order[1]
+    changed_tokens = tokens.copy()
+    span = slice(starts[changed] + 1, starts[changed] + lengths[changed])  # keep its BOS and the next BOS
+    changed_tokens[span] = (changed_tokens[span] - 2 + 7) % 62 + 2
+
+    def per_target(stream):
+        rec = Recorder(tiny_model(h))
+        run_ttt("lora", rec.model, stream, target_bytes, h, trace=rec)
+        out = np.zeros(stream.size - 1)
+        for kind, index, losses, *_ in rec.events:
+            if kind == "score":
+                keep = index >= 0
+                out[index[keep].numpy()] = losses[keep].numpy()
+        return out
+
+    a, b = per_target(tokens), per_target(changed_tokens)
+    for d in first_batch:
+        same = np.array_equal(a[starts[d]:starts[d] + lengths[d]], b[starts[d]:starts[d] + lengths[d]])
+        assert same == (d != changed), d
+
+
+def test_lr_zero_equals_the_plain_score():
+    """SGD at LR 0 gives the plain sliding-window score; LoRA and its phases at LR 0 give the plain per-document
+    score (each chunk in a window of its document's ≤ EVAL_SEQ_LEN tokens), to float32 rounding."""
+    tokens, target_bytes = tiny_stream("docs")
+    h = tiny_h(ttt_lr=0.0, ttt_lora_lr=0.0, ttt_phase_lr=0.0)
+    model = tiny_model(h)
+    plain = tg.evaluate_bpb(model.token_losses, tokens, target_bytes, h, 0, 1, CPU)
+    assert run_ttt("sgd", model, tokens, target_bytes, h) == pytest.approx(plain, rel=1e-12)
+
+    starts, lengths = tg.document_spans(tokens)
+    total = 0.0
+    for s, n in zip(starts, lengths):
+        for c in range(0, n, h.ttt_chunk):
+            start, end = doc_window(starts, lengths, h, s + c)
+            total += plain_losses(model, list(model.parameters()), tokens, start, end)[-(end - s - c):].sum().item()
+    loss, bpb = run_ttt("lora", model, tokens, target_bytes, h)
+    assert loss == pytest.approx(total / (tokens.size - 1), rel=1e-6)
+    assert bpb == pytest.approx(total / math.log(2) / target_bytes.sum(), rel=1e-6)
+
+
+class StepClock:
+    """A clock that advances one second per reading: the guard's decisions become deterministic."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 1.0
+        return self.t
+
+
+@pytest.mark.parametrize("mode,budget", [("sgd", 20.0), ("lora", 40.0)])
+def test_time_guard_stops_adapting_and_still_scores_everything(mode, budget):
+    tokens, target_bytes = tiny_stream("docs")
+    # no budget: never adapts, and scores exactly as without TTT
+    h = tiny_h(eval_budget_seconds=0.0, ttt_phase_docs="")
+    rec = Recorder(tiny_model(h))
+    result = run_ttt(mode, rec.model, tokens, target_bytes, h, trace=rec, log=rec.log)
+    check_score_first(rec, tokens.size - 1)
+    assert rec.updates() == 0
+    frozen = tiny_h(ttt_lr=0.0, ttt_lora_lr=0.0, ttt_phase_docs="")
+    assert result == pytest.approx(run_ttt(mode, tiny_model(h), tokens, target_bytes, frozen), rel=1e-12)
+    # a budget that runs out on the way: adapts, stops for good, says so once, scores the rest
+    h = tiny_h(eval_budget_seconds=budget)  # clock reads (one second each) run out at the 4th chunk / 2nd batch
+    rec = Recorder(tiny_model(h))
+    run_ttt(mode, rec.model, tokens, target_bytes, h, trace=rec, log=rec.log, clock=StepClock())
+    check_score_first(rec, tokens.size - 1)
+    stops = [n for n, e in enumerate(rec.events) if e[0] == "log" and e[1].startswith("ttt_time_guard:")]
+    assert len(stops) == 1
+    assert any(e[0] == "update" for e in rec.events[:stops[0]])
+    assert not any(e[0] == "update" for e in rec.events[stops[0]:])
+    assert any(e[0] == "score" for e in rec.events[stops[0]:])
+
+
+def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    results = {}
+    for mode, h in two_rank_cases():
+        model = tiny_model(h)
+        results[mode] = run_ttt(mode, model, *tiny_stream("docs"), h, rank=rank, world_size=world_size)
+        results[mode + "_weights"] = [p.detach().clone() for p in model.parameters()]
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def two_rank_cases():
+    # LoRA's adapters at LR 0: A carries over between a rank's own batches, so with LoRA LR > 0 the scores
+    # depend on how documents are dealt out; the phases (base weights, all ranks) and the scoring must not.
+    return [("sgd", tiny_h()), ("lora", tiny_h(ttt_lora_lr=0.0, ttt_phase_lr=0.05))]
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    torch.multiprocessing.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for mode, h in two_rank_cases():
+        model = tiny_model(h)
+        single = run_ttt(mode, model, *tiny_stream("docs"), h)
+        for r in ranks:
+            assert r[mode] == pytest.approx(single, rel=1e-6), mode
+        for a, b, c in zip(ranks[0][mode + "_weights"], ranks[1][mode + "_weights"], model.parameters()):
+            assert torch.equal(a, b)  # the ranks take identical steps
+            assert torch.allclose(a, c.detach(), rtol=0, atol=1e-6)
+    assert ranks[0]["sgd"] != pytest.approx(tg.evaluate_bpb(tiny_model(tiny_h()).token_losses, *tiny_stream("docs"),
+                                                             tiny_h(), 0, 1, CPU), rel=1e-6)
+
+
+def test_document_spans():
+    tokens = np.array([5, 6, 1, 7, 1, 1, 8, 9, 1], dtype=np.uint16)  # 8 targets
+    starts, lengths = tg.document_spans(tokens)
+    assert starts.tolist() == [0, 2, 4, 5] and lengths.tolist() == [2, 2, 1, 3]  # the final BOS starts nothing
+
+
+SMOKE = {"ITERATIONS": "2", "VAL_TOKENS_LIMIT": "512", "BROTLI_QUALITY": "5", "EVAL_SEQ_LEN": "128",
+         "EVAL_STRIDE": "64", "RUN_ID": "smoke"}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    return out, run_script([sys.executable, SCRIPT], SMOKE, str(out))
+
+
+def exact_line(stdout: str, prefix: str) -> str:
+    return next(line for line in stdout.splitlines() if line.startswith(prefix))
+
+
+def test_eval_only_reproduces_the_round_trip_and_scores_with_ttt(smoke_run, tmp_path):
+    """TTT_EVAL_ONLY on the training run's artifact: the same round-trip score to the last digit, then the TTT
+    score as the last line, a log of its own (the training log kept), and no training data read."""
+    out, train_stdout = smoke_run
+    val_only = tmp_path / "val_only"
+    val_only.mkdir()
+    shutil.copy(os.path.join(REPO, "data", "sample", "fineweb_val_000000.bin"), val_only)
+    for mode, extra in (("sgd", {"TTT_CHUNK_TOKENS": "128"}),
+                        ("lora", {"TTT_BATCH_DOCS": "4", "TTT_LORA_RANK": "4", "TTT_CHUNK": "32", "TTT_PHASE_DOCS": "3",
+                                  "TTT_CHUNK_TOKENS": "128"})):
+        env = {**SMOKE, **extra, "TTT_EVAL_ONLY": "1", "TTT_MODE": mode, "DATA_PATH": str(val_only)}
+        stdout = run_script([sys.executable, SCRIPT], env, str(out))
+        roundtrip = "final_int6_brotli_roundtrip_exact"
+        assert exact_line(stdout, roundtrip) == exact_line(train_stdout, roundtrip)
+        assert stdout.strip().splitlines()[-1].startswith("legal_ttt_exact val_loss:")
+        assert "step:" not in stdout and (mode == "sgd" or "ttt_phase:1 docs:3" in stdout)
+        log = logparse.parse_log(str(out / "logs" / "smoke_eval.txt"))
+        assert log.finished and log.ttt and log.val_bpb == log.ttt_val_bpb != log.final_exact_val_bpb
+        assert log.score_eval_ms == log.ttt_eval_ms > 0
+    train_log = logparse.parse_log(str(out / "logs" / "smoke.txt"))
+    assert train_log.finished and not train_log.ttt and train_log.val_bpb == train_log.final_exact_val_bpb
+
+
+def test_eval_only_refuses_a_missing_corrupt_or_mismatched_artifact(smoke_run, tmp_path, monkeypatch):
+    out, _ = smoke_run
+    for key, value in {**SMOKE, "PRESET": "smoke", "OUTPUT_DIR": str(tmp_path), "TTT_EVAL_ONLY": "1"}.items():
+        monkeypatch.setenv(key, value)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit, match="no artifact at"):
+        tg.main()  # OUTPUT_DIR holds none
+    corrupt = tmp_path / "corrupt.ptz"
+    corrupt.write_bytes((out / "final_model.int6.ptz").read_bytes()[:-100])
+    monkeypatch.setenv("ARTIFACT_PATH", str(corrupt))
+    with pytest.raises(SystemExit, match="cannot score the artifact .*corrupt"):
+        tg.main()
+    monkeypatch.setenv("ARTIFACT_PATH", str(out / "final_model.int6.ptz"))
+    for var, value, what in (("NUM_LAYERS", "3", "blocks.3"), ("MODEL_DIM", "64", "tok_emb.weight")):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(SystemExit, match=f"do not match the model the hyperparameters describe.*{what}"):
+            tg.main()
+        monkeypatch.delenv(var)
