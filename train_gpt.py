@@ -1089,13 +1089,14 @@ def deserialize_quantized(payload: bytes) -> dict[str, dict]:
 # rANS (arXiv 1311.2540) for the "q" section: static tables, interleaved lanes, vectorised with NumPy.
 RANS_PROB_BITS = 15  # every table's frequencies sum to 2^15
 RANS_LOW = 1 << 16  # states live in [2^16, 2^32); renormalising 16 bits at a time, a symbol emits at most one word
-RANS_LANES = 1024  # lanes step together: fewer would be slower, more would cost 4 bytes of final state each
+RANS_LANES = 1024  # most lanes stepping together: fewer would be slower, more would cost 4 bytes of final state each
 RANS_TABLE_COUNTS = (1, 2, 4, 8, 16)  # tables per group that the encoder tries
 RANS_LLOYD_STEPS = 6
+RANS_MIN_COPIES = 8  # fewest rows worth a prototype row
 
 
 def rans_lanes(n: int) -> int:
-    return max(1, min(RANS_LANES, n // 256))
+    return max(1, min(RANS_LANES, n // 4096))  # ≥ 4K symbols a lane: its 4 bytes of state cost ≤ 0.1%
 
 
 def rans_freqs(counts: np.ndarray) -> np.ndarray:
@@ -1199,10 +1200,34 @@ def column_tables(hists: np.ndarray, values: np.ndarray) -> np.ndarray:
     return best
 
 
-def symbol_tables(columns: np.ndarray, arrays: list[tuple[int, int, str]]) -> np.ndarray:
-    """Per-symbol table index, in the q section's order, from each array's per-column table indices."""
-    parts = np.split(columns, np.cumsum([c for _, c, _ in arrays], dtype=np.int64)[:-1])
-    return np.concatenate([np.zeros(0, np.uint8)] + [np.tile(p, r) for p, (r, _, _) in zip(parts, arrays)])
+def row_prototype(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prototype row, which rows to code as their difference from it) for an array of symbols (value + 128).
+
+    The embeddings of tokens that training never saw are all pushed the same way, so they end up as near
+    copies of one row, which a per-column table cannot see. Sorted by a fixed projection, copies become
+    neighbours: the closest neighbouring pair gives a seed, the rows near it their median, and the rows that
+    are nearer (L1) to that median than to zero by half are coded as differences from it, if at least
+    RANS_MIN_COPIES of them are."""
+    rows = block.astype(np.int16) - 128
+    norms, proto = np.abs(rows).sum(1), np.zeros(rows.shape[1], np.int16)
+    if len(rows) < RANS_MIN_COPIES:
+        return proto, norms < 0
+    order = np.argsort(rows @ np.cos(np.arange(rows.shape[1]) * 2.4), kind="stable")
+    seed = rows[order[np.abs(np.diff(rows[order], axis=0)).sum(1).argmin()]]
+    near = np.abs(rows - seed).sum(1) * 2 < norms
+    if near.any():
+        proto = np.median(rows[near], 0).round().astype(np.int16)
+    near = np.abs(rows - proto).sum(1) * 2 < norms
+    return (proto, near) if near.sum() >= RANS_MIN_COPIES else (proto * 0, near & False)
+
+
+def symbol_tables(columns: np.ndarray, row_tables: np.ndarray, arrays: list[tuple[int, int, str]]) -> np.ndarray:
+    """Per-symbol table index, in the q section's order: a row's own table where row_tables gives one (index + 1),
+    else its column's."""
+    parts = zip(np.split(columns, np.cumsum([c for _, c, _ in arrays], dtype=np.int64)[:-1]),
+                np.split(row_tables, np.cumsum([r for r, _, _ in arrays], dtype=np.int64)[:-1]))
+    return np.concatenate([np.zeros(0, np.uint8)] + [np.where(rt[:, None] > 0, rt[:, None] - 1, c[None, :]).ravel()
+                                                     for c, rt in parts]).astype(np.uint8)
 
 
 def _byte_planes(raw: bytes, inverse: bool = False) -> bytes:
@@ -1211,31 +1236,47 @@ def _byte_planes(raw: bytes, inverse: bool = False) -> bytes:
     return (planes.reshape(2, -1).T if inverse else planes.reshape(-1, 2).T).tobytes()
 
 
+def _split(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(sizes, dtype=np.int64)[:-1])
+
+
 def rans_compress(payload: bytes) -> bytes:
     """The "q" section through rANS; everything else through lzma: the index, the float16 sections as byte
-    planes, and the rANS tables. Each group of arrays (one bit width, or the LQER codes) has its own tables,
-    and each column of an array is coded with the table column_tables picks for it (stored: a byte per column).
+    planes, and the coder's side data. Each group of arrays (one bit width, or the LQER codes) has its own
+    tables: one per class of columns (column_tables), and one for the rows coded as differences from their
+    array's prototype row (row_prototype). Side data: the tables (u16), then a byte per column (its table), a
+    byte per row (its table + 1, or 0), and each array's prototype (a byte per column).
 
     Layout: u32 length of the lzma part, the lzma part, the lanes' final states (u32 each), the words (u16)."""
     meta, starts = payload_index(payload)
     arrays = payload_int_arrays(meta)
-    sym = np.frombuffer(payload, np.uint8, meta["sizes"]["q"], starts["q"]) ^ 0x80  # int8 value + 128
+    sym = np.frombuffer(payload, np.uint8, meta["sizes"]["q"], starts["q"]) ^ 0x80  # int8 value + 128 (a copy)
     ends = np.cumsum([0] + [r * c for r, c, _ in arrays])
-    columns, tables = [None] * len(arrays), []
+    blocks = [sym[a:b].reshape(r, c) for (r, c, _), a, b in zip(arrays, ends, ends[1:])]
+    columns, row_tables, protos, tables = [None] * len(arrays), [None] * len(arrays), [None] * len(arrays), []
     for group in sorted({g for *_, g in arrays}):
         members = [i for i, a in enumerate(arrays) if a[2] == group]
-        hists = np.concatenate([np.bincount((sym[ends[i]:ends[i + 1]].reshape(arrays[i][:2]) + 256 * np.arange(arrays[i][1])).ravel(),
+        near = {}
+        for i in members:
+            protos[i], near[i] = row_prototype(blocks[i])
+            blocks[i][near[i]] -= protos[i].astype(np.uint8)  # mod 256, so any difference is undone exactly
+        hists = np.concatenate([np.bincount((blocks[i][~near[i]] + 256 * np.arange(arrays[i][1])).ravel(),
                                             minlength=256 * arrays[i][1]).reshape(-1, 256) for i in members])
         seen = hists.any(0)
         assign = column_tables(hists[:, seen].astype(np.float64), np.arange(-128, 128)[seen])
-        for i, part in zip(members, np.split(assign, np.cumsum([arrays[i][1] for i in members])[:-1])):
+        for i, part in zip(members, _split(assign, [arrays[i][1] for i in members])):
             columns[i] = part + len(tables)
         tables += list(rans_freqs(np.stack([np.bincount(assign, hists[:, v], assign.max() + 1) for v in range(256)], 1)))
-    columns = np.concatenate([np.zeros(0, np.uint8)] + columns).astype(np.uint8)
+        copies = sum(np.bincount(blocks[i][near[i]].ravel(), minlength=256) for i in members)
+        for i in members:
+            row_tables[i] = near[i] * (len(tables) + 1)
+        if copies.any():
+            tables.append(rans_freqs(copies)[0])
+    side = [np.concatenate([np.zeros(0, np.uint8)] + x).astype(np.uint8) for x in (columns, row_tables, protos)]
     freqs = np.array(tables, np.int64).reshape(-1, 256)
-    states, words = rans_encode(sym, symbol_tables(columns, arrays), freqs)
+    states, words = rans_encode(sym, symbol_tables(side[0], side[1], arrays), freqs)
     side = (payload[:starts["q"]] + _byte_planes(payload[starts["scale"]:starts["float16"]]) + _byte_planes(payload[starts["float16"]:])
-            + bytes([len(freqs)]) + freqs.astype("<u2").tobytes() + columns.tobytes())
+            + bytes([len(freqs)]) + freqs.astype("<u2").tobytes() + b"".join(x.tobytes() for x in side))
     side = lzma.compress(side, preset=9 | lzma.PRESET_EXTREME)
     return struct.pack("<I", len(side)) + side + states.tobytes() + words.tobytes()
 
@@ -1247,13 +1288,20 @@ def rans_decompress(body: bytes) -> bytes:
     arrays, sizes = payload_int_arrays(meta), meta["sizes"]
     pos = starts["q"] + sizes["scale"] + sizes["float16"]
     freqs = np.frombuffer(side, "<u2", 256 * side[pos], pos + 1).reshape(-1, 256).astype(np.int64)
-    columns = np.frombuffer(side, np.uint8, offset=pos + 1 + 512 * len(freqs))
-    if columns.size != sum(c for _, c, _ in arrays) or np.any(columns >= len(freqs)) \
+    num_cols, num_rows = sum(c for _, c, _ in arrays), sum(r for r, _, _ in arrays)
+    columns, row_tables, protos = _split(np.frombuffer(side, np.uint8, offset=pos + 1 + 512 * len(freqs)), [num_cols, num_rows, num_cols])
+    if protos.size != num_cols or np.any(columns >= len(freqs)) or np.any(row_tables > len(freqs)) \
             or np.any(freqs.sum(1) != 1 << RANS_PROB_BITS):
-        raise ArtifactError("rANS tables do not match the payload index")
+        raise ArtifactError("rANS side data does not match the payload index")
     lanes = rans_lanes(sizes["q"])
     states = np.frombuffer(body, "<u4", lanes, 4 + side_len)
-    sym = rans_decode(states, np.frombuffer(body, "<u2", offset=4 + side_len + 4 * lanes), symbol_tables(columns, arrays), freqs)
+    sym = rans_decode(states, np.frombuffer(body, "<u2", offset=4 + side_len + 4 * lanes),
+                      symbol_tables(columns, row_tables, arrays), freqs)
+    start = 0
+    for (r, c, _), copies, proto in zip(arrays, _split(row_tables, [r for r, _, _ in arrays]), _split(protos, [c for _, c, _ in arrays])):
+        block = sym[start:start + r * c].reshape(r, c)
+        block[copies > 0] += proto
+        start += r * c
     return (side[:starts["q"]] + (sym ^ 0x80).tobytes() + _byte_planes(side[starts["q"]:starts["q"] + sizes["scale"]], True)
             + _byte_planes(side[starts["q"] + sizes["scale"]:pos], True))
 
