@@ -1193,7 +1193,7 @@ def column_tables(hists: np.ndarray, values: np.ndarray) -> np.ndarray:
             assign = (hists @ -np.log2(tables / tables.sum(1, keepdims=True)).T).argmin(1)
         _, assign, used = np.unique(assign, return_inverse=True, return_counts=True)
         tables = recount(assign, len(used))
-        p = np.where(tables > 0, tables, 1) / tables.sum(1, keepdims=True)
+        p = np.where(tables > 0, tables, 1) / np.maximum(tables.sum(1, keepdims=True), 1)
         bits = -(tables * np.log2(p)).sum() + 16 * np.count_nonzero(tables) - (used * np.log2(used / len(hists))).sum()
         if bits < best_bits:
             best_bits, best = bits, assign
@@ -1221,11 +1221,14 @@ def row_prototype(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (proto, near) if near.sum() >= RANS_MIN_COPIES else (proto * 0, near & False)
 
 
+def _split(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(sizes, dtype=np.int64)[:-1])
+
+
 def symbol_tables(columns: np.ndarray, row_tables: np.ndarray, arrays: list[tuple[int, int, str]]) -> np.ndarray:
     """Per-symbol table index, in the q section's order: a row's own table where row_tables gives one (index + 1),
     else its column's."""
-    parts = zip(np.split(columns, np.cumsum([c for _, c, _ in arrays], dtype=np.int64)[:-1]),
-                np.split(row_tables, np.cumsum([r for r, _, _ in arrays], dtype=np.int64)[:-1]))
+    parts = zip(_split(columns, [c for _, c, _ in arrays]), _split(row_tables, [r for r, _, _ in arrays]))
     return np.concatenate([np.zeros(0, np.uint8)] + [np.where(rt[:, None] > 0, rt[:, None] - 1, c[None, :]).ravel()
                                                      for c, rt in parts]).astype(np.uint8)
 
@@ -1234,10 +1237,6 @@ def _byte_planes(raw: bytes, inverse: bool = False) -> bytes:
     """float16 bytes → all low bytes, then all high bytes (and back): the exponents compress, the mantissas barely."""
     planes = np.frombuffer(raw, np.uint8)
     return (planes.reshape(2, -1).T if inverse else planes.reshape(-1, 2).T).tobytes()
-
-
-def _split(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
-    return np.split(flat, np.cumsum(sizes, dtype=np.int64)[:-1])
 
 
 def rans_compress(payload: bytes) -> bytes:
@@ -1272,11 +1271,11 @@ def rans_compress(payload: bytes) -> bytes:
             row_tables[i] = near[i] * (len(tables) + 1)
         if copies.any():
             tables.append(rans_freqs(copies)[0])
-    side = [np.concatenate([np.zeros(0, np.uint8)] + x).astype(np.uint8) for x in (columns, row_tables, protos)]
+    columns, row_tables, protos = (np.concatenate([np.zeros(0, np.uint8)] + x).astype(np.uint8) for x in (columns, row_tables, protos))
     freqs = np.array(tables, np.int64).reshape(-1, 256)
-    states, words = rans_encode(sym, symbol_tables(side[0], side[1], arrays), freqs)
+    states, words = rans_encode(sym, symbol_tables(columns, row_tables, arrays), freqs)
     side = (payload[:starts["q"]] + _byte_planes(payload[starts["scale"]:starts["float16"]]) + _byte_planes(payload[starts["float16"]:])
-            + bytes([len(freqs)]) + freqs.astype("<u2").tobytes() + b"".join(x.tobytes() for x in side))
+            + bytes([len(freqs)]) + freqs.astype("<u2").tobytes() + columns.tobytes() + row_tables.tobytes() + protos.tobytes())
     side = lzma.compress(side, preset=9 | lzma.PRESET_EXTREME)
     return struct.pack("<I", len(side)) + side + states.tobytes() + words.tobytes()
 

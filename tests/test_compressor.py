@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO
+from conftest import REPO, SAMPLE_TOKENIZER
 
 SCRIPT = os.path.join(REPO, "train_gpt.py")
 
@@ -120,10 +120,13 @@ def test_near_copy_rows_are_coded_against_a_prototype(sdclip_payload):
     assert not none.any()  # independent rows: no prototype
 
 
-def test_empty_and_float_only_payloads_round_trip():
-    h = tg.Hyperparameters(float_max_numel=10 ** 9)
-    for state in ({}, {"a": torch.randn(3, 5), "b": torch.randn(7)}):
-        payload = tg.serialize_quantized(tg.quantize_state_dict(state, h))
+def test_degenerate_payloads_round_trip():
+    """No tensors, only float tensors, a matrix of identical rows (all coded against the prototype: no symbol
+    left for the column tables), a zero matrix, a matrix of one row."""
+    row = torch.randn(1, 64)
+    for max_numel, state in ((10 ** 9, {}), (10 ** 9, {"a": torch.randn(3, 5), "b": torch.randn(7)}),
+                             (10, {"w": row.repeat(40, 1)}), (10, {"w": torch.zeros(40, 64), "v": row})):
+        payload = tg.serialize_quantized(tg.quantize_state_dict(state, tg.Hyperparameters(float_max_numel=max_numel)))
         assert tg.decompress_artifact(tg.compress_artifact(payload)) == payload
 
 
@@ -282,3 +285,59 @@ def test_the_run_wrote_its_model_with_lqer_factors(smoke_run):
         assert tg.decompress_artifact(f.read()) == payload  # exactly this, through the same path
     restored = tg.deserialize_quantized(payload)
     assert sum("lqer" in e for e in restored.values()) == h.lqer_top_k
+
+
+# --------------------------------------------------------------------------------------------------
+# tools/quant_bench.py on a tiny model (CPU)
+# --------------------------------------------------------------------------------------------------
+
+TINY_BENCH = {"data_path": os.path.join(REPO, "data", "sample"), "tokenizer_path": SAMPLE_TOKENIZER, "vocab_size": 1024,
+              "num_layers": 2, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "rope_dims": 8, "float_max_numel": 1000,
+              "eval_seq_len": 128, "eval_stride": 128, "val_tokens_limit": 1024, "train_batch_tokens": 1024,
+              "train_seq_len": 128, "gptq_calibration_batches": 1, "lqer_top_k": 2}
+
+
+def test_quant_bench_scores_and_sizes_each_configuration(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import quant_bench
+    h = tg.Hyperparameters(**TINY_BENCH)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    with torch.no_grad():
+        for p in model.parameters():  # trained-like: heavy tails, no zero projections
+            p.copy_(torch.distributions.StudentT(4.0).sample(p.shape) * 0.05)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "final_model.pt")
+    cpu = torch.device("cpu")
+    names = ["rtn-e6", "rtn-e7", "gptq-e7", "gptq+lqer-e7"]
+    result = quant_bench.bench(str(tmp_path / "final_model.pt"), h, names, "first", cpu, log=lambda _: None)
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == names
+    val_tokens, target_bytes = quant_bench.validation_data(h)
+    model.eval()
+    assert result["float_bpb"] == tg.evaluate_bpb(model.token_losses, val_tokens, target_bytes, h, 0, 1, cpu)[1]
+    hessians = tg.collect_hessians(model, tg.calibration_batches(h, 0, 1, cpu), cpu)
+    for name in ("rtn-e6", "gptq+lqer-e7"):  # each row is what the script would write and score
+        hc = dataclasses.replace(h, **quant_bench.CONFIGS[name])
+        quantized = tg.quantize_state_dict(state, hc, hessians if hc.quant_method == "gptq" else None)
+        assert len(tg.compress_artifact(tg.serialize_quantized(quantized))) == rows[name]["rans_bytes"]
+        model.load_state_dict(tg.dequantize_state_dict(quantized))
+        bpb = tg.evaluate_bpb(model.token_losses, val_tokens, target_bytes, h, 0, 1, cpu)[1]
+        assert rows[name]["val_bpb"] == pytest.approx(bpb, abs=1e-9)
+        assert rows[name]["gap"] == pytest.approx(bpb - result["float_bpb"], abs=1e-12)
+    assert rows["rtn-e7"]["rans_bytes"] > rows["rtn-e6"]["rans_bytes"] and rows["rtn-e7"]["gap"] < rows["rtn-e6"]["gap"]
+    assert len(rows["gptq+lqer-e7"]["lqer_tensors"]) == 2 and rows["gptq+lqer-e7"]["rans_bytes"] > rows["gptq-e7"]["rans_bytes"]
+    assert rows["gptq+lqer-e7"]["gap"] < rows["gptq-e7"]["gap"] and not rows["gptq-e7"]["lqer_tensors"]
+    assert rows["rtn-e6"]["lzma_bytes"] > rows["rtn-e6"]["rans_bytes"] and "lzma_bytes" not in rows["rtn-e7"]
+    assert rows["rtn-e6"]["embed_copy_rows"] == 0  # independent random rows
+    table = quant_bench.markdown(result).splitlines()
+    assert len(table) == 4 + len(rows) and all(line.count("|") == 14 for line in table[2:])
+    # the command line reads the Hyperparameters from the environment, as a run does
+    for key, value in TINY_BENCH.items():
+        monkeypatch.setenv(key.upper(), str(value))
+    assert quant_bench.main(["--state", str(tmp_path / "final_model.pt"), "--configs", "rtn-e6", "--baselines", "none",
+                             "--json", str(tmp_path / "out.json")]) == 0
+    assert f"| rtn-e6 | {rows['rtn-e6']['val_bpb']:.5f} |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        quant_bench.main(["--state", "x", "--configs", "rtn-e5"])
