@@ -153,6 +153,10 @@ class Hyperparameters:
     gptq_calibration_batches: int = 16  # training batches (TRAIN_BATCH_TOKENS each) whose activations give XᵀX
     gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
     gptq_block: int = 128  # columns per GPTQ block (error feedback inside a block at once, lazily beyond it)
+    lqer_enabled: bool = False  # rank-LQER_RANK int4 correction of the LQER_TOP_K worst-quantized matrices
+    lqer_rank: int = 4
+    lqer_top_k: int = 3
+    compressor: str = "rans"  # "rans": our entropy coder; "lzma"/"brotli": the general-purpose ones
     brotli_quality: int = 11
     artifact_limit_bytes: int = 16_000_000
     # evaluation with test-time training, score first (off until measured on the GPU)
@@ -921,12 +925,14 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Quantization and serialization: int6/int7 per-row matrices, float16 small tensors, brotli, packed code
+# Quantization and serialization: int6/int7 per-row matrices, LQER, float16 small tensors, rANS, packed code
 # ----------------------------------------------------------------------------------------------------
 
-ARTIFACT_MAGIC = b"PGOLF-A1"
-ARTIFACT_HEADER = struct.Struct("<8sQI")  # magic, raw payload length, crc32 of the raw payload
-PAYLOAD_VERSION = 1
+ARTIFACT_MAGIC = b"PGOLF-A2"
+ARTIFACT_HEADER = struct.Struct("<8sBQI")  # magic, compressor (index in COMPRESSORS), raw payload length, its crc32
+PAYLOAD_VERSION = 2
+COMPRESSORS = ("rans", "lzma", "brotli")
+LQER_GROUP = 64  # LQER factor values per int4 group, each group with its own float16 scale and zero
 
 
 class ArtifactError(ValueError):
@@ -1002,12 +1008,49 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     return qt.T[:, torch.argsort(order)].to(torch.int8)
 
 
+def quantize_int4_groups(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Asymmetric int4 in groups of LQER_GROUP along each row: x ≈ zero + q·scale, q in 0..15, with a float16
+    scale and zero per group (a row's last group may be shorter). q is computed from the float16 values, as
+    stored, so every value is within one step of its reconstruction."""
+    x = x.detach().float()
+    n = x.size(1)
+    groups = torch.cat([x, x[:, -1:].expand(-1, -n % LQER_GROUP)], 1).view(x.size(0), -1, LQER_GROUP)
+    zero = groups.amin(-1).half()
+    scale = ((groups.amax(-1) - zero.float()) / 15).half()
+    step = scale.float()[..., None]
+    q = torch.where(step > 0, (groups - zero.float()[..., None]) / step.clamp_min(1e-30), torch.zeros_like(groups))
+    return {"q": q.round().clamp(0, 15).view(x.size(0), -1)[:, :n].to(torch.int8), "scale": scale, "zero": zero}
+
+
+def dequantize_int4_groups(g: dict[str, torch.Tensor]) -> torch.Tensor:
+    group = torch.arange(g["q"].size(1), device=g["q"].device) // LQER_GROUP
+    return g["zero"].float()[:, group] + g["q"].float() * g["scale"].float()[:, group]
+
+
+def lqer_factors(residual: torch.Tensor, rank: int) -> dict[str, dict]:
+    """LQER: the quantization error W − Q(W) ≈ Aᵀ·B, its truncated SVD with √σ on each side, A (rank × rows) and
+    B (rank × cols) in int4 groups. Dequantization adds Aᵀ·B back."""
+    u, s, vh = torch.linalg.svd(residual.float(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return {"a": quantize_int4_groups(u[:, :rank].T * root[:, None]), "b": quantize_int4_groups(vh[:rank] * root[:, None])}
+
+
+def dequantize_entry(e: dict) -> torch.Tensor:
+    if e["kind"] == "float16":
+        return e["data"].float()
+    w = dequantize_per_row(e["q"], e["scale"])
+    if "lqer" in e:
+        w = w + dequantize_int4_groups(e["lqer"]["a"]).T @ dequantize_int4_groups(e["lqer"]["b"])
+    return w
+
+
 def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
                         hessians: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
-    """name → {"kind": "int", "bits", "q", "scale"} for large matrices, {"kind": "float16", "data"} otherwise.
+    """name → {"kind": "int", "bits", "q", "scale"[, "lqer"]} for large matrices, {"kind": "float16", "data"} else.
 
     A matrix with a Hessian in `hessians` (QUANT_METHOD=gptq) gets GPTQ's integers, the others round to
-    nearest; both use SDClip's scales, so the two give artifacts of the same layout."""
+    nearest; both use SDClip's scales, so the two give artifacts of the same layout. With LQER_ENABLED, the
+    LQER_TOP_K matrices whose error ‖W − Q(W)‖_F is largest also get "lqer" factors of that error."""
     clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn, "other": h.clip_sigmas_other}
     hessians = hessians or {}
     quantized = {}
@@ -1021,6 +1064,12 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
             quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
         else:
             quantized[name] = {"kind": "float16", "data": tensor.detach().to(torch.float16)}
+    if h.lqer_enabled:
+        errors = {n: (state[n].detach().float() - dequantize_entry(e)).norm().item()
+                  for n, e in quantized.items() if e["kind"] == "int"}
+        for name in sorted(errors, key=errors.get, reverse=True)[:h.lqer_top_k]:
+            residual = state[name].detach().float() - dequantize_entry(quantized[name])
+            quantized[name]["lqer"] = lqer_factors(residual, h.lqer_rank)
     return quantized
 
 
@@ -1072,46 +1121,56 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor], world_size: int) -> None:
 
 
 def dequantize_state_dict(quantized: dict[str, dict]) -> dict[str, torch.Tensor]:
-    return {name: dequantize_per_row(e["q"], e["scale"]) if e["kind"] == "int" else e["data"].float()
-            for name, e in quantized.items()}
+    return {name: dequantize_entry(e) for name, e in quantized.items()}
 
 
 def serialize_quantized(quantized: dict[str, dict]) -> bytes:
-    """Versioned layout: u32 JSON length, JSON index, then all int8 values, all row scales, all float16 data.
+    """Versioned layout: u32 JSON length, JSON index, then three sections: "q" (every int8 array: each matrix's
+    values followed by its LQER factors' int4 codes), "scale" (float16 row scales, LQER group scales and zeros)
+    and "float16" (the small tensors).
 
     Like with like: the integer planes sit together so the compressor sees one alphabet at a time."""
     sections = {"q": [], "scale": [], "float16": []}
-    index, offsets = [], {k: 0 for k in sections}
+    offsets = {k: 0 for k in sections}
 
-    def add(section: str, array: np.ndarray) -> list[int]:
-        raw = array.tobytes()
+    def put(section: str, tensor: torch.Tensor) -> list[int]:
+        raw = tensor.detach().cpu().numpy().astype("i1" if section == "q" else "<f2").tobytes()
         sections[section].append(raw)
-        start = offsets[section]
         offsets[section] += len(raw)
-        return [start, len(raw)]
+        return [offsets[section] - len(raw), len(raw)]
 
+    index = []
     for name, e in quantized.items():
         if e["kind"] == "int":
-            index.append({"name": name, "kind": "int", "bits": e["bits"], "shape": list(e["q"].shape),
-                          "q": add("q", e["q"].cpu().numpy().astype(np.int8)),
-                          "scale": add("scale", e["scale"].cpu().numpy().astype("<f2"))})
+            entry = {"name": name, "kind": "int", "bits": e["bits"], "shape": list(e["q"].shape),
+                     "q": put("q", e["q"]), "scale": put("scale", e["scale"])}
+            if "lqer" in e:
+                entry["lqer"] = {k: {"shape": list(g["q"].shape), "q": put("q", g["q"]), "scale": put("scale", g["scale"]),
+                                     "zero": put("scale", g["zero"])} for k, g in e["lqer"].items()}
+            index.append(entry)
         else:
-            index.append({"name": name, "kind": "float16", "shape": list(e["data"].shape),
-                          "data": add("float16", e["data"].cpu().numpy().astype("<f2"))})
+            index.append({"name": name, "kind": "float16", "shape": list(e["data"].shape), "data": put("float16", e["data"])})
     meta = json.dumps({"version": PAYLOAD_VERSION, "sizes": offsets, "tensors": index}, separators=(",", ":")).encode()
-    return struct.pack("<I", len(meta)) + meta + b"".join(b"".join(sections[k]) for k in ("q", "scale", "float16"))
+    return struct.pack("<I", len(meta)) + meta + b"".join(b"".join(sections[k]) for k in sections)
 
 
-def deserialize_quantized(payload: bytes) -> dict[str, dict]:
+def payload_index(payload: bytes) -> tuple[dict, dict[str, int]]:
+    """The JSON index at the head of a payload (or of anything that starts like one), and where each section starts."""
     try:
         (meta_len,) = struct.unpack_from("<I", payload, 0)
         meta = json.loads(payload[4:4 + meta_len])
-    except (struct.error, ValueError) as exc:
+        version, sizes = meta.get("version"), meta["sizes"]
+    except (struct.error, ValueError, KeyError, AttributeError) as exc:
         raise ArtifactError(f"model payload index unreadable: {exc}") from None
-    if meta.get("version") != PAYLOAD_VERSION:
-        raise ArtifactError(f"model payload version {meta.get('version')}, this script reads {PAYLOAD_VERSION}")
-    base, sizes = 4 + meta_len, meta["sizes"]
-    starts = {"q": base, "scale": base + sizes["q"], "float16": base + sizes["q"] + sizes["scale"]}
+    if version != PAYLOAD_VERSION:
+        raise ArtifactError(f"model payload version {version}, this script reads {PAYLOAD_VERSION}")
+    starts = {"q": 4 + meta_len, "scale": 4 + meta_len + sizes["q"], "float16": 4 + meta_len + sizes["q"] + sizes["scale"]}
+    return meta, starts
+
+
+def deserialize_quantized(payload: bytes) -> dict[str, dict]:
+    meta, starts = payload_index(payload)
+    sizes = meta["sizes"]
     if starts["float16"] + sizes["float16"] != len(payload):
         raise ArtifactError(f"model payload is {len(payload)} bytes, its index describes "
                             f"{starts['float16'] + sizes['float16']}")
@@ -1123,32 +1182,274 @@ def deserialize_quantized(payload: bytes) -> dict[str, dict]:
         array = np.frombuffer(payload, dtype=dtype, count=length // np.dtype(dtype).itemsize, offset=starts[section] + start)
         return torch.from_numpy(array.copy()).view(*shape)
 
+    def int4_groups(g: dict) -> dict[str, torch.Tensor]:
+        groups = [g["shape"][0], -(-g["shape"][1] // LQER_GROUP)]
+        return {"q": view("q", g["q"], "i1", g["shape"]), "scale": view("scale", g["scale"], "<f2", groups),
+                "zero": view("scale", g["zero"], "<f2", groups)}
+
     quantized = {}
     for t in meta["tensors"]:
         if t["kind"] == "int":
-            quantized[t["name"]] = {"kind": "int", "bits": t["bits"], "q": view("q", t["q"], "i1", t["shape"]),
-                                    "scale": view("scale", t["scale"], "<f2", t["shape"][:1])}
+            e = {"kind": "int", "bits": t["bits"], "q": view("q", t["q"], "i1", t["shape"]),
+                 "scale": view("scale", t["scale"], "<f2", t["shape"][:1])}
+            if "lqer" in t:
+                e["lqer"] = {k: int4_groups(g) for k, g in t["lqer"].items()}
+            quantized[t["name"]] = e
         else:
             quantized[t["name"]] = {"kind": "float16", "data": view("float16", t["data"], "<f2", t["shape"])}
     return quantized
 
 
-def compress_artifact(payload: bytes, quality: int) -> bytes:
-    import brotli
-    return ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, len(payload), zlib.crc32(payload)) + brotli.compress(payload, quality=quality)
+# rANS (arXiv 1311.2540) for the "q" section: static tables, interleaved lanes, vectorised with NumPy.
+RANS_PROB_BITS = 15  # every table's frequencies sum to 2^15
+RANS_LOW = 1 << 16  # states live in [2^16, 2^32); renormalising 16 bits at a time, a symbol emits at most one word
+RANS_LANES = 1024  # most lanes stepping together: fewer would be slower, more would cost 4 bytes of final state each
+RANS_TABLE_COUNTS = (1, 2, 4, 8, 16)  # tables per group that the encoder tries
+RANS_LLOYD_STEPS = 6
+RANS_MIN_COPIES = 8  # fewest rows worth a prototype row
+
+
+def rans_lanes(n: int) -> int:
+    return max(1, min(RANS_LANES, n // 4096))  # ≥ 4K symbols a lane: its 4 bytes of state cost ≤ 0.1%
+
+
+def rans_freqs(counts: np.ndarray) -> np.ndarray:
+    """Each row of counts → frequencies summing to 2^RANS_PROB_BITS, at least 1 for every symbol that occurs."""
+    counts = np.atleast_2d(counts).astype(np.int64)
+    seen, total = counts > 0, 1 << RANS_PROB_BITS
+    freqs = np.where(seen, counts * (total - seen.sum(1, keepdims=True)) // np.maximum(1, counts.sum(1, keepdims=True)) + 1, 0)
+    freqs[np.arange(len(freqs)), counts.argmax(1)] += total - freqs.sum(1)  # the rounding remainder, to the commonest
+    return freqs
+
+
+def rans_encode(sym: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Interleaved rANS: symbol i (coded with table ctx[i], a row of `freqs`) goes to lane i % lanes at step
+    i // lanes. All lanes step together, from the last step to the first, so that decoding runs forward.
+    Returns the final states (the decoder's initial ones) and the 16-bit words in the order the decoder reads them."""
+    n, lanes = sym.size, rans_lanes(sym.size)
+    idx = ctx.astype(np.int64) * freqs.shape[1] + sym
+    f = freqs.ravel()[idx]
+    c = (np.cumsum(freqs, 1) - freqs).ravel()[idx]
+    x = np.full(lanes, RANS_LOW, np.int64)
+    chunks = []
+    for start in range((n - 1) // lanes * lanes, -1, -lanes):
+        xs, fs = x[:min(n - start, lanes)], f[start:start + lanes]
+        emit = xs >= fs << (32 - RANS_PROB_BITS)
+        chunks.append(xs[emit])
+        xs >>= emit * 16
+        xs += xs // fs * ((1 << RANS_PROB_BITS) - fs) + c[start:start + lanes]  # (x // f)·2^15 + x % f + cum
+    return x.astype("<u4"), np.concatenate([np.zeros(0, np.int64)] + chunks[::-1]).astype("<u2")
+
+
+def rans_decode(states: np.ndarray, words: np.ndarray, ctx: np.ndarray, freqs: np.ndarray) -> np.ndarray:
+    """Inverse of rans_encode. A stream that does not end exactly where the encoder began (every state back at
+    RANS_LOW, every word read) is corrupt."""
+    n, lanes, total = ctx.size, rans_lanes(ctx.size), 1 << RANS_PROB_BITS
+    slot_symbol = np.repeat(np.tile(np.arange(freqs.shape[1]), len(freqs)), freqs.ravel())  # table t: slots t·2^15...
+    flat = np.repeat(np.arange(len(freqs)), total) * freqs.shape[1] + slot_symbol
+    slot_freq = freqs.ravel()[flat]
+    slot_offset = np.tile(np.arange(total), len(freqs)) - (np.cumsum(freqs, 1) - freqs).ravel()[flat]
+    base = ctx.astype(np.int64) << RANS_PROB_BITS
+    x, words = states.astype(np.int64), words.astype(np.int64)
+    out, read = np.empty(n, np.uint8), 0
+    for start in range(0, n, lanes):
+        xs = x[:min(n - start, lanes)]
+        i = base[start:start + lanes] + (xs & (total - 1))
+        out[start:start + lanes] = slot_symbol[i]
+        xs[:] = slot_freq[i] * (xs >> RANS_PROB_BITS) + slot_offset[i]
+        low = xs < RANS_LOW
+        k = int(np.count_nonzero(low))
+        if read + k > words.size:
+            raise ArtifactError("rANS stream ends early")
+        xs[low] = xs[low] << 16 | words[read:read + k]
+        read += k
+    if read != words.size or np.any(x != RANS_LOW):
+        raise ArtifactError("rANS stream does not decode back to its initial state")
+    return out
+
+
+def payload_int_arrays(meta: dict) -> list[tuple[int, int, str]]:
+    """(rows, cols, group) of the int8 arrays that make up the "q" section end to end, in order: the matrices
+    (group: their bit width) and their LQER codes (group "lqer")."""
+    arrays, end = [], 0
+    for t in meta["tensors"]:
+        if t["kind"] == "int":
+            for span, shape, group in [(t["q"], t["shape"], f"int{t['bits']}")] + \
+                    [(g["q"], g["shape"], "lqer") for g in t.get("lqer", {}).values()]:
+                if span != [end, shape[0] * shape[1]]:
+                    raise ArtifactError("the q section is not its arrays end to end")
+                end += span[1]
+                arrays.append((shape[0], shape[1], group))
+    if end != meta["sizes"]["q"]:
+        raise ArtifactError("the q section is not its arrays end to end")
+    return arrays
+
+
+def column_tables(hists: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Table index (0, 1, ...) of each column, given each column's counts (rows of `hists`) of the symbols `values`.
+
+    Input channels differ in spread, so columns of similar spread share a table. For each candidate number
+    of tables: sort the columns by mean |value| into equal slices, then alternate recounting the tables and
+    moving each column to the table that codes it in the fewest bits. Keep the candidate with the fewest
+    estimated bits: code, ~16 per table entry, and the column indices at their entropy."""
+    n, weights = hists.shape[1], np.ascontiguousarray(hists).ravel()
+
+    def recount(assign: np.ndarray, k: int) -> np.ndarray:
+        return np.bincount((assign[:, None] * n + np.arange(n)).ravel(), weights, k * n).reshape(k, n)
+
+    spread = hists @ np.abs(values) / np.maximum(hists.sum(1), 1)
+    rank = np.argsort(np.argsort(spread, kind="stable"), kind="stable")
+    best_bits, best = math.inf, None
+    for k in [k for k in RANS_TABLE_COUNTS if k <= len(hists)]:
+        assign = rank * k // len(hists)
+        for _ in range(RANS_LLOYD_STEPS):
+            tables = recount(assign, k) + 1e-3
+            assign = (hists @ -np.log2(tables / tables.sum(1, keepdims=True)).T).argmin(1)
+        _, assign, used = np.unique(assign, return_inverse=True, return_counts=True)
+        tables = recount(assign, len(used))
+        p = np.where(tables > 0, tables, 1) / np.maximum(tables.sum(1, keepdims=True), 1)
+        bits = -(tables * np.log2(p)).sum() + 16 * np.count_nonzero(tables) - (used * np.log2(used / len(hists))).sum()
+        if bits < best_bits:
+            best_bits, best = bits, assign
+    return best
+
+
+def row_prototype(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(prototype row, which rows to code as their difference from it) for an array of symbols (value + 128).
+
+    The embeddings of tokens that training never saw are all pushed the same way, so they end up as near
+    copies of one row, which a per-column table cannot see. Sorted by a fixed projection, copies become
+    neighbours: the closest neighbouring pair gives a seed, the rows near it their median, and the rows that
+    are nearer (L1) to that median than to zero by half are coded as differences from it, if at least
+    RANS_MIN_COPIES of them are."""
+    rows = block.astype(np.int16) - 128
+    norms, proto = np.abs(rows).sum(1), np.zeros(rows.shape[1], np.int16)
+    if len(rows) < RANS_MIN_COPIES:
+        return proto, norms < 0
+    order = np.argsort(rows @ np.cos(np.arange(rows.shape[1]) * 2.4), kind="stable")
+    seed = rows[order[np.abs(np.diff(rows[order], axis=0)).sum(1).argmin()]]
+    near = np.abs(rows - seed).sum(1) * 2 < norms
+    if near.any():
+        proto = np.median(rows[near], 0).round().astype(np.int16)
+    near = np.abs(rows - proto).sum(1) * 2 < norms
+    return (proto, near) if near.sum() >= RANS_MIN_COPIES else (proto * 0, near & False)
+
+
+def _split(flat: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(sizes, dtype=np.int64)[:-1])
+
+
+def symbol_tables(columns: np.ndarray, row_tables: np.ndarray, arrays: list[tuple[int, int, str]]) -> np.ndarray:
+    """Per-symbol table index, in the q section's order: a row's own table where row_tables gives one (index + 1),
+    else its column's."""
+    parts = zip(_split(columns, [c for _, c, _ in arrays]), _split(row_tables, [r for r, _, _ in arrays]))
+    return np.concatenate([np.zeros(0, np.uint8)] + [np.where(rt[:, None] > 0, rt[:, None] - 1, c[None, :]).ravel()
+                                                     for c, rt in parts]).astype(np.uint8)
+
+
+def _byte_planes(raw: bytes, inverse: bool = False) -> bytes:
+    """float16 bytes → all low bytes, then all high bytes (and back): the exponents compress, the mantissas barely."""
+    planes = np.frombuffer(raw, np.uint8)
+    return (planes.reshape(2, -1).T if inverse else planes.reshape(-1, 2).T).tobytes()
+
+
+def rans_compress(payload: bytes) -> bytes:
+    """The "q" section through rANS; everything else through lzma: the index, the float16 sections as byte
+    planes, and the coder's side data. Each group of arrays (one bit width, or the LQER codes) has its own
+    tables: one per class of columns (column_tables), and one for the rows coded as differences from their
+    array's prototype row (row_prototype). Side data: the tables (u16), then a byte per column (its table), a
+    byte per row (its table + 1, or 0), and each array's prototype (a byte per column).
+
+    Layout: u32 length of the lzma part, the lzma part, the lanes' final states (u32 each), the words (u16)."""
+    meta, starts = payload_index(payload)
+    arrays = payload_int_arrays(meta)
+    sym = np.frombuffer(payload, np.uint8, meta["sizes"]["q"], starts["q"]) ^ 0x80  # int8 value + 128 (a copy)
+    ends = np.cumsum([0] + [r * c for r, c, _ in arrays])
+    blocks = [sym[a:b].reshape(r, c) for (r, c, _), a, b in zip(arrays, ends, ends[1:])]
+    columns, row_tables, protos, tables = [None] * len(arrays), [None] * len(arrays), [None] * len(arrays), []
+    for group in sorted({g for *_, g in arrays}):
+        members = [i for i, a in enumerate(arrays) if a[2] == group]
+        near = {}
+        for i in members:
+            protos[i], near[i] = row_prototype(blocks[i])
+            blocks[i][near[i]] -= protos[i].astype(np.uint8)  # mod 256, so any difference is undone exactly
+        hists = np.concatenate([np.bincount((blocks[i][~near[i]] + 256 * np.arange(arrays[i][1])).ravel(),
+                                            minlength=256 * arrays[i][1]).reshape(-1, 256) for i in members])
+        seen = hists.any(0)
+        assign = column_tables(hists[:, seen].astype(np.float64), np.arange(-128, 128)[seen])
+        for i, part in zip(members, _split(assign, [arrays[i][1] for i in members])):
+            columns[i] = part + len(tables)
+        tables += list(rans_freqs(np.stack([np.bincount(assign, hists[:, v], assign.max() + 1) for v in range(256)], 1)))
+        copies = sum(np.bincount(blocks[i][near[i]].ravel(), minlength=256) for i in members)
+        for i in members:
+            row_tables[i] = near[i] * (len(tables) + 1)
+        if copies.any():
+            tables.append(rans_freqs(copies)[0])
+    columns, row_tables, protos = (np.concatenate([np.zeros(0, np.uint8)] + x).astype(np.uint8) for x in (columns, row_tables, protos))
+    freqs = np.array(tables, np.int64).reshape(-1, 256)
+    states, words = rans_encode(sym, symbol_tables(columns, row_tables, arrays), freqs)
+    side = (payload[:starts["q"]] + _byte_planes(payload[starts["scale"]:starts["float16"]]) + _byte_planes(payload[starts["float16"]:])
+            + bytes([len(freqs)]) + freqs.astype("<u2").tobytes() + columns.tobytes() + row_tables.tobytes() + protos.tobytes())
+    side = lzma.compress(side, preset=9 | lzma.PRESET_EXTREME)
+    return struct.pack("<I", len(side)) + side + states.tobytes() + words.tobytes()
+
+
+def rans_decompress(body: bytes) -> bytes:
+    (side_len,) = struct.unpack_from("<I", body)
+    side = lzma.decompress(body[4:4 + side_len])
+    meta, starts = payload_index(side)
+    arrays, sizes = payload_int_arrays(meta), meta["sizes"]
+    pos = starts["q"] + sizes["scale"] + sizes["float16"]
+    freqs = np.frombuffer(side, "<u2", 256 * side[pos], pos + 1).reshape(-1, 256).astype(np.int64)
+    num_cols, num_rows = sum(c for _, c, _ in arrays), sum(r for r, _, _ in arrays)
+    columns, row_tables, protos = _split(np.frombuffer(side, np.uint8, offset=pos + 1 + 512 * len(freqs)), [num_cols, num_rows, num_cols])
+    if protos.size != num_cols or np.any(columns >= len(freqs)) or np.any(row_tables > len(freqs)) \
+            or np.any(freqs.sum(1) != 1 << RANS_PROB_BITS):
+        raise ArtifactError("rANS side data does not match the payload index")
+    lanes = rans_lanes(sizes["q"])
+    states = np.frombuffer(body, "<u4", lanes, 4 + side_len)
+    sym = rans_decode(states, np.frombuffer(body, "<u2", offset=4 + side_len + 4 * lanes),
+                      symbol_tables(columns, row_tables, arrays), freqs)
+    start = 0
+    for (r, c, _), copies, proto in zip(arrays, _split(row_tables, [r for r, _, _ in arrays]), _split(protos, [c for _, c, _ in arrays])):
+        block = sym[start:start + r * c].reshape(r, c)
+        block[copies > 0] += proto
+        start += r * c
+    return (side[:starts["q"]] + (sym ^ 0x80).tobytes() + _byte_planes(side[starts["q"]:starts["q"] + sizes["scale"]], True)
+            + _byte_planes(side[starts["q"] + sizes["scale"]:pos], True))
+
+
+def compress_artifact(payload: bytes, compressor: str = "rans", quality: int = 11) -> bytes:
+    """Header (magic, compressor, payload length, crc32 of the payload), then the payload compressed by
+    `compressor` (one of COMPRESSORS; `quality` is brotli's)."""
+    method = COMPRESSORS.index(compressor)
+    if compressor == "brotli":
+        import brotli
+        body = brotli.compress(payload, quality=quality)
+    else:
+        body = lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME) if compressor == "lzma" else rans_compress(payload)
+    return ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, method, len(payload), zlib.crc32(payload)) + body
 
 
 def decompress_artifact(blob: bytes) -> bytes:
     """Refuse anything that is not exactly what compress_artifact wrote: no silent mis-load."""
-    import brotli
     if len(blob) < ARTIFACT_HEADER.size:
         raise ArtifactError(f"artifact is {len(blob)} bytes, shorter than its {ARTIFACT_HEADER.size}-byte header")
-    magic, raw_len, crc = ARTIFACT_HEADER.unpack_from(blob)
+    magic, method, raw_len, crc = ARTIFACT_HEADER.unpack_from(blob)
     if magic != ARTIFACT_MAGIC:
-        raise ArtifactError(f"artifact magic {magic!r}, expected {ARTIFACT_MAGIC!r}: not a model written by train_gpt.py")
+        raise ArtifactError(f"artifact magic {magic!r}, expected {ARTIFACT_MAGIC!r}: " + (
+            "another version of train_gpt.py wrote it, and this one does not read that layout" if magic[:7] == ARTIFACT_MAGIC[:7]
+            else "not a model written by train_gpt.py"))
+    if method >= len(COMPRESSORS):
+        raise ArtifactError(f"artifact compressor {method} unknown: corrupt")
+    body = blob[ARTIFACT_HEADER.size:]
     try:
-        payload = brotli.decompress(blob[ARTIFACT_HEADER.size:])
-    except brotli.error as exc:
+        if COMPRESSORS[method] == "brotli":
+            import brotli
+            payload = brotli.decompress(body)
+        else:
+            payload = lzma.decompress(body) if COMPRESSORS[method] == "lzma" else rans_decompress(body)
+    except Exception as exc:  # whatever a damaged stream raises (brotli, lzma, a short buffer, a bad index)
         raise ArtifactError(f"artifact does not decompress (truncated or corrupt): {exc}") from None
     if len(payload) != raw_len or zlib.crc32(payload) != crc:
         raise ArtifactError(f"artifact payload is {len(payload)} bytes with crc32 {zlib.crc32(payload):08x}, "
@@ -1792,7 +2093,7 @@ def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, 
             synchronize(next(model.parameters()).device)
             log(f"gptq_quantize_time:{time.perf_counter() - start:.1f}s")
         payload = serialize_quantized(quantized)
-        blob = compress_artifact(payload, h.brotli_quality)
+        blob = compress_artifact(payload, h.compressor, h.brotli_quality)
         with open(path + ".tmp", "wb") as f:
             f.write(blob)
         os.replace(path + ".tmp", path)
@@ -1843,9 +2144,10 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
     artifact_path, model_bytes = export_artifact(model, h, rank, world_size, log, hessians)
     code_bytes = counted_code_bytes(os.path.abspath(__file__))
     total_bytes = code_bytes + model_bytes
-    log(f"Serialized model int{h.matrix_bits}+brotli: {model_bytes} bytes")
+    label = f"int{h.matrix_bits}+{h.compressor}"
+    log(f"Serialized model {label}: {model_bytes} bytes")
     log(f"Code size (packed): {code_bytes} bytes")
-    log(f"Total submission size int{h.matrix_bits}+brotli: {total_bytes} bytes")
+    log(f"Total submission size {label}: {total_bytes} bytes")
     if total_bytes > h.artifact_limit_bytes:
         log(f"ERROR: total {total_bytes} bytes exceeds the {h.artifact_limit_bytes}-byte limit by "
             f"{total_bytes - h.artifact_limit_bytes} bytes; the artifact is kept at {artifact_path} and still scored")
@@ -1854,8 +2156,9 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
 
 def main() -> None:
     h = Hyperparameters.from_env()
-    if h.quant_method not in ("rtn", "gptq") or h.gptq_block < 1:
-        raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, and GPTQ_BLOCK={h.gptq_block} at least 1")
+    if h.quant_method not in ("rtn", "gptq") or h.gptq_block < 1 or h.compressor not in COMPRESSORS:
+        raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, GPTQ_BLOCK={h.gptq_block} at least 1, "
+                         f"and COMPRESSOR={h.compressor!r} one of {COMPRESSORS}")
     if h.ttt_mode not in ("none", "sgd", "lora") or min(h.ttt_chunk_tokens, h.ttt_chunk, h.ttt_batch_docs, h.ttt_lora_rank) < 1:
         raise SystemExit(f"TTT_MODE={h.ttt_mode!r} must be none, sgd or lora, and TTT_CHUNK_TOKENS, TTT_CHUNK, "
                          f"TTT_BATCH_DOCS and TTT_LORA_RANK at least 1")
@@ -1913,8 +2216,9 @@ def main() -> None:
     load_s = time.perf_counter() - start
     val_loss, val_bpb = evaluate()
     eval_ms = 1000 * (time.perf_counter() - start)
-    log(f"final_int{h.matrix_bits}_brotli_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
-    log(f"final_int{h.matrix_bits}_brotli_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    label = f"int{h.matrix_bits}_{h.compressor}"
+    log(f"final_{label}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log(f"final_{label}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     if h.ttt_mode != "none":
         # TTT's eval time: the artifact's load and its own work; the plain score above is a separate measurement
         start = time.perf_counter() - load_s

@@ -289,6 +289,6 @@ def test_smoke_run_with_all_features_on(tmp_path):
     out = run_script([sys.executable, f"{REPO}/train_gpt.py"], env, str(tmp_path))
     assert "xsa_enabled=True smear_gate_enabled=True attn_gate_enabled=True parallel_residual_start=2" in out
     last = out.strip().splitlines()[-1]
-    match = re.match(r"final_int6_brotli_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", last)
+    match = re.match(r"final_int6_rans_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", last)
     assert match, last
     assert math.isfinite(float(match.group(2)))

@@ -11,7 +11,7 @@ import train_gpt as tg
 from conftest import REPO, SAMPLE_TOKENIZER, run_script
 
 SCRIPT = os.path.join(REPO, "train_gpt.py")
-FINAL = re.compile(r"^final_int6_brotli_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$")
+FINAL = re.compile(r"^final_int6_rans_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$")
 SHORT_RUN = {"ITERATIONS": "3", "TRAIN_LOG_EVERY": "1", "BROTLI_QUALITY": "5", "VAL_TOKENS_LIMIT": "2048"}
 
 
@@ -25,8 +25,8 @@ def final_bpb(stdout: str) -> float:
 def test_smoke_run_trains_exports_and_scores_the_reloaded_artifact(tmp_path):
     out = run_script([sys.executable, SCRIPT], {"RUN_ID": "smoke"}, str(tmp_path))
     bpb = final_bpb(out)
-    total = int(re.search(r"Total submission size int6\+brotli: (\d+) bytes", out).group(1))
-    model_bytes = int(re.search(r"Serialized model int6\+brotli: (\d+) bytes", out).group(1))
+    total = int(re.search(r"Total submission size int6\+rans: (\d+) bytes", out).group(1))
+    model_bytes = int(re.search(r"Serialized model int6\+rans: (\d+) bytes", out).group(1))
     assert model_bytes == os.path.getsize(tmp_path / "final_model.int6.ptz")
     assert model_bytes < total <= 16_000_000
     assert (tmp_path / "logs" / "smoke.txt").read_text().strip().splitlines()[-1] == out.strip().splitlines()[-1]

@@ -239,12 +239,12 @@ def test_smoke_run_with_gptq_completes_and_scores_the_round_trip(tmp_path):
     assert total_ms >= train_ms
     assert re.search(r"^gptq_quantize_time:[\d.]+s$", out, re.M)
     last = out.strip().splitlines()[-1]
-    match = re.match(r"^final_int6_brotli_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", last)
+    match = re.match(r"^final_int6_rans_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)$", last)
     assert match, last
     pre_quant = float(re.search(r"pre_quant_ema step:5 val_loss:[\d.]+ val_bpb:([\d.]+)", out).group(1))
     assert abs(float(match.group(2)) - pre_quant) < 0.05
     assert os.path.getsize(tmp_path / "final_model.int6.ptz") == int(
-        re.search(r"Serialized model int6\+brotli: (\d+) bytes", out).group(1))
+        re.search(r"Serialized model int6\+rans: (\d+) bytes", out).group(1))
 
 
 def _two_rank_worker(rank: int, data_path: str, port: int, out_dir: str) -> None:

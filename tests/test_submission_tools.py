@@ -87,7 +87,7 @@ def tiny_state(seed):
 
 
 def write_artifact(path, state, h):
-    blob = tg.compress_artifact(tg.serialize_quantized(tg.quantize_state_dict(state, h)), h.brotli_quality)
+    blob = tg.compress_artifact(tg.serialize_quantized(tg.quantize_state_dict(state, h)), h.compressor, h.brotli_quality)
     with open(path, "wb") as f:
         f.write(blob)
     return str(path), len(blob)

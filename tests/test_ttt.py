@@ -367,7 +367,7 @@ def test_eval_only_reproduces_the_round_trip_and_scores_with_ttt(smoke_run, tmp_
                                   "TTT_CHUNK_TOKENS": "128"})):
         env = {**SMOKE, **extra, "TTT_EVAL_ONLY": "1", "TTT_MODE": mode, "DATA_PATH": str(val_only)}
         stdout = run_script([sys.executable, SCRIPT], env, str(out))
-        roundtrip = "final_int6_brotli_roundtrip_exact"
+        roundtrip = "final_int6_rans_roundtrip_exact"
         assert exact_line(stdout, roundtrip) == exact_line(train_stdout, roundtrip)
         assert stdout.strip().splitlines()[-1].startswith("legal_ttt_exact val_loss:")
         assert "step:" not in stdout and (mode == "sgd" or "ttt_phase:1 docs:3" in stdout)

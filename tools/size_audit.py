@@ -7,16 +7,16 @@
 
 --state: a float state dict (final_model.pt), quantized with train_gpt.quantize_state_dict and the
 Hyperparameters the environment gives (defaults, or EMBED_BITS=7 etc., as for a run), then serialized and
-compressed at BROTLI_QUALITY exactly as a run would: that compressed size is the real model total.
+compressed with COMPRESSOR exactly as a run would: that compressed size is the real model total.
 --artifact: the file itself, read with decompress_artifact + deserialize_quantized; its file size is the
 real model total. With both, the audit reports the artifact and says whether the state dict re-quantizes to
 the same payload.
 
 Groups: embedding, attention, MLP and other int matrices (their integer values), scales (every int matrix's
-float16 row scales), float16 (the small tensors stored as float16), and the index (the payload's length
-prefix and JSON). Raw bytes of the groups add up to the payload. Each group is also compressed alone with
-brotli (quality --quality, default 11): a group's share of the artifact. The artifact compresses the whole
-payload in one stream, so its size differs a little from the sum of the parts; both are printed.
+float16 row scales), lqer (LQER factors: int4 codes, group scales and zeros), float16 (the small tensors
+stored as float16), and the index (the payload's length prefix and JSON). Raw bytes of the groups add up to the payload. Each group is also compressed alone with
+brotli (quality --quality, default 11): a group's share of the artifact. The artifact is compressed as a
+whole (by the compressor its header names), so its size differs from the sum of the parts; both are printed.
 Code: raw bytes of the script and its packed (counted) form, train_gpt.pack_source.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ if REPO not in sys.path:
 import train_gpt as tg  # noqa: E402
 
 LIMIT = 16_000_000
-GROUPS = ("embedding", "attention", "mlp", "other_int", "scales", "float16", "index")
+GROUPS = ("embedding", "attention", "mlp", "other_int", "scales", "lqer", "float16", "index")
 CLASS_GROUP = {"embed": "embedding", "attn": "attention", "mlp": "mlp", "other": "other_int"}
 
 
@@ -56,6 +56,11 @@ def group_bytes(quantized: dict) -> dict[str, dict]:
             g["chunks"].append(e["q"].cpu().numpy().astype("i1").tobytes())
             groups["scales"]["params"] += e["scale"].numel()
             groups["scales"]["chunks"].append(e["scale"].cpu().numpy().astype("<f2").tobytes())
+            for factor in e.get("lqer", {}).values():  # LQER_ENABLED: int4 codes, group scales and zeros
+                groups["lqer"]["tensors"] += 1
+                groups["lqer"]["params"] += factor["q"].numel()
+                groups["lqer"]["chunks"] += [factor["q"].cpu().numpy().astype("i1").tobytes()] + [
+                    factor[k].cpu().numpy().astype("<f2").tobytes() for k in ("scale", "zero")]
         else:
             g = groups["float16"]
             g["tensors"] += 1
@@ -83,14 +88,16 @@ def audit(state_path: str | None = None, artifact_path: str | None = None, scrip
             blob = f.read()
         payload = tg.decompress_artifact(blob)
         result["model_source"] = f"artifact {artifact_path}"
+        result["compressor"] = tg.COMPRESSORS[tg.ARTIFACT_HEADER.unpack_from(blob)[1]]
         result["artifact_bytes"] = len(blob)
         if from_state is not None:
             result["state_matches_artifact"] = from_state == payload
     else:
         payload = from_state
-        blob = tg.compress_artifact(payload, h.brotli_quality)
+        blob = tg.compress_artifact(payload, h.compressor, h.brotli_quality)
+        result["compressor"] = h.compressor
         result["model_source"] = (f"state dict {state_path} quantized (matrix_bits={h.matrix_bits}, "
-                                  f"embed_bits={h.embed_bits}), brotli-{h.brotli_quality}")
+                                  f"embed_bits={h.embed_bits}), {h.compressor}")
         result["artifact_bytes"] = len(blob)
     quantized = tg.deserialize_quantized(payload)
     (meta_len,) = struct.unpack_from("<I", payload, 0)
@@ -100,7 +107,7 @@ def audit(state_path: str | None = None, artifact_path: str | None = None, scrip
     for name in GROUPS:
         g = groups[name]
         data = b"".join(g["chunks"])
-        if not data and name == "other_int":
+        if not data and name in ("other_int", "lqer"):
             continue
         table[name] = {"tensors": g["tensors"], "params": g["params"], "raw_bytes": len(data),
                        "compressed_bytes": len(brotli.compress(data, quality=quality)) if data else 0}
@@ -132,7 +139,7 @@ def render(r: dict) -> str:
     out.append(f"  {'sum':<10} {'':>7} {'':>12} {raw_sum:>12,} {r['groups_compressed_sum']:>16,}")
     out.append(f"payload {r['payload_bytes']:,} B (data {r['payload_data_bytes']:,} + index "
                f"{r['payload_bytes'] - r['payload_data_bytes']:,}); artifact {r['artifact_bytes']:,} B "
-               f"({r['artifact_header_bytes']}-byte header + one brotli stream; "
+               f"({r['artifact_header_bytes']}-byte header + {r['compressor']}; "
                f"{r['artifact_bytes'] - r['groups_compressed_sum']:+,} B against the groups compressed alone)")
     if "state_matches_artifact" in r:
         out.append("state dict re-quantizes to the artifact's payload: " + ("yes" if r["state_matches_artifact"] else
