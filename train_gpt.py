@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import base64
 import glob
+import inspect
 import json
 import lzma
 import math
@@ -102,6 +103,13 @@ class Hyperparameters:
     smear_gate_enabled: bool = False  # SmearGate: x_t += sigmoid(gate)·x_{t-1} on the embeddings, none at BOS
     attn_gate_enabled: bool = False  # per-head output gate 2·sigmoid(0.5·W·x[:12]), W = 0 at init (gate = 1)
     parallel_residual_start: int = -1  # from this layer on: x + attn(n(x)) + mlp(n(x)); -1 = off (spec: 8)
+    parallel_residual_lanes: int = 1  # 2: the parallel layers carry an attention lane and an MLP lane, mixed
+    num_loops: int = 0  # depth recurrence: layers LOOP_START..LOOP_END run 1 + NUM_LOOPS times; 0 = off (spec: 2)
+    loop_start: int = 3
+    loop_end: int = 5
+    loop_enable_frac: float = 0.35  # training runs the plain layout until this fraction of training has passed
+    doc_attention: bool = False  # attention bounded by documents (cut at every BOS), in training and evaluation
+    doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
     # training
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -424,21 +432,99 @@ def load_validation_byte_counts(data_path: str, num_tokens: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 try:  # FlashAttention-3 (Hopper) when installed; PyTorch's SDPA otherwise
-    from flash_attn_interface import flash_attn_func as _flash_attn_3
+    from flash_attn_interface import flash_attn_func as _flash_attn_3, flash_attn_varlen_func as _flash_attn_3_varlen
 except ImportError:
-    _flash_attn_3 = None
+    _flash_attn_3 = _flash_attn_3_varlen = None
+try:  # PyTorch's packed variable-length attention (FlashAttention-2 kernels); its keywords differ across versions
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen
+    _VARLEN_ARGS = inspect.signature(_torch_varlen).parameters
+    _TORCH_VARLEN_GQA = "enable_gqa" in _VARLEN_ARGS
+    _TORCH_VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _VARLEN_ARGS else {"window_size": (-1, 0)}
+except ImportError:
+    _torch_varlen = None
+# device types on which document-bounded attention runs packed through a varlen kernel; elsewhere an explicit mask
+VARLEN_DEVICES = ("cuda",) if _flash_attn_3_varlen is not None or _torch_varlen is not None else ()
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries)."""
-    if _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None) -> torch.Tensor:
+    """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries).
+
+    `docs` bounds it by documents: a boolean mask from document_mask, or (cu_seqlens, overflow start) from
+    document_segments for the packed varlen kernels."""
+    if isinstance(docs, tuple):
+        return packed_document_attention(q, k, v, *docs)
+    if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         out = _flash_attn_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     group = q.size(2) // k.size(2)
     if group > 1:
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
+                                         is_causal=docs is None)
     return out.transpose(1, 2)
+
+
+def document_starts(idx: torch.Tensor) -> torch.Tensor:
+    """True where a document segment starts: at every BOS, and at each row's first token (a row may begin
+    inside a document, whose earlier part is not in the row)."""
+    starts = idx == BOS_ID
+    starts[:, 0] = True
+    return starts
+
+
+def document_mask(starts: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, time, time), True where query t may attend key s: s ≤ t and both in the same document."""
+    doc = starts.cumsum(1)
+    causal = torch.ones(starts.size(1), starts.size(1), dtype=torch.bool, device=starts.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def document_segments(starts: torch.Tensor, max_cuts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segments of the flattened batch for the varlen kernels, in fixed shapes whatever the number of documents
+    (no host sync, no recompilation). Every row start is a cut, so every segment fits in one row and every token
+    is in one; so are the first `max_cuts` BOS inside rows. Returns (cu_seqlens: int32, rows + max_cuts + 1
+    entries, the cut positions then the token count, which also pads the unused entries into empty segments;
+    the position of the first BOS left out, or the token count when none is)."""
+    rows, seq_len = starts.shape
+    flat = starts.reshape(-1)
+    row_start = torch.arange(flat.numel(), device=flat.device) % seq_len == 0
+    cuts = flat & ~row_start
+    rank = cuts.cumsum(0)
+    kept = (row_start | cuts & (rank <= max_cuts)).cumsum(0)
+    # the k-th segment starts at the first position where the running count of kept cuts reaches k
+    bounds = torch.searchsorted(kept, torch.arange(1, rows + max_cuts + 1, device=flat.device))
+    overflow_start = torch.searchsorted(rank, rank.new_full((1,), max_cuts + 1))[0]
+    return torch.cat((bounds, bounds.new_full((1,), flat.numel()))).to(torch.int32), overflow_start
+
+
+def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                            max_len: int) -> torch.Tensor:
+    """Causal attention inside each segment [cu[i], cu[i+1]) of packed (tokens, heads, head_dim) tensors, on
+    FlashAttention-3 or PyTorch's varlen kernel (half precision only: float32 inputs go through bfloat16)."""
+    dtype = q.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    if _flash_attn_3_varlen is not None:
+        out = _flash_attn_3_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+    elif _TORCH_VARLEN_GQA:
+        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, enable_gqa=True, **_TORCH_VARLEN_CAUSAL)
+    else:
+        group = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **_TORCH_VARLEN_CAUSAL)
+    return out.to(dtype)
+
+
+def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                              overflow_start: torch.Tensor) -> torch.Tensor:
+    batch, seq_len, heads, head_dim = q.shape
+    y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len)
+    # Past the first BOS left out, segments may span several documents: there each token attends to itself alone
+    # (its output is its own value), so attention never crosses a boundary; GPT counts such batches, train() logs them.
+    past = torch.arange(y.size(0), device=y.device)[:, None, None] >= overflow_start
+    y = torch.where(past, v.flatten(0, 1).repeat_interleave(heads // v.size(2), dim=1), y)
+    return y.view(batch, seq_len, heads, head_dim)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -502,7 +588,7 @@ class Attention(nn.Module):
             # skip it, and at ≤ FLOAT_MAX_NUMEL elements it is stored float16.
             self.gate = nn.Parameter(torch.zeros(h.num_heads, ATTN_GATE_WIDTH))  # 2·sigmoid(0) = 1: transparent
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         q = self.q(x).view(batch, seq_len, self.num_heads, self.head_dim)
         k = self.k(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
@@ -510,7 +596,7 @@ class Attention(nn.Module):
         # q and k are unit-RMS per head, so the learned gain alone sets how sharp attention can get
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, docs)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if hasattr(self, "gate"):
@@ -535,26 +621,48 @@ class MLP(nn.Module):
         return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
 
 
+def layer_order(num_layers: int, loop_start: int, loop_end: int, num_loops: int) -> tuple[list[int], list[int]]:
+    """(encoder, decoder) block indices in the order they run: layers loop_start..loop_end repeated num_loops more
+    times after their first pass, the sequence split in half (the decoder takes the odd one)."""
+    order = list(range(num_layers))
+    order[loop_end + 1:loop_end + 1] = list(range(loop_start, loop_end + 1)) * num_loops
+    return order[:len(order) // 2], order[len(order) // 2:]
+
+
 class Block(nn.Module):
     def __init__(self, h: Hyperparameters, layer_index: int):
         super().__init__()
-        self.norm_scale = 1.0 / math.sqrt(layer_index + 1)  # deeper layers write smaller inputs to their sublayers
+        # Deeper layers write smaller inputs to their sublayers. The index is the physical one, also for a looped
+        # layer's later passes: the block then computes one function in both layouts (recurrence switches on in
+        # mid-training, over weights trained without it), and the scale stays a constant of the block.
+        self.norm_scale = 1.0 / math.sqrt(layer_index + 1)
         self.attn = Attention(h)
         self.mlp = MLP(h)
-        # Parallel residual: attention and MLP read the same normed input and both add to the one stream
-        # (the classic parallel block, one stream, so there are no lanes to mix).
+        # Parallel residual: attention and MLP read the same normed input, and both add to the one stream; or,
+        # with two lanes, each adds to its own lane and both read a learned per-channel mix of the lanes.
         self.parallel = 0 <= h.parallel_residual_start <= layer_index
+        if self.parallel and h.parallel_residual_lanes == 2:
+            self.lane_mix = nn.Parameter(torch.full((h.model_dim,), 0.5))  # weight of the attention lane: the mean
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, docs=None):
+        """x: the residual stream, or (attention lane, MLP lane) inside the two-lane layers."""
+        if hasattr(self, "lane_mix"):
+            attn_lane, mlp_lane = x if isinstance(x, tuple) else (x, x)  # the first two-lane layer splits the stream
+            n = rms_norm(torch.lerp(mlp_lane, attn_lane, self.lane_mix.to(attn_lane.dtype))) * self.norm_scale
+            return attn_lane + self.attn(n, docs), mlp_lane + self.mlp(n)
         if self.parallel:
             n = rms_norm(x) * self.norm_scale
-            return x + self.attn(n) + self.mlp(n)
-        x = x + self.attn(rms_norm(x) * self.norm_scale)
+            return x + self.attn(n, docs) + self.mlp(n)
+        x = x + self.attn(rms_norm(x) * self.norm_scale, docs)
         return x + self.mlp(rms_norm(x) * self.norm_scale)
 
 
 class GPT(nn.Module):
-    """Pre-norm GPT with tied embeddings, softcapped logits and U-Net skips from the encoder half to the decoder half."""
+    """Pre-norm GPT with tied embeddings, softcapped logits and U-Net skips from the encoder half to the decoder half.
+
+    With NUM_LOOPS > 0 the blocks run in the looped layout of layer_order. Eval mode always runs it: it is what the
+    hyperparameters describe, so a model rebuilt from them and an artifact is the same model. Train mode runs it
+    once `looping` is set; train() clears it until LOOP_ENABLE_FRAC of training has passed."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -566,16 +674,43 @@ class GPT(nn.Module):
             raise SystemExit(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
         if h.attn_gate_enabled and h.model_dim < ATTN_GATE_WIDTH:
             raise SystemExit(f"ATTN_GATE_ENABLED needs MODEL_DIM={h.model_dim} of at least {ATTN_GATE_WIDTH}")
+        if h.num_loops < 0 or h.num_loops and not 0 <= h.loop_start <= h.loop_end < h.num_layers:
+            raise SystemExit(f"NUM_LOOPS={h.num_loops} must be ≥ 0, and with loops 0 ≤ LOOP_START={h.loop_start} "
+                             f"≤ LOOP_END={h.loop_end} < NUM_LAYERS={h.num_layers}")
+        if h.parallel_residual_lanes not in (1, 2) or h.doc_segment_tokens < 1:
+            raise SystemExit(f"PARALLEL_RESIDUAL_LANES={h.parallel_residual_lanes} must be 1 or 2, and "
+                             f"DOC_SEGMENT_TOKENS={h.doc_segment_tokens} at least 1")
         self.logit_softcap = h.logit_softcap
         self.fused_ce = False  # main() turns the Triton loss on where it can run
         self.residual_dtype = None  # main() sets bfloat16 for RESIDUAL_BF16 on CUDA; None keeps the embedding's float32
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
-        self.num_encoder_layers = h.num_layers // 2
-        num_skips = min(self.num_encoder_layers, h.num_layers - self.num_encoder_layers)
+        self.plain_layout = layer_order(h.num_layers, h.loop_start, h.loop_end, 0)
+        self.looped_layout = layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops) if h.num_loops else None
+        self.looping = h.num_loops > 0
+        # One set of skip gates serves both layouts: a row per encoder output of the longer (looped) one. Rows
+        # 0..p−1 (p = the plain encoder's length) are the plain layout's, row r for its r-th decoder layer, which
+        # reads encoder output p−1−r. In the looped layout encoder output i < p keeps that row, p−1−i, and later
+        # encoder outputs take rows i: with the spec's 11 layers and loops 3–5 × 2, rows 0..4 then join the same
+        # physical layers (4→5, 3→6, 2→7, 1→8, 0→9) in both layouts, so the switch keeps what they learned.
+        plain_encoder = len(self.plain_layout[0])
+        num_skips = len((self.looped_layout or self.plain_layout)[0])
+        self.skip_rows = [plain_encoder - 1 - i if i < plain_encoder else i for i in range(num_skips)]
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))  # sigmoid(0): half of each skip
+        # Two lanes hold from the first two-lane layer to the output, so those layers must run last, after the
+        # encoder half (whose outputs feed the skips as single streams), in every layout.
+        for encoder, decoder in filter(None, (self.plain_layout, self.looped_layout)):
+            lanes = [hasattr(self.blocks[i], "lane_mix") for i in encoder + decoder]
+            if any(lanes[:len(encoder)]) or lanes != sorted(lanes):
+                raise SystemExit(f"PARALLEL_RESIDUAL_LANES=2 needs the layers from PARALLEL_RESIDUAL_START="
+                                 f"{h.parallel_residual_start} to run last and in the decoder half: order {encoder + decoder}")
+        if any(hasattr(b, "lane_mix") for b in self.blocks):
+            self.lane_out_mix = nn.Parameter(torch.full((h.model_dim,), 0.5))  # the lanes' mean at the output
         if h.smear_gate_enabled:
             self.smear_gate = nn.Parameter(torch.full((h.model_dim,), -3.0))  # per channel; sigmoid(−3) ≈ 0.047
+        self.doc_attention, self.doc_segment_tokens = h.doc_attention, h.doc_segment_tokens
+        if h.doc_attention:  # forward passes whose documents overflowed the varlen capacity (no sync to count them)
+            self.register_buffer("doc_overflows", torch.zeros((), dtype=torch.int64), persistent=False)
         self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
@@ -587,6 +722,20 @@ class GPT(nn.Module):
                 else:
                     nn.init.normal_(module.weight, std=module.in_features ** -0.5)
 
+    def layout(self) -> tuple[list[int], list[int]]:
+        return self.looped_layout if self.looped_layout and (self.looping or not self.training) else self.plain_layout
+
+    def documents(self, idx: torch.Tensor):
+        """What causal_attention needs to keep each token inside its document (found from BOS)."""
+        starts = document_starts(idx)
+        if idx.device.type not in VARLEN_DEVICES:
+            return document_mask(starts)
+        # A fixed capacity keeps the graph static; FlashAttention launches blocks for every segment, empty or not,
+        # so it is sized for documents of DOC_SEGMENT_TOKENS on average, far below FineWeb's (≈ 1,000 tokens).
+        cu_seqlens, overflow_start = document_segments(starts, idx.size(0) * (idx.size(1) // self.doc_segment_tokens))
+        self.doc_overflows += overflow_start < idx.numel()
+        return cu_seqlens, overflow_start
+
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(idx)
         if hasattr(self, "smear_gate"):
@@ -596,14 +745,19 @@ class GPT(nn.Module):
             # The elementwise work around the blocks (adds, norms, gates) is memory-bound; a float32 stream moves
             # twice the bytes. The blocks' outputs are bfloat16 under autocast, so the stream stays in this dtype.
             x = x.to(self.residual_dtype)
+        docs = self.documents(idx) if self.doc_attention else None
+        encoder, decoder = self.layout()
         skips = []
-        for i, block in enumerate(self.blocks):
-            decoder_index = i - self.num_encoder_layers
-            if 0 <= decoder_index < len(self.skip_gates):
-                x = x + torch.sigmoid(self.skip_gates[decoder_index]).to(x.dtype) * skips.pop()
-            x = block(x)
-            if i < self.num_encoder_layers:
-                skips.append(x)
+        for i in encoder:
+            x = self.blocks[i](x, docs)
+            skips.append(x)
+        for i in decoder:
+            if skips:  # the last encoder output feeds the first decoder layer, and so on outwards
+                skip = torch.sigmoid(self.skip_gates[self.skip_rows[len(skips) - 1]]).to(skips[-1].dtype) * skips.pop()
+                x = tuple(lane + skip for lane in x) if isinstance(x, tuple) else x + skip  # on both lanes: full weight
+            x = self.blocks[i](x, docs)
+        if isinstance(x, tuple):
+            x = torch.lerp(x[1], x[0], self.lane_out_mix.to(x[0].dtype))
         return rms_norm(x)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
@@ -1974,14 +2128,18 @@ class TrainingClock:
 
 def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log) -> float:
     """Run a few real steps so compilation happens before the timer, then restore the initial weights and
-    optimizer states: the timed run starts from step 0 with the graphs already built."""
-    if h.compile_warmup_steps <= 0:
+    optimizer states: the timed run starts from step 0 with the graphs already built. With NUM_LOOPS > 0 the
+    first half of the steps (at least one) runs the plain layout and the rest the looped one, so the switch in
+    mid-training finds both graphs built (it flips `model.looping`, on which the compiled graph is guarded)."""
+    steps = max(h.compile_warmup_steps, 2) if h.num_loops and h.compile_warmup_steps > 0 else h.compile_warmup_steps
+    if steps <= 0:
         return 0.0
     start = time.perf_counter()
     initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     initial_optimizers = [opt.state_dict() for opt in optimizers]
     loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
-    for step in range(h.compile_warmup_steps):
+    for step in range(steps):
+        model.looping = h.num_loops > 0 and step >= steps // 2
         set_schedule(optimizers, step, 0.0, h)
         train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
     synchronize(device)
@@ -1989,7 +2147,7 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size
     for opt, state in zip(optimizers, initial_optimizers):
         opt.load_state_dict(state)
     seconds = time.perf_counter() - start
-    log(f"compile_warmup_steps:{h.compile_warmup_steps} compile_warmup_time:{seconds:.1f}s")
+    log(f"compile_warmup_steps:{steps} compile_warmup_time:{seconds:.1f}s")
     return seconds
 
 
@@ -2000,6 +2158,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
     budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
     clock = TrainingClock(budget_ms, h.time_sync_every, world_size, device)
     step, stop, loss = 0, False, None
+    model.looping = h.num_loops > 0 and h.loop_enable_frac <= 0
     clock.start()
     while True:
         last_step = step == h.iterations or stop
@@ -2012,7 +2171,11 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
             clock.resume()
         if last_step:
             break
-        set_schedule(optimizers, step, max(step / h.iterations, clock.estimate(step) / budget_ms), h)
+        progress = max(step / h.iterations, clock.estimate(step) / budget_ms)
+        if h.num_loops and not model.looping and progress >= h.loop_enable_frac:
+            model.looping = True  # the looped graph was built in the warm-up
+            log(f"recurrence:on step:{step}")
+        set_schedule(optimizers, step, progress, h)
         loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
         ema.update(model)
         step += 1
@@ -2026,7 +2189,16 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
                     f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
             if stop and step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+    model.looping = h.num_loops > 0
+    log_document_overflows(model, log)
     return step, clock.measured_ms
+
+
+def log_document_overflows(model: GPT, log) -> None:
+    overflows = int(getattr(model, "doc_overflows", 0))
+    if overflows:
+        log(f"WARNING doc_attention: {overflows} forward passes so far held more documents than the varlen capacity; "
+            f"past it each token attended to itself alone (lower DOC_SEGMENT_TOKENS for a larger capacity)")
 
 
 def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, rank: int, world_size: int,
@@ -2218,6 +2390,7 @@ def main() -> None:
     eval_ms = 1000 * (time.perf_counter() - start)
     label = f"int{h.matrix_bits}_{h.compressor}"
     log(f"final_{label}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
+    log_document_overflows(model, log)
     log(f"final_{label}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
     if h.ttt_mode != "none":
         # TTT's eval time: the artifact's load and its own work; the plain score above is a separate measurement

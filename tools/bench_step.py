@@ -9,7 +9,9 @@ Prints, after compiling and warming up:
   - tokens/s, model FLOP utilisation against this GPU's measured bf16 matmul rate, peak memory;
   - a breakdown of one step from the profiler: attention, matmuls, loss, other forward/backward kernels,
     optimizer (with clipping and the EMA), and communication.
-Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12).
+Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12). With NUM_LOOPS > 0 it times
+the looped layout (set NUM_LOOPS=0 for the plain one). BENCH_DOC_MASK=1 makes DOC_ATTENTION=1 use the explicit
+mask with SDPA instead of the varlen kernel, to compare the two.
 """
 import os
 import re
@@ -44,9 +46,13 @@ def measured_bf16_tflops() -> float:
     return 2 * 8192 ** 3 * 20 / (start.elapsed_time(end) / 1000) / 1e12
 
 
-def flops_per_token(h: tg.Hyperparameters, params: int) -> float:
-    """6·N for the matmuls (tied embedding counted once, as the head) + causal attention's two products (6·L·T·d)."""
-    return 6 * params + 6 * h.num_layers * h.train_seq_len * h.model_dim
+def flops_per_token(h: tg.Hyperparameters, model: tg.GPT) -> float:
+    """6·N for the matmuls (tied embedding counted once, as the head; a looped block once per pass) + causal
+    attention's two products (6·T·d per block pass), for the layout the model trains in now."""
+    encoder, decoder = model.layout()
+    block_params = [sum(p.numel() for p in b.parameters()) for b in model.blocks]
+    params = sum(p.numel() for p in model.parameters()) + sum(block_params[i] for i in encoder + decoder) - sum(block_params)
+    return 6 * params + 6 * len(encoder + decoder) * h.train_seq_len * h.model_dim
 
 
 def classify(name: str) -> str:
@@ -61,6 +67,8 @@ def main() -> None:
     os.environ.setdefault("TRAIN_BATCH_TOKENS", str(micro_tokens))
     os.environ.setdefault("GRAD_ACCUM_STEPS", "1")
     h = tg.Hyperparameters.from_env()
+    if os.environ.get("BENCH_DOC_MASK") == "1":
+        tg.VARLEN_DEVICES = ()
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(h.seed)
@@ -121,11 +129,13 @@ def main() -> None:
 
     peak = measured_bf16_tflops()
     tokens_per_s = micro_tokens / (loop_ms / 1000)
-    mfu = flops_per_token(h, params) * tokens_per_s / (peak * 1e12)
+    mfu = flops_per_token(h, model) * tokens_per_s / (peak * 1e12)
     full_step_ms = (tg.Hyperparameters().train_batch_tokens // micro_tokens) * fwd_bwd + optim
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__} attention: "
           f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile}")
-    print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s")
+    print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s "
+          f"block passes: {sum(map(len, model.layout()))} doc_attention: {h.doc_attention} "
+          f"varlen: {'flash_attn_3' if tg._flash_attn_3_varlen is not None else 'torch' if tg.VARLEN_DEVICES else 'none (mask)'}")
     print("| measure | value |\n|---|---|")
     print(f"| ms per micro-step (fwd+bwd+optimizer+EMA, back to back) | {loop_ms:.1f} |")
     print(f"| ms forward+backward / optimizer+clip+EMA (median, events) | {fwd_bwd:.1f} / {optim:.1f} |")
