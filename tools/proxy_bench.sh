@@ -40,7 +40,7 @@ run)
   export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1
   common=(DATA_PATH="$SHARDS" TOKENIZER_PATH="$WORK/fineweb_8192_bpe.model" VOCAB_SIZE=8192)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_model_and_optimizer.py 2>&1 | tail -3
+  python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_model_and_optimizer.py tests/test_recurrence_and_docs.py 2>&1 | tail -5
   for entry in $BENCH_RUNS; do
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== bench_step $name $overrides"
