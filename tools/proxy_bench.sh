@@ -8,7 +8,7 @@
 #   2. throughput: tools/bench_step.py on the full default model, once per entry of BENCH_RUNS;
 #   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default), once per
 #      entry of QUALITY_RUNS;
-#   4. with QUANT_BENCH=1, tools/quant_bench.py on the first quality run's float weights;
+#   4. with QUANT_BENCH=1, tools/quant_bench.py $QUANT_BENCH_ARGS on the first quality run's float weights;
 #   5. once per entry of EVAL_RUNS, TTT_EVAL_ONLY=1 on the first quality run's artifact (e.g. sgd:TTT_MODE=sgd).
 # A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol), entries separated by spaces:
 #   BENCH_RUNS="base all:XSA_ENABLED=1,SMEAR_GATE_ENABLED=1" QUALITY_RUNS="rtn gptq:QUANT_METHOD=gptq" tools/proxy_bench.sh start
@@ -20,6 +20,7 @@ QUALITY_SECONDS=${QUALITY_SECONDS:-180}
 BENCH_RUNS=${BENCH_RUNS-"fused_ce0:FUSED_CE=0 fused_ce1:FUSED_CE=1"}
 QUALITY_RUNS=${QUALITY_RUNS-quality}
 QUANT_BENCH=${QUANT_BENCH:-0}
+QUANT_BENCH_ARGS=${QUANT_BENCH_ARGS-}
 EVAL_RUNS=${EVAL_RUNS-}
 
 case "${1:-}" in
@@ -32,7 +33,7 @@ start)
       || { cat "$WORK/shards.log"; exit 1; }
     cat "$WORK/shards.log"
   fi
-  export BENCH_RUNS QUALITY_SECONDS QUALITY_RUNS QUANT_BENCH EVAL_RUNS
+  export BENCH_RUNS QUALITY_SECONDS QUALITY_RUNS QUANT_BENCH QUANT_BENCH_ARGS EVAL_RUNS
   start_job "$WORK" "$0"
   ;;
 run)
@@ -59,7 +60,7 @@ run)
   protocol=(TRAIN_BATCH_TOKENS=65536 SEED=1337 $qover OUTPUT_DIR="$WORK/out_$qname")
   if [ "$QUANT_BENCH" = 1 ]; then
     echo "== quant_bench on out_$qname"
-    env "${common[@]}" "${protocol[@]}" python3 tools/quant_bench.py --state "out_$qname/final_model.pt" \
+    env "${common[@]}" "${protocol[@]}" python3 tools/quant_bench.py --state "out_$qname/final_model.pt" $QUANT_BENCH_ARGS \
         > quant_bench.out 2>&1 || echo "quant_bench exited non-zero"
     tail -n 25 quant_bench.out
   fi
