@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, SAMPLE_TOKENIZER
+from conftest import ARCH_OFF, REPO, SAMPLE_TOKENIZER
 
 SCRIPT = os.path.join(REPO, "train_gpt.py")
 
@@ -215,7 +215,7 @@ def test_lqer_corrects_the_top_k_matrices_and_round_trips_exactly(method):
             if w.ndim == 2 and w.numel() > h.float_max_numel:
                 x = torch.randn(512, w.size(1)) @ torch.randn(w.size(1), w.size(1)) / w.size(1) ** 0.5
                 hessians[name] = x.T @ x
-    plain = tg.quantize_state_dict(state, tg.Hyperparameters(float_max_numel=1000), hessians)
+    plain = tg.quantize_state_dict(state, tg.Hyperparameters(float_max_numel=1000, lqer_enabled=False), hessians)
     quantized = tg.quantize_state_dict(state, h, hessians)
     errors = {n: (state[n] - tg.dequantize_entry(e)).norm().item() for n, e in plain.items() if e["kind"] == "int"}
     top = sorted(errors, key=errors.get, reverse=True)[:2]
@@ -259,7 +259,7 @@ def smoke_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("smoke_lqer")
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update({"PRESET": "smoke", "OUTPUT_DIR": str(out_dir), "CUDA_VISIBLE_DEVICES": "", "RUN_ID": "lqer",
-                "ITERATIONS": "2", "VAL_TOKENS_LIMIT": "1024", "FLOAT_MAX_NUMEL": "4096", "LQER_ENABLED": "1",
+                "ITERATIONS": "2", "VAL_TOKENS_LIMIT": "1024", "FLOAT_MAX_NUMEL": "4096", "LQER_ENABLED": "1", "QUANT_METHOD": "rtn",
                 "ARTIFACT_LIMIT_BYTES": "100000"})
     proc = subprocess.run([sys.executable, SCRIPT], cwd=str(out_dir), env=env, capture_output=True, text=True, timeout=600)
     return proc, out_dir
@@ -294,7 +294,7 @@ def test_the_run_wrote_its_model_with_lqer_factors(smoke_run):
 TINY_BENCH = {"data_path": os.path.join(REPO, "data", "sample"), "tokenizer_path": SAMPLE_TOKENIZER, "vocab_size": 1024,
               "num_layers": 2, "model_dim": 64, "num_heads": 2, "num_kv_heads": 1, "rope_dims": 8, "float_max_numel": 1000,
               "eval_seq_len": 128, "eval_stride": 128, "val_tokens_limit": 1024, "train_batch_tokens": 1024,
-              "train_seq_len": 128, "gptq_calibration_batches": 1, "lqer_top_k": 2}
+              "train_seq_len": 128, "gptq_calibration_batches": 1, "lqer_top_k": 2, **ARCH_OFF}
 
 
 def test_quant_bench_scores_and_sizes_each_configuration(tmp_path, monkeypatch, capsys):

@@ -86,7 +86,7 @@ def trained_like_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """A small model's state with heavy-tailed weights, as training leaves them."""
     torch.manual_seed(seed)
     h = tg.Hyperparameters(vocab_size=300, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8,
-                           float_max_numel=4096, embed_bits=7)
+                           float_max_numel=4096, embed_bits=7, lqer_enabled=False)
     state = tg.GPT(h).state_dict()
     for name, t in state.items():
         t.copy_(torch.distributions.StudentT(4.0).sample(t.shape) * 0.02)

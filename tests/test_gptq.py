@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import train_gpt as tg
-from conftest import REPO, run_script
+from conftest import ARCH_OFF, REPO, run_script
 
 SCRIPT = os.path.join(REPO, "train_gpt.py")
 QMAX6 = 31
@@ -124,7 +124,7 @@ def test_act_order_permutation_is_undone():
 def tiny_model(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     settings = dict(vocab_size=97, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4,
-                    float_max_numel=256)
+                    float_max_numel=256, **ARCH_OFF)
     settings.update(overrides)
     h = tg.Hyperparameters(**settings)
     model = tg.GPT(h)

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import assert_causal
+from conftest import ARCH_OFF, assert_causal
 
 
 def tiny_hparams(**overrides) -> tg.Hyperparameters:
-    h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8)
+    h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, **ARCH_OFF)
     for k, v in overrides.items():
         setattr(h, k, v)
     return h
