@@ -27,7 +27,8 @@ EVAL_RUNS=${EVAL_RUNS-}
 case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK"
-  cp -r train_gpt.py tools tests "$WORK/" && cp .bench/tokenizers/fineweb_8192_bpe.model "$WORK/"
+  # data/ and tokenizers/ hold the bundled sample that some tests train on
+  cp -r train_gpt.py tools tests data tokenizers "$WORK/" && cp .bench/tokenizers/fineweb_8192_bpe.model "$WORK/"
   install_wheels "$WORK" || exit 1
   if [ ! -f "$SHARDS/fineweb_val_000000.bin" ]; then
     python3 .bench/bench/make_shards.py .bench/corpus .bench/tokenizers/fineweb_8192_bpe.model "$SHARDS" > "$WORK/shards.log" 2>&1 \
