@@ -1815,7 +1815,7 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes
         t0, mine = guard.now(), chunk[rank::world_size]
         with torch.no_grad():
             for j in range(0, len(mine), h.eval_batch_seqs):
-                losses, index = score_windows(score_fn, tokens, mine[j:j + h.eval_batch_seqs], device)
+                losses, index = score_windows(score_fn, tokens, mine[j:j + h.eval_batch_seqs], device, h.eval_batch_seqs)
                 sums.add(losses, index)
                 if trace:
                     trace("score", index, losses, None)
