@@ -157,7 +157,8 @@ class Hyperparameters:
     clip_sigmas_embed: float = 14.0
     clip_sigmas_other: float = 12.85
     float_max_numel: int = 65536
-    quant_method: str = "gptq"  # "rtn": round to nearest; "gptq": GPTQ on SDClip's grid with calibration Hessians
+    quant_method: str = "gptq"  # "rtn": round to nearest; "gptq": GPTQ on the row grid with calibration Hessians
+    quant_grid: str = "sdclip"  # row step: "sdclip" k·σ(row)/qmax; "absmax" max|row|/qmax (no clipping, finer, larger)
     gptq_calibration_batches: int = 16  # training batches (TRAIN_BATCH_TOKENS each) whose activations give XᵀX
     gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
     gptq_block: int = 128  # columns per GPTQ block (error feedback inside a block at once, lazily beyond it)
@@ -187,6 +188,7 @@ class Hyperparameters:
     ttt_phase_docs: str = "833,1666,2500"  # lora: a global SGD phase once this many documents are scored
     ttt_phase_lr: float = 1e-3
     ttt_log_every: int = 100  # chunks (sgd) or document batches (lora) between progress lines
+    ttt_warmup: bool = True  # compile TTT's graphs on random tokens first, so the time guard paces real work
 
     @classmethod
     def from_env(cls) -> "Hyperparameters":
@@ -1114,15 +1116,25 @@ def sdclip_scale(weight: torch.Tensor, bits: int, clip_sigmas: float) -> torch.T
     return (clip_sigmas * weight.detach().float().std(dim=1, unbiased=False) / qmax).to(torch.float16)
 
 
+def absmax_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each row's step is max|row|/qmax (float16, rounded up so that no value lands past ±qmax steps)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = (weight.detach().float().abs().amax(dim=1) / qmax).to(torch.float16)
+    short = scale.float() * qmax < weight.detach().float().abs().amax(dim=1)  # float16 rounding fell below the max
+    return torch.where(short, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+
+
 def round_to_grid(w: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
     """Nearest multiple of `step` (broadcast against w), clipped to ±qmax; a zero step (a constant row) stores 0."""
     safe = step.clamp_min(1e-30)
     return torch.where(step > 0, torch.round(w / safe).clamp(-qmax, qmax), torch.zeros_like(w))
 
 
-def quantize_per_row(weight: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round to nearest on SDClip's per-row grid; values past ±qmax steps are clipped."""
-    scale = sdclip_scale(weight, bits, clip_sigmas)
+def quantize_per_row(weight: torch.Tensor, bits: int, clip_sigmas: float,
+                     grid: str = "sdclip") -> tuple[torch.Tensor, torch.Tensor]:
+    """Round to nearest on the per-row grid (SDClip's, or absmax's with clip_sigmas unused); values past ±qmax
+    steps are clipped."""
+    scale = sdclip_scale(weight, bits, clip_sigmas) if grid == "sdclip" else absmax_scale(weight, bits)
     q = round_to_grid(weight.detach().float(), scale.float()[:, None], 2 ** (bits - 1) - 1)
     return q.to(torch.int8), scale
 
@@ -1138,7 +1150,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tens
     Columns are rounded one at a time; each rounding error is spread over the columns not yet rounded, weighted
     by the Cholesky factor of H⁻¹ (H = XᵀX of the layer's inputs), so correlated inputs absorb it. Columns go in
     descending diag(H) order (act-order: the busiest inputs first, while the most columns can still compensate),
-    and the result is put back in the original order. The scales are SDClip's, fixed beforehand, so the
+    and the result is put back in the original order. The scales (SDClip's or absmax's) are fixed beforehand, so the
     artifact's format is unchanged: only which integers are stored differs from round-to-nearest."""
     w = weight.detach().float().clone()
     step = scale.to(w.device).float()
@@ -1206,7 +1218,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
     """name → {"kind": "int", "bits", "q", "scale"[, "lqer"]} for large matrices, {"kind": "float16", "data"} else.
 
     A matrix with a Hessian in `hessians` (QUANT_METHOD=gptq) gets GPTQ's integers, the others round to
-    nearest; both use SDClip's scales, so the two give artifacts of the same layout. With LQER_ENABLED, the
+    nearest; both use QUANT_GRID's scales, so the two give artifacts of the same layout. With LQER_ENABLED, the
     LQER_TOP_K matrices whose error ‖W − Q(W)‖_F is largest also get "lqer" factors of that error."""
     clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn, "other": h.clip_sigmas_other}
     hessians = hessians or {}
@@ -1215,7 +1227,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
         if tensor.ndim == 2 and tensor.numel() > h.float_max_numel:
             cls = tensor_class(name)
             bits = h.embed_bits if cls == "embed" else h.matrix_bits
-            q, scale = quantize_per_row(tensor, bits, clip[cls])
+            q, scale = quantize_per_row(tensor, bits, clip[cls], h.quant_grid)
             if name in hessians:
                 q = gptq_quantize(tensor, hessians[name], scale, 2 ** (bits - 1) - 1, h.gptq_damp, h.gptq_block)
             quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
@@ -1792,6 +1804,24 @@ def sgd_step(model: GPT, opt, lr: float, train_fn, tokens: torch.Tensor, first: 
     optimizer_step(model, [opt], h.ttt_grad_clip, world_size)
 
 
+def random_tokens(h: Hyperparameters, n: int, device: torch.device) -> torch.Tensor:
+    """n token ids drawn from their own generator (the global RNG is untouched): warm-up input, never val data."""
+    return torch.randint(0, h.vocab_size, (n,), generator=torch.Generator().manual_seed(h.seed)).to(device)
+
+
+def warm_up_sgd(model: GPT, train_fn, targets: int, h: Hyperparameters, rank: int, world_size: int,
+                device: torch.device, log) -> None:
+    """One SGD step at LR 0 on `targets` random targets, in the shapes of a real step: it compiles the training
+    graph for them (a fresh TTT_EVAL_ONLY process has none), so that the time guard's first measured adaptation
+    is not mostly compile time. At LR 0 and from its own momentum buffers, it leaves the weights as they were."""
+    t0 = time.perf_counter()
+    warm = torch.optim.SGD(model.parameters(), lr=0.0, momentum=h.ttt_momentum)
+    sgd_step(model, warm, 0.0, train_fn, random_tokens(h, targets + 1, device).cpu(), 0, targets, h, rank, world_size,
+             device, None)
+    synchronize(device)
+    log(f"ttt_warmup:sgd targets:{targets} time:{time.perf_counter() - t0:.1f}s")
+
+
 def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
             rank: int, world_size: int, device: torch.device, log, start: float, clock=time.perf_counter,
             trace=None) -> tuple[float, float]:
@@ -1809,6 +1839,8 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes
             current = []
     chunks += [current] if current else []
     tokens = torch.from_numpy(val_tokens.astype(np.int64))
+    if h.ttt_warmup and len(chunks) > 1:
+        warm_up_sgd(model, train_fn, chunks[0][-1][2] - chunks[0][0][1], h, rank, world_size, device, log)
     sums, guard = ScoreSums(target_bytes, device), EvalGuard(h, num_targets, device, world_size, clock, start)
     opt = torch.optim.SGD(model.parameters(), lr=h.ttt_lr, momentum=h.ttt_momentum)
     for i, chunk in enumerate(chunks):
@@ -1871,6 +1903,8 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
     elementwise, so no document's adapters see another's tokens. Returns (scoring, adapting) seconds."""
     device = tokens.device
     first, length = torch.tensor(starts, device=device)[:, None], torch.tensor(lengths, device=device)[:, None]
+    lora.model.requires_grad_(False)  # the base weights are frozen here; only the adapters learn
+    lora.active = True
     with torch.no_grad():
         for b in lora.B:
             b.zero_()
@@ -1899,7 +1933,25 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
             opt.step()
             opt.zero_grad(set_to_none=True)
             adapt_s += guard.now() - t1
+    lora.active = False
     return score_s, adapt_s
+
+
+def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, world_size: int, device: torch.device, log) -> None:
+    """lora_score_batch on a batch of random documents of three chunks, adapting: it compiles the scoring and
+    adapter graphs at a first window length and then at a dynamic one, which every later window reuses. The
+    adapters are put back as they were (B is zeroed per batch anyway), and the scores go to a scratch sum."""
+    t0 = time.perf_counter()
+    saved, length, docs = [a.detach().clone() for a in lora.A], 3 * h.ttt_chunk, h.ttt_batch_docs
+    scratch = ScoreSums(np.zeros(length, dtype=np.int32), device)
+    own_clock = EvalGuard(h, length, device, world_size, time.perf_counter, t0)  # the real guard's clock is not read
+    lora_score_batch(lora, loss_fn, random_tokens(h, length + 1, device), [0] * docs, [length] * docs, h, scratch,
+                     own_clock, True, None)
+    with torch.no_grad():
+        for a, a0 in zip(lora.A, saved):
+            a.copy_(a0)
+    synchronize(device)
+    log(f"ttt_warmup:lora chunks:3 time:{time.perf_counter() - t0:.1f}s")
 
 
 def document_spans(val_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -1935,15 +1987,18 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     loss_fn = torch.compile(lora.token_losses) if h.compile and device.type == "cuda" else lora.token_losses
     units, unit = sum(-(-len(docs) // size) for docs in segments), 0
     try:
+        if h.ttt_warmup:
+            warm_up_lora(lora, loss_fn, h, world_size, device, log)
+            if len(segments) > 1:
+                model.requires_grad_(True)
+                warm_up_sgd(model, train_fn, min(h.ttt_chunk_tokens, int(starts[bounds[1]])), h, rank, world_size,
+                            device, log)
         for k, docs in enumerate(segments):
             for i in range(0, len(docs), size):
                 batch, pad = docs[i:i + size], [0] * (size - len(docs[i:i + size]))  # a fixed shape for compile
                 adapt = guard.allows(log, collective=False)
-                model.requires_grad_(False)
-                lora.active = True
                 score_s, adapt_s = lora_score_batch(lora, loss_fn, tokens, starts[batch].tolist() + pad,
                                                     lengths[batch].tolist() + pad, h, sums, guard, adapt, trace)
-                lora.active = False
                 guard.scored_unit(score_s, int(lengths[batch].sum()))
                 if adapt:
                     guard.adapt_s = adapt_s
@@ -2331,9 +2386,10 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
 
 def main() -> None:
     h = Hyperparameters.from_env()
-    if h.quant_method not in ("rtn", "gptq") or h.gptq_block < 1 or h.compressor not in COMPRESSORS:
-        raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, GPTQ_BLOCK={h.gptq_block} at least 1, "
-                         f"and COMPRESSOR={h.compressor!r} one of {COMPRESSORS}")
+    if (h.quant_method not in ("rtn", "gptq") or h.quant_grid not in ("sdclip", "absmax") or h.gptq_block < 1
+            or h.compressor not in COMPRESSORS):
+        raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, QUANT_GRID={h.quant_grid!r} sdclip or "
+                         f"absmax, GPTQ_BLOCK={h.gptq_block} at least 1, and COMPRESSOR={h.compressor!r} one of {COMPRESSORS}")
     if h.ttt_mode not in ("none", "sgd", "lora") or min(h.ttt_chunk_tokens, h.ttt_chunk, h.ttt_batch_docs, h.ttt_lora_rank) < 1:
         raise SystemExit(f"TTT_MODE={h.ttt_mode!r} must be none, sgd or lora, and TTT_CHUNK_TOKENS, TTT_CHUNK, "
                          f"TTT_BATCH_DOCS and TTT_LORA_RANK at least 1")

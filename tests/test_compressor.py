@@ -310,7 +310,7 @@ def test_quant_bench_scores_and_sizes_each_configuration(tmp_path, monkeypatch, 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save(state, tmp_path / "final_model.pt")
     cpu = torch.device("cpu")
-    names = ["rtn-e6", "rtn-e7", "gptq-e7", "gptq+lqer-e7"]
+    names = ["rtn-e6", "rtn-e7", "gptq-e7", "gptq+lqer-e7", "gptq-absmax-e7"]
     result = quant_bench.bench(str(tmp_path / "final_model.pt"), h, names, "first", cpu, log=lambda _: None)
     rows = {r["config"]: r for r in result["rows"]}
     assert list(rows) == names
@@ -331,6 +331,7 @@ def test_quant_bench_scores_and_sizes_each_configuration(tmp_path, monkeypatch, 
     assert rows["gptq+lqer-e7"]["gap"] < rows["gptq-e7"]["gap"] and not rows["gptq-e7"]["lqer_tensors"]
     assert rows["rtn-e6"]["lzma_bytes"] > rows["rtn-e6"]["rans_bytes"] and "lzma_bytes" not in rows["rtn-e7"]
     assert rows["rtn-e6"]["embed_copy_rows"] == 0  # independent random rows
+    assert rows["gptq-absmax-e7"]["rans_bytes"] > rows["gptq-e7"]["rans_bytes"]  # the finer grid costs bytes
     table = quant_bench.markdown(result).splitlines()
     assert len(table) == 4 + len(rows) and all(line.count("|") == 14 for line in table[2:])
     # the command line reads the Hyperparameters from the environment, as a run does

@@ -1,4 +1,4 @@
-"""GPTQ on SDClip's grid (QUANT_METHOD=gptq): better layer outputs than round-to-nearest on correlated inputs,
+"""GPTQ on SDClip's grid (QUANT_METHOD=gptq) and on absmax's (QUANT_GRID=absmax): better layer outputs than round-to-nearest on correlated inputs,
 the same integers where inputs are uncorrelated, the same scales and artifact layout, act-order undone, and
 Hessians collected through hooks equal to XᵀX computed directly."""
 import os
@@ -6,6 +6,7 @@ import re
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import train_gpt as tg
@@ -208,6 +209,38 @@ def test_gptq_state_dict_keeps_scales_layout_and_qmax():
     errors = {k: output_error(hidden, w, d["tok_emb.weight"]["q"], d["tok_emb.weight"]["scale"])
               for k, d in (("rtn", rtn), ("gptq", gptq))}
     assert errors["gptq"] < 0.9 * errors["rtn"], errors
+
+
+def test_absmax_grid_clips_nothing_and_is_finer_than_sdclip():
+    """QUANT_GRID=absmax: every value within half a step of its reconstruction (no clipping), each non-zero row
+    reaching ±qmax, a zero row stored as 0, and GPTQ on that grid still beating round-to-nearest."""
+    x, w = correlated_layer(seed=3)
+    w[5] = 0.0
+    for bits in (5, 6, 8):
+        qmax = 2 ** (bits - 1) - 1
+        q, scale = tg.quantize_per_row(w, bits, 12.85, "absmax")
+        assert scale.dtype == torch.float16 and torch.equal(scale, tg.absmax_scale(w, bits))
+        step = scale.double()[:, None]
+        error = (w - q.double() * step).abs()
+        assert (error <= step / 2 + 1e-12).all() and (error[5] == 0).all() and (q[5] == 0).all()
+        live = torch.arange(w.size(0)) != 5
+        assert (q[live].abs().amax(1) == qmax).all()
+        # heavy tails: SDClip's step is coarser (and clips), absmax's rows keep their extremes
+        sd_q, sd_scale = tg.quantize_per_row(w, bits, 12.85)
+        assert (scale[live].float() < sd_scale[live].float()).float().mean() > 0.5
+        q_gptq = tg.gptq_quantize(w, (x.T @ x).float(), scale, qmax)
+        assert q_gptq.abs().max() <= qmax
+        assert output_error(x, w, q_gptq, scale) < 0.8 * output_error(x, w, q, scale)
+    # a maximum that float16 rounds down still lands on ±qmax, not past it
+    row = torch.tensor([[0.0, 1.0001 * 31, -3.0]])
+    q, scale = tg.quantize_per_row(row, 6, 12.85, "absmax")
+    assert q.abs().max() == QMAX6 and scale.float() * QMAX6 >= row.abs().max()
+
+
+def test_bad_quant_grid_is_refused_before_training(monkeypatch):
+    monkeypatch.setenv("QUANT_GRID", "minmax")
+    with pytest.raises(SystemExit, match="QUANT_GRID='minmax' sdclip or absmax"):
+        tg.main()
 
 
 def test_calibration_reads_training_shards_only_and_splits_them_between_ranks(tmp_path):

@@ -270,6 +270,28 @@ def test_lr_zero_equals_the_plain_score():
     assert bpb == pytest.approx(total / math.log(2) / target_bytes.sum(), rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["sgd", "lora"])
+def test_warm_up_on_random_tokens_changes_no_score_and_no_weight(mode):
+    """TTT_WARMUP compiles on random tokens (an SGD step at LR 0, a LoRA batch whose adapters are put back): the
+    scores, the adapted weights and the traced events are exactly those of a run without it."""
+    tokens, target_bytes = tiny_stream("docs")
+    runs = {}
+    for warmup in (False, True):
+        h = tiny_h(ttt_warmup=warmup)
+        rec, lines = Recorder(tiny_model(h)), []
+        result = run_ttt(mode, rec.model, tokens, target_bytes, h, trace=rec, log=lines.append)
+        runs[warmup] = result, [p.detach().clone() for p in rec.model.parameters()], rec.events, lines
+    (plain, weights, events, lines), (warm, warm_weights, warm_events, warm_lines) = runs[False], runs[True]
+    assert warm == plain and all(torch.equal(a, b) for a, b in zip(weights, warm_weights))
+    assert len(events) == len(warm_events) and rec.updates() > 0
+    for a, b in zip(events, warm_events):
+        assert a[0] == b[0] and torch.equal(a[1], b[1]) and (a[2] is None or torch.equal(a[2], b[2]))
+        assert all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+    warm_ups = [line.split()[0] for line in warm_lines if line.startswith("ttt_warmup:")]
+    assert warm_ups == (["ttt_warmup:sgd"] if mode == "sgd" else ["ttt_warmup:lora", "ttt_warmup:sgd"])
+    assert not any(line.startswith("ttt_warmup:") for line in lines)
+
+
 class StepClock:
     """A clock that advances one second per reading: the guard's decisions become deterministic."""
 

@@ -4,7 +4,7 @@
 #   tools/proxy_bench.sh poll    # later calls: progress, then the logs and summary once it is done
 # Needs .bench/ (corpus, tokenizers, bench) and, on a machine without brotli, .whl/ with its wheel.
 # Writes only under /tmp/proxy_bench (the device re-sends the working tree on each call).
-#   1. the kernel and model tests on the GPU (GPU_TESTS=0 skips them);
+#   1. the kernel and model tests on the GPU (GPU_TESTS=0 skips them; GPU_TEST_FILES picks the files);
 #   2. throughput: tools/bench_step.py on the full default model, once per entry of BENCH_RUNS;
 #   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default), once per
 #      entry of QUALITY_RUNS;
@@ -21,6 +21,7 @@ BENCH_RUNS=${BENCH_RUNS-"fused_ce0:FUSED_CE=0 fused_ce1:FUSED_CE=1"}
 QUALITY_RUNS=${QUALITY_RUNS-quality}
 QUANT_BENCH=${QUANT_BENCH:-0}
 GPU_TESTS=${GPU_TESTS:-1}
+GPU_TEST_FILES=${GPU_TEST_FILES:-"tests/test_kernels.py tests/test_model_and_optimizer.py tests/test_recurrence_and_docs.py"}
 QUANT_BENCH_ARGS=${QUANT_BENCH_ARGS-}
 EVAL_RUNS=${EVAL_RUNS-}
 
@@ -35,7 +36,7 @@ start)
       || { cat "$WORK/shards.log"; exit 1; }
     cat "$WORK/shards.log"
   fi
-  export GPU_TESTS BENCH_RUNS QUALITY_SECONDS QUALITY_RUNS QUANT_BENCH QUANT_BENCH_ARGS EVAL_RUNS
+  export GPU_TESTS GPU_TEST_FILES BENCH_RUNS QUALITY_SECONDS QUALITY_RUNS QUANT_BENCH QUANT_BENCH_ARGS EVAL_RUNS
   start_job "$WORK" "$0"
   ;;
 run)
@@ -44,8 +45,7 @@ run)
   common=(DATA_PATH="$SHARDS" TOKENIZER_PATH="$WORK/fineweb_8192_bpe.model" VOCAB_SIZE=8192)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   if [ "$GPU_TESTS" = 1 ]; then
-    python3 -m pytest -q -p no:cacheprovider --tb=line tests/test_kernels.py tests/test_model_and_optimizer.py \
-        tests/test_recurrence_and_docs.py 2>&1 | tail -12
+    python3 -m pytest -q -p no:cacheprovider --tb=line $GPU_TEST_FILES 2>&1 | tail -12
   fi
   for entry in $BENCH_RUNS; do
     name=${entry%%:*}; overrides=$(run_overrides "$entry")

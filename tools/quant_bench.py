@@ -40,6 +40,9 @@ CONFIGS = {  # name → Hyperparameters fields set on top of the environment's
     "gptq-e7": {"quant_method": "gptq", "embed_bits": 7, "lqer_enabled": False},
     "gptq+lqer-e6": {"quant_method": "gptq", "embed_bits": 6, "lqer_enabled": True},
     "gptq+lqer-e7": {"quant_method": "gptq", "embed_bits": 7, "lqer_enabled": True},
+    # absmax's row grid in place of SDClip's: no clipping and finer steps, so more bytes
+    "rtn-absmax-e7": {"quant_method": "rtn", "quant_grid": "absmax", "embed_bits": 7, "lqer_enabled": False},
+    "gptq-absmax-e7": {"quant_method": "gptq", "quant_grid": "absmax", "embed_bits": 7, "lqer_enabled": False},
 }
 
 
