@@ -1888,8 +1888,11 @@ class BatchedLoRA:
     def delta(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return (x @ self.A[i].transpose(1, 2)) @ self.B[i].transpose(1, 2) * self.scale
 
-    def token_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.hidden(x)
+    def token_losses(self, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Losses of targets y (docs × len(positions)) at the window `positions` of inputs x (docs × window): the
+        whole window runs through the blocks, but only the scored positions through the head (the logits of a
+        64 × 2048 window in float32 would take 4 GiB, and their gradient as much again)."""
+        hidden = self.model.hidden(x).index_select(1, positions)
         logits = F.linear(hidden, self.model.tok_emb.weight.to(hidden.dtype)) + self.delta(-1, hidden)
         logits = self.model.logit_softcap * torch.tanh(logits.float() / self.model.logit_softcap)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
@@ -1900,9 +1903,15 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
     """Score a batch of documents TTT_CHUNK targets at a time, all documents side by side: each chunk is scored
     first, in a window of the ≤ EVAL_SEQ_LEN tokens of the same document up to the chunk's end, then (if `adapt`)
     one Adam step on that chunk's loss. Each document's loss is its own mean, nothing is clipped and Adam is
-    elementwise, so no document's adapters see another's tokens. Returns (scoring, adapting) seconds."""
+    elementwise, so no document's adapters see another's tokens. Returns (scoring, adapting) seconds.
+
+    Every chunk of a batch runs in a window of the same width (one compiled shape per batch): EVAL_SEQ_LEN, or the
+    batch's longest document rounded up to whole chunks if shorter. While a chunk ends inside the first window,
+    the window also holds the document's later tokens; attention is causal, so the scored positions never see
+    them, and only the scored positions enter the loss."""
     device = tokens.device
     first, length = torch.tensor(starts, device=device)[:, None], torch.tensor(lengths, device=device)[:, None]
+    width = min(h.eval_seq_len, -(-max(lengths) // h.ttt_chunk) * h.ttt_chunk)
     lora.model.requires_grad_(False)  # the base weights are frozen here; only the adapters learn
     lora.active = True
     with torch.no_grad():
@@ -1912,14 +1921,17 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
     chunks, score_s, adapt_s = -(-max(lengths) // h.ttt_chunk), 0.0, 0.0
     for j in range(chunks):
         end = (j + 1) * h.ttt_chunk
-        pos = torch.arange(max(0, end - h.eval_seq_len), end, device=device)  # input positions in the document
-        index, inside = first + pos, pos < length  # input i predicts target i
-        gather = index.clamp_max(tokens.numel() - 2)
-        x, y = torch.where(inside, tokens[gather], 0), torch.where(inside, tokens[gather + 1], 0)
-        scored = inside & (pos >= end - h.ttt_chunk)
+        window_start = max(0, end - width)
+        pos = torch.arange(window_start, window_start + width, device=device)  # input positions in the document
+        gather = (first + pos).clamp_max(tokens.numel() - 2)
+        x = torch.where(pos < length, tokens[gather], 0)
+        offsets = torch.arange(end - h.ttt_chunk - window_start, end - window_start, device=device)
+        pos, gather = pos[offsets], gather[:, offsets]  # the chunk's positions: input i predicts target i
+        index, scored = first + pos, pos < length
+        y = torch.where(scored, tokens[gather + 1], 0)
         t0 = guard.now()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = loss_fn(x, y)
+            losses = loss_fn(x, y, offsets)
         record, index = torch.where(scored, losses.detach().double(), 0), torch.where(scored, index, -1)
         sums.add(record, index)
         if trace:
@@ -1984,7 +1996,8 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     guard = EvalGuard(h, int(sum(lengths[d] for docs in segments for d in docs)), device, world_size, clock, start)
     tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(device)
     sums, lora, size = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), h.ttt_batch_docs
-    loss_fn = torch.compile(lora.token_losses) if h.compile and device.type == "cuda" else lora.token_losses
+    # dynamic: the window width changes from batch to batch, and this compiles once for all of them
+    loss_fn = torch.compile(lora.token_losses, dynamic=True) if h.compile and device.type == "cuda" else lora.token_losses
     units, unit = sum(-(-len(docs) // size) for docs in segments), 0
     try:
         if h.ttt_warmup:
@@ -2390,9 +2403,11 @@ def main() -> None:
             or h.compressor not in COMPRESSORS):
         raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, QUANT_GRID={h.quant_grid!r} sdclip or "
                          f"absmax, GPTQ_BLOCK={h.gptq_block} at least 1, and COMPRESSOR={h.compressor!r} one of {COMPRESSORS}")
-    if h.ttt_mode not in ("none", "sgd", "lora") or min(h.ttt_chunk_tokens, h.ttt_chunk, h.ttt_batch_docs, h.ttt_lora_rank) < 1:
-        raise SystemExit(f"TTT_MODE={h.ttt_mode!r} must be none, sgd or lora, and TTT_CHUNK_TOKENS, TTT_CHUNK, "
-                         f"TTT_BATCH_DOCS and TTT_LORA_RANK at least 1")
+    if (h.ttt_mode not in ("none", "sgd", "lora") or min(h.ttt_chunk_tokens, h.ttt_chunk, h.ttt_batch_docs, h.ttt_lora_rank) < 1
+            or h.ttt_chunk > h.eval_seq_len):
+        raise SystemExit(f"TTT_MODE={h.ttt_mode!r} must be none, sgd or lora, TTT_CHUNK_TOKENS, TTT_CHUNK, "
+                         f"TTT_BATCH_DOCS and TTT_LORA_RANK at least 1, and TTT_CHUNK={h.ttt_chunk} at most "
+                         f"EVAL_SEQ_LEN={h.eval_seq_len}")
     phase_cuts(h)  # a malformed TTT_PHASE_DOCS is refused now, not after training
     rank, world_size, device = setup_distributed()
     log = Logger(h, rank)

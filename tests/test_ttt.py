@@ -421,3 +421,10 @@ def test_eval_only_refuses_a_missing_corrupt_or_mismatched_artifact(smoke_run, t
         with pytest.raises(SystemExit, match=f"do not match the model the hyperparameters describe.*{what}"):
             tg.main()
         monkeypatch.delenv(var)
+
+
+def test_lora_chunk_longer_than_the_context_is_refused(monkeypatch):
+    for key, value in {"TTT_MODE": "lora", "TTT_CHUNK": "64", "EVAL_SEQ_LEN": "32"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit, match="TTT_CHUNK=64 at most EVAL_SEQ_LEN=32"):
+        tg.main()

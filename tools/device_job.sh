@@ -15,10 +15,10 @@ start_job() {
   echo "started pid $(cat "$1/pid")"
 }
 
-# poll_job WORK FILE...: "running" and the log's tail, or, once done, the whole log to $OUT and FILEs in $OUT/files.tgz
+# poll_job WORK FILE...: "running" and the log's last 30 lines, or, once done, the whole log to $OUT and FILEs in $OUT/files.tgz
 poll_job() {
   local work=$1; shift
-  if kill -0 "$(cat "$work/pid")" 2>/dev/null; then echo "running"; tail -n 5 "$work/bench.log"; return 0; fi
+  if kill -0 "$(cat "$work/pid")" 2>/dev/null; then echo "running"; tail -n 30 "$work/bench.log"; return 0; fi
   cat "$work/bench.log"
   # the device returns at most 8 files: everything else goes back as one archive
   mkdir -p "${OUT:-/tmp/out}" && cp "$work/bench.log" "${OUT:-/tmp/out}/" \

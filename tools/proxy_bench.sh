@@ -10,7 +10,8 @@
 #      entry of QUALITY_RUNS;
 #   4. with QUANT_BENCH=1, tools/quant_bench.py $QUANT_BENCH_ARGS on the first quality run's float weights;
 #   5. once per entry of EVAL_RUNS, TTT_EVAL_ONLY=1 on the first quality run's artifact (e.g. sgd:TTT_MODE=sgd).
-# A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol), entries separated by spaces:
+# A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol), entries separated by spaces;
+# PREQUANT_ONLY=1 in a quality run's overrides stops it after the pre-quant score (no export, no round trip):
 #   BENCH_RUNS="base all:XSA_ENABLED=1,SMEAR_GATE_ENABLED=1" QUALITY_RUNS="rtn gptq:QUANT_METHOD=gptq" tools/proxy_bench.sh start
 set -u
 source "$(dirname "$0")/device_job.sh"
@@ -57,7 +58,15 @@ run)
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== quality $name (protocol v1, ${QUALITY_SECONDS}s) $overrides"
     env "${common[@]}" TRAIN_BATCH_TOKENS=65536 MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 $overrides RUN_ID="$name" \
-        OUTPUT_DIR="$WORK/out_$name" python3 train_gpt.py > "$name.out" 2>&1 || echo "quality run $name exited non-zero"
+        OUTPUT_DIR="$WORK/out_$name" python3 train_gpt.py > "$name.out" 2>&1 &
+    run=$!
+    case " $overrides " in
+      *" PREQUANT_ONLY=1 "*)  # an architecture comparison: stop once the float model is scored
+        while kill -0 $run 2>/dev/null && ! grep -q "^pre_quant_ema" "$name.out"; do sleep 2; done
+        kill $run 2>/dev/null && echo "stopped after the pre-quant score"
+        wait $run 2>/dev/null ;;
+      *) wait $run || echo "quality run $name exited non-zero" ;;
+    esac
     tail -n 12 "$name.out"
     python3 tools/bench_summary.py "out_$name/logs/$name.txt"
   done
