@@ -1952,9 +1952,9 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
 
 
 def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, world_size: int, device: torch.device, log) -> None:
-    """lora_score_batch on a batch of random documents of three chunks, adapting: it compiles the scoring and
-    adapter graphs at a first window length and then at a dynamic one, which every later window reuses. The
-    adapters are put back as they were (B is zeroed per batch anyway), and the scores go to a scratch sum."""
+    """lora_score_batch on a batch of random documents of three chunks, adapting: it compiles the scoring graph
+    and its backward, with the window width dynamic, so every later batch reuses them. The adapters are put back
+    as they were (B is zeroed per batch anyway), and the scores go to a scratch sum."""
     t0 = time.perf_counter()
     saved, length, docs = [a.detach().clone() for a in lora.A], 3 * h.ttt_chunk, h.ttt_batch_docs
     scratch = ScoreSums(np.zeros(length, dtype=np.int32), device)
