@@ -883,7 +883,7 @@ if triton is not None:
     @triton.jit
     def _mlp_matmul(a_ptr, b_ptr, h_ptr, out_ptr, M, N, stride_am, stride_ak, stride_bk, stride_bn,
                     K: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr):
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, EVEN: tl.constexpr):
         # C = A·B (M×K times K×N, any strides) with the MLP's activation in the epilogue, on the tile in registers.
         #   forward:  A = x, B = W_upᵀ; store h = C and a = LeakyReLU(h, 0.5)² (both bfloat16, M×N contiguous)
         #   backward: A = dL/d(out), B = W_down; C = dL/da; store dL/dh = C·(2h if h > 0 else 0.5h), reading h
@@ -898,10 +898,13 @@ if triton is not None:
         ks = tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k in range(0, K, BLOCK_K):
-            a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_am + (k + ks)[None, :] * stride_ak,
-                        mask=(rows[:, None] < M) & (k + ks[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + (k + ks)[:, None] * stride_bk + cols[None, :] * stride_bn,
-                        mask=(k + ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+            a_at = a_ptr + rows[:, None].to(tl.int64) * stride_am + (k + ks)[None, :] * stride_ak
+            b_at = b_ptr + (k + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
+            if EVEN:  # every tile whole: loads without masks
+                a, b = tl.load(a_at), tl.load(b_at)
+            else:
+                a = tl.load(a_at, mask=(rows[:, None] < M) & (k + ks[None, :] < K), other=0.0)
+                b = tl.load(b_at, mask=(k + ks[:, None] < K) & (cols[None, :] < N), other=0.0)
             if DOT_F32:  # Triton's CPU interpreter multiplies bfloat16 tiles wrongly: give it float32
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc = tl.dot(a, b, acc)
@@ -917,19 +920,21 @@ if triton is not None:
             tl.store(out_ptr + offsets, (leaky * leaky).to(out_ptr.dtype.element_ty), mask=inside)
 
 
-def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, backward: bool) -> None:
+def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, backward: bool,
+                       tiles: tuple | None = None) -> None:
     M, K = a.shape
     N = b.size(1)
     # the interpreter (CPU tests) takes the smallest legal tiles
-    bm, bn, bk, warps, stages = (16, 16, 16, 1, 1) if a.device.type == "cpu" else MLP_TILES
+    bm, bn, bk, warps, stages = tiles or ((16, 16, 16, 1, 1) if a.device.type == "cpu" else MLP_TILES)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _mlp_matmul[grid](a, b, h, out, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), K=K, BACKWARD=backward,
                       BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DOT_F32=a.device.type == "cpu",
-                      num_warps=warps, num_stages=stages)
+                      EVEN=M % bm == 0 and N % bn == 0 and K % bk == 0, num_warps=warps, num_stages=stages)
 
 
-# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU. At these tiles it runs at about half
-# cuBLAS's rate on the H100, which cancels what the fusion saves (README): FUSED_MLP stays off until tuned.
+# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU. At these tiles (before EVEN) it ran at
+# about half cuBLAS's rate on the H100, which cancels what the fusion saves (README): FUSED_MLP stays off until
+# tools/mlp_tiles_bench.py finds better ones.
 MLP_TILES = (128, 128, 64, 8, 3)
 
 

@@ -1,10 +1,14 @@
 """The fused softcapped cross-entropy kernel against a float64 reference: values and gradients.
 
 On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest)."""
+import os
+import sys
+
 import pytest
 import torch
 
 import train_gpt as tg
+from conftest import REPO
 
 pytestmark = pytest.mark.skipif(tg.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,3 +107,29 @@ def test_fused_mlp_is_used_only_in_training_without_hooks(monkeypatch):
     mlp.train()(x)
     handle.remove()
     assert calls == [1]
+
+
+def test_mlp_tiles_bench_checks_every_configuration(monkeypatch, capsys):
+    """tools/mlp_tiles_bench.py: whole tiles (the unmasked EVEN path) and partial ones both give correct results,
+    a configuration that computes wrong values is reported as incorrect and not timed, and bad tiles are refused."""
+    sys.path.insert(0, os.path.join(REPO, "tools"))
+    import mlp_tiles_bench
+    device = torch.device(DEVICE)  # the interpreter on a CPU
+    result = mlp_tiles_bench.bench([(16, 16, 16, 1, 1), (32, 32, 16, 1, 1)], 48, 32, 48, 1, device)
+    assert [r["ok"] for r in result["rows"]] == [True, True], result["rows"]
+    assert all(r["max_rel_error"] < 1e-2 and r["forward_ms"] > 0 for r in result["rows"])
+    real = tg._mlp_matmul_launch
+
+    def broken(a, b, h, out, backward, tiles=None):
+        real(a, b, h, out, backward, tiles)
+        out.mul_(1.1)  # 10% off
+
+    monkeypatch.setattr(tg, "_mlp_matmul_launch", broken)
+    row = mlp_tiles_bench.bench([(16, 16, 16, 1, 1)], 48, 32, 48, 1, device)["rows"][0]
+    assert not row["ok"] and "forward_ms" not in row
+    with pytest.raises(SystemExit, match="five positive integers"):
+        mlp_tiles_bench.parse_tiles("128,128,64")
+    monkeypatch.setattr(tg, "_mlp_matmul_launch", real)
+    assert mlp_tiles_bench.main(["--tiles", "16,16,16,1,1", "--tokens", "32", "--dim", "16", "--hidden", "16",
+                                 "--reps", "1"]) == 0
+    assert "| 16,16,16,1,1 | yes |" in capsys.readouterr().out
