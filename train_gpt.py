@@ -995,12 +995,18 @@ def polar_express(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
     return x if wide else x.mT
 
 
+# PyTorch 2.13 renamed the single-tensor collectives (the old names warn); 2.11, on the device, has only the old.
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class Muon(torch.optim.Optimizer):
     """Momentum, MuonEq-R row normalisation, Polar Express, then a shape-scaled step with decoupled weight decay.
 
     Matrices of one shape form a bucket that is orthogonalised as one batch. With several ranks each rank
-    takes a contiguous share of every bucket and the updates are all-gathered; gradients must already be
-    averaged across ranks."""
+    takes a contiguous share of every bucket: reduce_grads() reduce-scatters the gradients, so a rank receives
+    the average of its share only (half an all-reduce's traffic), and step() all-gathers the updates. step()
+    calls reduce_grads() itself unless optimizer_step already did (to clip the averaged gradients first)."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int,
                  ns_dtype: torch.dtype, rank: int = 0, world_size: int = 1):
@@ -1012,9 +1018,34 @@ class Muon(torch.optim.Optimizer):
         for p in params:
             by_shape.setdefault(tuple(p.shape), []).append(p)
         self.buckets = list(by_shape.values())
+        self.shards = None  # per bucket: this rank's share of the averaged gradients, [share, rows, cols]
 
-    def _orthogonal_updates(self, mine: list, group: dict) -> torch.Tensor:
-        grads = torch.stack([p.grad for p in mine])
+    def _share(self, params: list) -> int:
+        return -(-len(params) // self.world_size)
+
+    @torch.no_grad()
+    def reduce_grads(self) -> list:
+        """Fill self.shards and return them: each bucket's gradients stacked, padded with zeros to share × ranks,
+        and reduced so that each rank holds the mean of its own share. All buckets launch before any is waited on."""
+        self.shards, handles = [], []
+        for params in self.buckets:
+            share = self._share(params)
+            stacked = params[0].grad.new_empty(share * self.world_size, *params[0].shape)
+            torch.stack([p.grad for p in params], out=stacked[:len(params)])
+            stacked[len(params):].zero_()
+            if self.world_size == 1:
+                self.shards.append(stacked)
+                continue
+            shard = stacked.new_empty(share, *params[0].shape)
+            handles.append(_reduce_scatter(shard, stacked, async_op=True))
+            self.shards.append(shard)
+        for handle in handles:
+            handle.wait()
+        for shard in self.shards if self.world_size > 1 else ():
+            shard.div_(self.world_size)  # SUM then divide: AVG is not in every backend
+        return self.shards
+
+    def _orthogonal_updates(self, mine: list, grads: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[mine[0]]  # the share's stacked momentum lives with its first matrix
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grads)
@@ -1029,17 +1060,19 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         group = self.param_groups[0]
         lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
+        shards = self.shards if self.shards is not None else self.reduce_grads()
+        self.shards = None  # the next step reduces its own gradients
         pending = []
-        for params in self.buckets:
-            share = -(-len(params) // self.world_size)
+        for params, shard in zip(self.buckets, shards):
+            share = self._share(params)
             mine = params[self.rank * share:(self.rank + 1) * share]
             updates = torch.zeros(share, *params[0].shape, device=params[0].device, dtype=params[0].dtype)
             if mine:
-                updates[:len(mine)] = self._orthogonal_updates(mine, group)
+                updates[:len(mine)] = self._orthogonal_updates(mine, shard[:len(mine)], group)
             handle = None
             if self.world_size > 1:
                 gathered = torch.empty(share * self.world_size, *params[0].shape, device=updates.device, dtype=updates.dtype)
-                handle = dist.all_gather_into_tensor(gathered, updates, async_op=True)  # overlaps the next bucket
+                handle = _all_gather(gathered, updates, async_op=True)  # overlaps the next bucket
                 updates = gathered
             pending.append((params, updates, handle))
         for params, updates, handle in pending:
@@ -2126,12 +2159,37 @@ def forward_backward(loss_fn, loader: DistributedTokenLoader, h: Hyperparameters
     return total / accum_steps
 
 
+@torch.no_grad()
+def clip_global_norm(replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float,
+                     world_size: int) -> None:
+    """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), as clip_grad_norm_ does, where ‖g‖ is the norm of
+    all gradients together: `replicated` ones are whole on every rank, `sharded` ones are split over the ranks
+    (their squared norms are summed across ranks). No host sync: the factor stays on the device."""
+    def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+
+    squares = torch.zeros((), device=(replicated or sharded)[0].device)
+    if sharded:
+        squares = sum_of_squares(sharded)
+        if world_size > 1:
+            dist.all_reduce(squares)
+    if replicated:
+        squares = squares + sum_of_squares(replicated)
+    factor = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(replicated + sharded, factor)
+
+
 def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_size: int) -> None:
-    """Average the gradients across ranks, clip their global norm (0 = no clip), step every optimizer, clear them."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    all_reduce_mean([p.grad for p in params], world_size)
+    """Average the gradients across ranks, clip their global norm (0 = no clip), step every optimizer, clear them.
+    Muon's matrices are reduce-scattered (each rank gets the mean of the share it orthogonalises), the rest is
+    all-reduced."""
+    muons = [opt for opt in optimizers if isinstance(opt, Muon)]
+    in_muon = {id(p) for opt in muons for params in opt.buckets for p in params}
+    rest = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in in_muon]
+    shards = [shard for opt in muons for shard in opt.reduce_grads()]
+    all_reduce_mean(rest, world_size)
     if clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        clip_global_norm(rest, shards, clip_norm, world_size)
     for opt in optimizers:
         opt.step()
     for opt in optimizers:

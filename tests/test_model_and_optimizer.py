@@ -1,8 +1,10 @@
 """Model, attention, optimizer and schedule: each checked against a slow reference."""
 import math
+import os
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import train_gpt as tg
 from conftest import ARCH_OFF, assert_causal
@@ -121,6 +123,68 @@ def test_muon_step_matches_a_hand_computed_update():
             expected[i] = expected[i] * (1 - 0.1 * 0.5) - 0.1 * update
     for p, e in zip(params, expected):
         assert torch.allclose(p.detach(), e, atol=1e-5)
+
+
+def _optimizer_case(seed: int = 0):
+    """Muon matrices in two buckets that do not split evenly over 2 ranks (3 and 1), two Adam vectors, and two
+    steps of per-rank gradients, large enough that a clip norm of 1 scales them."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(24, 16), (24, 16), (16, 40), (24, 16)]
+    matrices = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    vectors = [torch.nn.Parameter(torch.randn(n, generator=g)) for n in (16, 7)]
+    grads = [[[3 * torch.randn(p.shape, generator=g) for p in matrices + vectors] for _rank in range(2)]
+             for _step in range(2)]
+    return matrices, vectors, grads
+
+
+def _optimizers(matrices, vectors, rank: int, world_size: int) -> list:
+    muon = tg.Muon(matrices, lr=0.05, momentum=0.9, weight_decay=0.1, ns_steps=5, ns_dtype=torch.float32,
+                   rank=rank, world_size=world_size)
+    return [muon, torch.optim.AdamW(vectors, lr=0.01, weight_decay=0.0)]
+
+
+def _sharded_muon_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    matrices, vectors, grads = _optimizer_case()
+    model = torch.nn.ParameterList(matrices + vectors)
+    optimizers = _optimizers(matrices, vectors, rank, 2)
+    shards = None
+    for step_grads in grads:
+        for p, grad in zip(model.parameters(), step_grads[rank]):
+            p.grad = grad.clone()
+        if shards is None:  # Muon is blind to the gradients' scale, so check the mean itself
+            shards = [t.clone() for t in optimizers[0].reduce_grads()]
+        tg.optimizer_step(model, optimizers, 1.0, 2)
+    torch.save(([p.detach() for p in model.parameters()], shards), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sharded_muon_and_global_clip_on_two_ranks_equal_one_process(tmp_path):
+    """Two gloo ranks (reduce-scattered Muon gradients, the clip norm summed over the shards, all-gathered
+    updates) against one process stepping on the averaged gradients with torch's clip_grad_norm_."""
+    torch.multiprocessing.spawn(_sharded_muon_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    matrices, vectors, grads = _optimizer_case()
+    params = matrices + vectors
+    optimizers = _optimizers(matrices, vectors, 0, 1)
+    for step_grads in grads:
+        for i, p in enumerate(params):
+            p.grad = (step_grads[0][i] + step_grads[1][i]) / 2
+        assert torch.nn.utils.clip_grad_norm_(params, 1.0) > 2.0  # the clip is active
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    first_mean = [(a + b) / 2 for a, b in zip(*grads[0])]
+    buckets = [[first_mean[0], first_mean[1], first_mean[3]], [first_mean[2]]]  # by shape, in order of appearance
+    for rank in range(2):
+        got, shards = torch.load(tmp_path / f"rank{rank}.pt")
+        for p, q in zip(params, got):
+            assert torch.allclose(p.detach(), q, atol=1e-5), (p - q).abs().max()
+        for bucket, shard in zip(buckets, shards):  # shares of 2 and 1 matrices, padded with zeros
+            share = -(-len(bucket) // 2)
+            mine = bucket[rank * share:(rank + 1) * share]
+            expected = torch.stack(mine + [torch.zeros_like(bucket[0])] * (share - len(mine)))
+            assert torch.allclose(shard, expected, atol=1e-6)
 
 
 def test_lr_schedule_warmup_flat_warmdown():
