@@ -2,6 +2,7 @@
 """Time train_gpt.py's training step on one GPU at the per-GPU batch of an 8-GPU run, and say where the time goes.
 
   DATA_PATH=... TOKENIZER_PATH=... python3 tools/bench_step.py        # any train_gpt.py variable applies
+  DATA_PATH=... TOKENIZER_PATH=... torchrun --standalone --nproc_per_node=2 tools/bench_step.py   # with communication
 
 Prints, after compiling and warming up:
   - ms per micro-step (one GPU's share of a step on 8 GPUs: BENCH_MICRO_TOKENS, default 48 × 2048) and for the
@@ -9,6 +10,8 @@ Prints, after compiling and warming up:
   - tokens/s, model FLOP utilisation against this GPU's measured bf16 matmul rate, peak memory;
   - a breakdown of one step from the profiler: attention, matmuls, loss, other forward/backward kernels,
     optimizer (with clipping and the EMA), and communication.
+Under torchrun each GPU runs one micro-step of BENCH_MICRO_TOKENS per step and the gradients are reduced as in
+training (Muon's reduce-scatter and all-gather, the rest all-reduced); rank 0 prints.
 Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12). With NUM_LOOPS > 0 it times
 the looped layout (set NUM_LOOPS=0 for the plain one). BENCH_DOC_MASK=1 makes DOC_ATTENTION=1 use the explicit
 mask with SDPA instead of the varlen kernel, to compare the two.
@@ -64,30 +67,29 @@ def main() -> None:
         raise SystemExit("bench_step.py measures a GPU: none is visible")
     micro_tokens = int(os.environ.get("BENCH_MICRO_TOKENS", 48 * 2048))
     steps, warmup = int(os.environ.get("BENCH_STEPS", 50)), int(os.environ.get("BENCH_WARMUP", 10))
-    os.environ.setdefault("TRAIN_BATCH_TOKENS", str(micro_tokens))
+    rank, world_size, device = tg.setup_distributed()  # under torchrun: one micro-step per GPU, then the reduction
+    os.environ.setdefault("TRAIN_BATCH_TOKENS", str(micro_tokens * world_size))
     os.environ.setdefault("GRAD_ACCUM_STEPS", "1")
     h = tg.Hyperparameters.from_env()
     if os.environ.get("BENCH_DOC_MASK") == "1":
         tg.VARLEN_DEVICES = ()
-    device = torch.device("cuda", 0)
-    torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(h.seed)
     model = tg.GPT(h).to(device)
     tg.use_device_paths(model, h, device)
     params = sum(p.numel() for p in model.parameters())
-    optimizers = tg.build_optimizers(model, h, 0, 1, device)
+    optimizers = tg.build_optimizers(model, h, rank, world_size, device)
     ema = tg.EMA(model, h.ema_decay)
     loss_fn = torch.compile(model) if h.compile else model
-    loader = tg.DistributedTokenLoader(h.data_path, 0, 1, device)
+    loader = tg.DistributedTokenLoader(h.data_path, rank, world_size, device)
 
     def step(i: int, marks=None):
         tg.set_schedule(optimizers, i, 0.5, h)
         if marks:
             marks[0].record()
-        tg.forward_backward(loss_fn, loader, h, 1, 1, device)
+        tg.forward_backward(loss_fn, loader, h, 1, world_size, device)
         if marks:
             marks[1].record()
-        tg.optimizer_step(model, optimizers, h.grad_clip_norm, 1)
+        tg.optimizer_step(model, optimizers, h.grad_clip_norm, world_size)
         ema.update(model)
         if marks:
             marks[2].record()
@@ -130,8 +132,10 @@ def main() -> None:
     peak = measured_bf16_tflops()
     tokens_per_s = micro_tokens / (loop_ms / 1000)
     mfu = flops_per_token(h, model) * tokens_per_s / (peak * 1e12)
-    full_step_ms = (tg.Hyperparameters().train_batch_tokens // micro_tokens) * fwd_bwd + optim
-    print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__} attention: "
+    full_step_ms = (tg.Hyperparameters().train_batch_tokens // (micro_tokens * world_size)) * fwd_bwd + optim
+    if rank != 0:
+        return
+    print(f"device: {torch.cuda.get_device_name()} × {world_size} torch {torch.__version__} attention: "
           f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile}")
     print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s "
           f"block passes: {sum(map(len, model.layout()))} doc_attention: {h.doc_attention} "
@@ -139,8 +143,10 @@ def main() -> None:
     print("| measure | value |\n|---|---|")
     print(f"| ms per micro-step (fwd+bwd+optimizer+EMA, back to back) | {loop_ms:.1f} |")
     print(f"| ms forward+backward / optimizer+clip+EMA (median, events) | {fwd_bwd:.1f} / {optim:.1f} |")
-    print(f"| ms per full 786,432-token step on 1 GPU (8 × fwd+bwd + 1 optimizer) | {full_step_ms:.0f} |")
-    print(f"| tokens/s (micro-steps back to back) | {tokens_per_s:,.0f} |")
+    micro_steps = tg.Hyperparameters().train_batch_tokens // (micro_tokens * world_size)
+    print(f"| ms per full 786,432-token step on {world_size} GPU(s) ({micro_steps} × fwd+bwd + 1 optimizer) | "
+          f"{full_step_ms:.0f} |")
+    print(f"| tokens/s per GPU (micro-steps back to back) | {tokens_per_s:,.0f} |")
     print(f"| MFU vs measured bf16 matmul ({peak:.0f} TFLOP/s) | {100 * mfu:.1f}% |")
     print(f"| peak memory allocated | {peak_gib:.1f} GiB |")
     for label in ("matmul", "attention", "loss", "other", "communication"):

@@ -5,7 +5,8 @@
 # Needs .bench/ (corpus, tokenizers, bench) and, on a machine without brotli, .whl/ with its wheel.
 # Writes only under /tmp/proxy_bench (the device re-sends the working tree on each call).
 #   1. the kernel and model tests on the GPU (GPU_TESTS=0 skips them; GPU_TEST_FILES picks the files);
-#   2. throughput: tools/bench_step.py on the full default model, once per entry of BENCH_RUNS;
+#   2. throughput: tools/bench_step.py on the full default model, once per entry of BENCH_RUNS (under torchrun on
+#      BENCH_NPROC GPUs when that is above 1, so the breakdown has the communication);
 #   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default), once per
 #      entry of QUALITY_RUNS;
 #   4. with QUANT_BENCH=1, tools/quant_bench.py $QUANT_BENCH_ARGS on the first quality run's float weights;
@@ -22,6 +23,7 @@ BENCH_RUNS=${BENCH_RUNS-"fused_ce0:FUSED_CE=0 fused_ce1:FUSED_CE=1"}
 QUALITY_RUNS=${QUALITY_RUNS-quality}
 QUANT_BENCH=${QUANT_BENCH:-0}
 GPU_TESTS=${GPU_TESTS:-1}
+BENCH_NPROC=${BENCH_NPROC:-1}
 GPU_TEST_FILES=${GPU_TEST_FILES:-"tests/test_kernels.py tests/test_model_and_optimizer.py tests/test_recurrence_and_docs.py"}
 QUANT_BENCH_ARGS=${QUANT_BENCH_ARGS-}
 EVAL_RUNS=${EVAL_RUNS-}
@@ -37,7 +39,7 @@ start)
       || { cat "$WORK/shards.log"; exit 1; }
     cat "$WORK/shards.log"
   fi
-  export GPU_TESTS GPU_TEST_FILES BENCH_RUNS QUALITY_SECONDS QUALITY_RUNS QUANT_BENCH QUANT_BENCH_ARGS EVAL_RUNS
+  export GPU_TESTS GPU_TEST_FILES BENCH_NPROC BENCH_RUNS QUALITY_SECONDS QUALITY_RUNS QUANT_BENCH QUANT_BENCH_ARGS EVAL_RUNS
   start_job "$WORK" "$0"
   ;;
 run)
@@ -51,7 +53,8 @@ run)
   for entry in $BENCH_RUNS; do
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== bench_step $name $overrides"
-    env "${common[@]}" $overrides TORCH_LOGS=graph_breaks python3 tools/bench_step.py 2> "bench_step_$name.err"
+    launcher=(python3); [ "$BENCH_NPROC" -gt 1 ] && launcher=(python3 -m torch.distributed.run --standalone --nproc_per_node="$BENCH_NPROC")
+    env "${common[@]}" $overrides TORCH_LOGS=graph_breaks "${launcher[@]}" tools/bench_step.py 2> "bench_step_$name.err"
     grep -c "Graph break" "bench_step_$name.err" | sed 's/^/graph breaks: /'
   done
   for entry in $QUALITY_RUNS; do
