@@ -132,7 +132,8 @@ def main() -> None:
     peak = measured_bf16_tflops()
     tokens_per_s = micro_tokens / (loop_ms / 1000)
     mfu = flops_per_token(h, model) * tokens_per_s / (peak * 1e12)
-    full_step_ms = (tg.Hyperparameters().train_batch_tokens // (micro_tokens * world_size)) * fwd_bwd + optim
+    micro_steps = tg.Hyperparameters().train_batch_tokens // (micro_tokens * world_size)  # of the 786,432-token step
+    full_step_ms = micro_steps * fwd_bwd + optim
     if rank != 0:
         return
     print(f"device: {torch.cuda.get_device_name()} × {world_size} torch {torch.__version__} attention: "
@@ -143,7 +144,6 @@ def main() -> None:
     print("| measure | value |\n|---|---|")
     print(f"| ms per micro-step (fwd+bwd+optimizer+EMA, back to back) | {loop_ms:.1f} |")
     print(f"| ms forward+backward / optimizer+clip+EMA (median, events) | {fwd_bwd:.1f} / {optim:.1f} |")
-    micro_steps = tg.Hyperparameters().train_batch_tokens // (micro_tokens * world_size)
     print(f"| ms per full 786,432-token step on {world_size} GPU(s) ({micro_steps} × fwd+bwd + 1 optimizer) | "
           f"{full_step_ms:.0f} |")
     print(f"| tokens/s per GPU (micro-steps back to back) | {tokens_per_s:,.0f} |")
