@@ -96,7 +96,7 @@ def tokens_with_bos(seed: int = 3, shape=(2, 24)) -> torch.Tensor:
 
 
 def test_defaults_are_the_measured_choice():
-    """On by default: the four features that paid on the proxy (README, Results)."""
+    """On by default: the four features that paid together on the proxy (README, Results and ablation)."""
     h = tg.Hyperparameters()
     assert (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start) == (True, True, True, 8)
 
