@@ -6,7 +6,8 @@
 # Writes only under /tmp/proxy_bench (the device re-sends the working tree on each call).
 #   1. the kernel and model tests on the GPU (GPU_TESTS=0 skips them; GPU_TEST_FILES picks the files);
 #   2. throughput: tools/bench_step.py on the full default model, once per entry of BENCH_RUNS (under torchrun on
-#      BENCH_NPROC GPUs when that is above 1, so the breakdown has the communication);
+#      BENCH_NPROC GPUs when that is above 1, so the breakdown has the communication; an entry's own BENCH_NPROC=N
+#      overrides it, to time one GPU and several on the same machine in one job);
 #   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default), once per
 #      entry of QUALITY_RUNS;
 #   4. with QUANT_BENCH=1, tools/quant_bench.py $QUANT_BENCH_ARGS on the first quality run's float weights;
@@ -53,7 +54,8 @@ run)
   for entry in $BENCH_RUNS; do
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== bench_step $name $overrides"
-    launcher=(python3); [ "$BENCH_NPROC" -gt 1 ] && launcher=(python3 -m torch.distributed.run --standalone --nproc_per_node="$BENCH_NPROC")
+    nproc=$(echo " $overrides " | sed -n 's/.* BENCH_NPROC=\([0-9]*\) .*/\1/p'); nproc=${nproc:-$BENCH_NPROC}
+    launcher=(python3); [ "$nproc" -gt 1 ] && launcher=(python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc")
     env "${common[@]}" $overrides TORCH_LOGS=graph_breaks "${launcher[@]}" tools/bench_step.py 2> "bench_step_$name.err"
     grep -c "Graph break" "bench_step_$name.err" | sed 's/^/graph breaks: /'
   done
