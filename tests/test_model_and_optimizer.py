@@ -262,3 +262,70 @@ def test_residual_stream_dtype_follows_the_switch():
             handle.remove()
         assert seen == [expected] * len(model.blocks)
         assert torch.isfinite(loss)
+
+
+class _FixedBatches:
+    """A loader that hands out the given (x, y) batches in order."""
+
+    def __init__(self, batches):
+        self.batches = iter(batches)
+
+    def next_batch(self, tokens: int, seq_len: int):
+        return next(self.batches)
+
+
+def _ddp_case(**features):
+    """A small model with the default features on (and the given ones), and 2 steps × 2 ranks × 2 micro-steps of
+    batches: step s, rank r, micro-step m takes batch 4s + 2r + m."""
+    h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
+                           train_seq_len=16, train_batch_tokens=8 * 16, parallel_residual_start=3,
+                           grad_clip_norm=0.05, **features)
+    g = torch.Generator().manual_seed(7)
+    tokens = [torch.randint(0, h.vocab_size, (2, h.train_seq_len + 1), generator=g) for _ in range(8)]
+    return h, [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+def _ddp_worker(rank: int, overlap: bool, features: dict, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    h, batches = _ddp_case(overlap_reduction=overlap, **features)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    optimizers = tg.build_optimizers(model, h, rank, 2, torch.device("cpu"))
+    loss_fn = tg.training_loss_fn(model, h, 2, torch.device("cpu"))
+    assert tg.reduces_in_backward(loss_fn) == overlap
+    mine = [b for i, b in enumerate(batches) if (i // 2) % 2 == rank]
+    loader = _FixedBatches(mine)
+    for _ in range(2):
+        tg.train_step(loss_fn, model, optimizers, loader, h, 2, 2, torch.device("cpu"))
+    torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("features", [{}, {"num_loops": 1, "loop_start": 1, "loop_end": 2, "loop_enable_frac": 0.0,
+                                            "parallel_residual_lanes": 2}])
+def test_gradients_averaged_in_the_backward_by_ddp_equal_one_process(tmp_path, features):
+    """OVERLAP_REDUCTION=1 (DDP reduces in the backward, no_sync on the first micro-step, Muon only slices its share)
+    against 2 ranks reducing after the backward and against 1 process taking all 4 micro-batches of each step,
+    with the clip active. Every parameter must get a gradient, or DDP's reduction would stall."""
+    results = {}
+    for overlap in (True, False):
+        out = tmp_path / f"overlap{int(overlap)}"
+        out.mkdir()
+        torch.multiprocessing.spawn(_ddp_worker, args=(overlap, features, str(out / "init"), str(out)), nprocs=2,
+                                    join=True)
+        results[overlap] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    h, batches = _ddp_case(**features)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    initial = [p.detach().clone() for p in model.parameters()]
+    optimizers = tg.build_optimizers(model, h, 0, 1, torch.device("cpu"))
+    loader = _FixedBatches(batches)
+    for _ in range(2):
+        tg.train_step(model, model, optimizers, loader, h, 4, 1, torch.device("cpu"))
+    expected = [p.detach() for p in model.parameters()]
+    for overlap, ranks in results.items():
+        for got in ranks:
+            for e, q, p0 in zip(expected, got, initial):
+                assert not torch.equal(e, p0)  # every parameter trained
+                assert torch.allclose(e, q, atol=2e-5), (overlap, (e - q).abs().max())

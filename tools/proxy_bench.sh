@@ -7,7 +7,8 @@
 #   1. the kernel and model tests on the GPU (GPU_TESTS=0 skips them; GPU_TEST_FILES picks the files);
 #   2. throughput: tools/bench_step.py on the full default model, once per entry of BENCH_RUNS (under torchrun on
 #      BENCH_NPROC GPUs when that is above 1, so the breakdown has the communication; an entry's own BENCH_NPROC=N
-#      overrides it, to time one GPU and several on the same machine in one job);
+#      overrides it, to time one GPU and several on the same machine in one job; in a quality run's entry it runs
+#      that run under torchrun, off protocol v1, which is one GPU);
 #   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default), once per
 #      entry of QUALITY_RUNS;
 #   4. with QUANT_BENCH=1, tools/quant_bench.py $QUANT_BENCH_ARGS on the first quality run's float weights;
@@ -28,6 +29,14 @@ BENCH_NPROC=${BENCH_NPROC:-1}
 GPU_TEST_FILES=${GPU_TEST_FILES:-"tests/test_kernels.py tests/test_model_and_optimizer.py tests/test_recurrence_and_docs.py"}
 QUANT_BENCH_ARGS=${QUANT_BENCH_ARGS-}
 EVAL_RUNS=${EVAL_RUNS-}
+
+# set_launcher OVERRIDES DEFAULT_NPROC: launcher=(python3), or torchrun on the entry's BENCH_NPROC GPUs (else the default)
+set_launcher() {
+  local nproc
+  nproc=$(echo " $1 " | sed -n 's/.* BENCH_NPROC=\([0-9]*\) .*/\1/p'); nproc=${nproc:-$2}
+  launcher=(python3)
+  [ "$nproc" -gt 1 ] && launcher=(python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+}
 
 case "${1:-}" in
 start)
@@ -54,16 +63,16 @@ run)
   for entry in $BENCH_RUNS; do
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== bench_step $name $overrides"
-    nproc=$(echo " $overrides " | sed -n 's/.* BENCH_NPROC=\([0-9]*\) .*/\1/p'); nproc=${nproc:-$BENCH_NPROC}
-    launcher=(python3); [ "$nproc" -gt 1 ] && launcher=(python3 -m torch.distributed.run --standalone --nproc_per_node="$nproc")
+    set_launcher "$overrides" "$BENCH_NPROC"
     env "${common[@]}" $overrides TORCH_LOGS=graph_breaks "${launcher[@]}" tools/bench_step.py 2> "bench_step_$name.err"
     grep -c "Graph break" "bench_step_$name.err" | sed 's/^/graph breaks: /'
   done
   for entry in $QUALITY_RUNS; do
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== quality $name (protocol v1, ${QUALITY_SECONDS}s) $overrides"
+    set_launcher "$overrides" 1
     env "${common[@]}" TRAIN_BATCH_TOKENS=65536 MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 $overrides RUN_ID="$name" \
-        OUTPUT_DIR="$WORK/out_$name" python3 train_gpt.py > "$name.out" 2>&1 &
+        OUTPUT_DIR="$WORK/out_$name" "${launcher[@]}" train_gpt.py > "$name.out" 2>&1 &
     run=$!
     case " $overrides " in
       *" PREQUANT_ONLY=1 "*)  # an architecture comparison: stop once the float model is scored
