@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import gc
 import glob
 import inspect
 import json
@@ -2580,6 +2581,10 @@ def main() -> None:
         log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
             f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
     if world_size > 1:
+        # DDP's reducer holds the process group: freed last, at exit, the group's teardown would run inside the
+        # reducer's destructor holding the GIL, which can deadlock with gloo's worker thread (a hang after the score)
+        del train_loss_fn
+        gc.collect()
         dist.destroy_process_group()
     if total_bytes > h.artifact_limit_bytes:
         raise SystemExit(f"artifact too large: {total_bytes} > {h.artifact_limit_bytes} bytes")

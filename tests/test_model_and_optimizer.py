@@ -1,4 +1,5 @@
 """Model, attention, optimizer and schedule: each checked against a slow reference."""
+import gc
 import math
 import os
 
@@ -299,6 +300,8 @@ def _ddp_worker(rank: int, overlap: bool, features: dict, init_file: str, out_di
     for _ in range(2):
         tg.train_step(loss_fn, model, optimizers, loader, h, 2, 2, torch.device("cpu"))
     torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    del loss_fn  # DDP's reducer first: the group torn down inside its destructor can deadlock (train_gpt's main)
+    gc.collect()
     dist.destroy_process_group()
 
 

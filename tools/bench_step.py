@@ -18,6 +18,7 @@ Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed o
 the looped layout (set NUM_LOOPS=0 for the plain one). BENCH_DOC_MASK=1 makes DOC_ATTENTION=1 use the explicit
 mask with SDPA instead of the varlen kernel, to compare the two.
 """
+import gc
 import os
 import re
 import statistics
@@ -137,6 +138,10 @@ def main() -> None:
     mfu = flops_per_token(h, model) * tokens_per_s / (peak * 1e12)
     micro_steps = tg.Hyperparameters().train_batch_tokens // (micro_tokens * world_size)  # of the 786,432-token step
     full_step_ms = micro_steps * fwd_bwd + optim
+    if world_size > 1:
+        del loss_fn  # DDP's reducer before the process group, as train_gpt's main does
+        gc.collect()
+        torch.distributed.destroy_process_group()
     if rank != 0:
         return
     print(f"device: {torch.cuda.get_device_name()} × {world_size} torch {torch.__version__} attention: "
