@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import contextlib
-import gc
 import glob
 import inspect
 import json
@@ -29,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 # ----------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -133,7 +130,6 @@ class Hyperparameters:
     fused_ce: bool = True  # Triton softcapped cross-entropy in training, on CUDA
     fused_mlp: bool = True  # Triton matmuls with LeakyReLU² (and its derivative) fused in, training on CUDA
     residual_bf16: bool = True  # on CUDA: carry the residual stream in bfloat16, not float32 (half the bytes moved)
-    overlap_reduction: bool = True  # several ranks: average gradients during the backward (DDP), not after it
     time_sync_every: int = 10  # steps between device syncs that read the training clock
     # optimizers
     matrix_lr: float = 0.026
@@ -1039,25 +1035,22 @@ class Muon(torch.optim.Optimizer):
         return -(-len(params) // self.world_size)
 
     @torch.no_grad()
-    def reduce_grads(self, averaged: bool = False) -> list:
-        """Fill self.shards and return them: per bucket, this rank's share of the gradients averaged over the ranks,
-        stacked and padded with zeros to the share. With `averaged` the gradients already are (DDP reduced them in
-        the backward) and the share is only sliced out; otherwise each bucket's gradients are stacked, padded to
-        share × ranks and reduce-scattered, all buckets launched before any is waited on."""
+    def reduce_grads(self) -> list:
+        """Fill self.shards and return them: each bucket's gradients stacked, padded with zeros to share × ranks,
+        and reduced so that each rank holds the mean of its own share. All buckets launch before any is waited on."""
         self.shards, handles = [], []
         for params in self.buckets:
             share = self._share(params)
-            if averaged or self.world_size == 1:
-                mine = params[self.rank * share:(self.rank + 1) * share]
-                self.shards.append(stack_padded([p.grad for p in mine], params[0].grad, share))
-                continue
             stacked = stack_padded([p.grad for p in params], params[0].grad, share * self.world_size)
+            if self.world_size == 1:
+                self.shards.append(stacked)
+                continue
             shard = stacked.new_empty(share, *params[0].shape)
             handles.append(_reduce_scatter(shard, stacked, async_op=True))
             self.shards.append(shard)
         for handle in handles:
             handle.wait()
-        for shard in self.shards if handles else ():
+        for shard in self.shards if self.world_size > 1 else ():
             shard.div_(self.world_size)  # SUM then divide: AVG is not in every backend
         return self.shards
 
@@ -2162,36 +2155,16 @@ def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
         offset += t.numel()
 
 
-def training_loss_fn(model: GPT, h: Hyperparameters, world_size: int, device: torch.device):
-    """What the training steps call: the model, compiled on CUDA, and with OVERLAP_REDUCTION on several ranks
-    wrapped in DistributedDataParallel first. DDP averages the gradients in buckets as the backward produces them,
-    overlapping that traffic with the rest of the backward (torch.compile splits its graph at DDP's bucket
-    boundaries for this); only the last bucket's waits. Without it the reduction starts after the backward."""
-    if world_size > 1 and h.overlap_reduction:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False, gradient_as_bucket_view=True)
-    return torch.compile(model) if h.compile and device.type == "cuda" else model
-
-
-def reduces_in_backward(loss_fn) -> bool:
-    """Whether loss_fn is DDP (compiled or not), so that its backward leaves the gradients averaged over ranks."""
-    return isinstance(getattr(loss_fn, "_orig_mod", loss_fn), DistributedDataParallel)
-
-
 def forward_backward(loss_fn, loader: DistributedTokenLoader, h: Hyperparameters, accum_steps: int,
                      world_size: int, device: torch.device) -> torch.Tensor:
-    """Accumulate one step's gradients over the micro-steps; return the mean loss (on the device, no sync).
-    Under DDP only the last micro-step's backward reduces (no_sync before it)."""
+    """Accumulate one step's gradients over the micro-steps; return the mean loss (on the device, no sync)."""
     local_tokens = h.train_batch_tokens // (world_size * accum_steps)
     total = torch.zeros((), device=device)
-    ddp = reduces_in_backward(loss_fn)
-    for micro_step in range(accum_steps):
+    for _ in range(accum_steps):
         x, y = loader.next_batch(local_tokens, h.train_seq_len)
-        local_only = loss_fn.no_sync() if ddp and micro_step < accum_steps - 1 else contextlib.nullcontext()
-        with local_only:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(x, y)
-            (loss / accum_steps).backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(x, y)
+        (loss / accum_steps).backward()
         total += loss.detach()
     return total / accum_steps
 
@@ -2216,17 +2189,16 @@ def clip_global_norm(replicated: list[torch.Tensor], sharded: list[torch.Tensor]
     torch._foreach_mul_(replicated + sharded, factor)
 
 
-def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_size: int,
-                   averaged: bool = False) -> None:
+def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_size: int) -> None:
     """Average the gradients across ranks, clip their global norm (0 = no clip), step every optimizer, clear them.
     Muon's matrices are reduce-scattered (each rank gets the mean of the share it orthogonalises), the rest is
-    all-reduced; with `averaged` (DDP did it in the backward) Muon only takes its share and nothing is reduced."""
+    all-reduced. This starts after the backward: overlapping it with the backward through DDP measured slower
+    (README, Throughput: the split graph costs more than the 0.6 ms the reduction adds on 2 GPUs)."""
     muons = [opt for opt in optimizers if isinstance(opt, Muon)]
     in_muon = {id(p) for opt in muons for params in opt.buckets for p in params}
     rest = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in in_muon]
-    shards = [shard for opt in muons for shard in opt.reduce_grads(averaged)]
-    if not averaged:
-        all_reduce_mean(rest, world_size)
+    shards = [shard for opt in muons for shard in opt.reduce_grads()]
+    all_reduce_mean(rest, world_size)
     if clip_norm > 0:
         clip_global_norm(rest, shards, clip_norm, world_size)
     for opt in optimizers:
@@ -2238,7 +2210,7 @@ def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_s
 def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
                accum_steps: int, world_size: int, device: torch.device) -> torch.Tensor:
     loss = forward_backward(loss_fn, loader, h, accum_steps, world_size, device)
-    optimizer_step(model, optimizers, h.grad_clip_norm, world_size, averaged=reduces_in_backward(loss_fn))
+    optimizer_step(model, optimizers, h.grad_clip_norm, world_size)
     return loss
 
 
@@ -2540,9 +2512,7 @@ def main() -> None:
     model = GPT(h).to(device)
     use_device_paths(model, h, device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} fused_ce:{model.fused_ce}")
-    train_loss_fn = training_loss_fn(model, h, world_size, device)
-    # TTT's updates: ranks may run different numbers of sequences there, which DDP's reduction cannot follow
-    step_loss_fn = torch.compile(model) if h.compile and device.type == "cuda" else model
+    train_loss_fn = torch.compile(model) if h.compile and device.type == "cuda" else model
     eval_loss_fn = torch.compile(model.token_losses) if h.compile and device.type == "cuda" else model.token_losses
 
     def evaluate() -> tuple[float, float]:
@@ -2576,15 +2546,11 @@ def main() -> None:
         # TTT's eval time: the artifact's load and its own work; the plain score above is a separate measurement
         start = time.perf_counter() - load_s
         run = ttt_sgd if h.ttt_mode == "sgd" else ttt_lora
-        val_loss, val_bpb = run(model, eval_loss_fn, step_loss_fn, val_tokens, target_bytes, h, rank, world_size,
+        val_loss, val_bpb = run(model, eval_loss_fn, train_loss_fn, val_tokens, target_bytes, h, rank, world_size,
                                 device, log, start)
         log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
             f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
     if world_size > 1:
-        # DDP's reducer holds the process group: freed last, at exit, the group's teardown would run inside the
-        # reducer's destructor holding the GIL, which can deadlock with gloo's worker thread (a hang after the score)
-        del train_loss_fn
-        gc.collect()
         dist.destroy_process_group()
     if total_bytes > h.artifact_limit_bytes:
         raise SystemExit(f"artifact too large: {total_bytes} > {h.artifact_limit_bytes} bytes")

@@ -1,5 +1,4 @@
 """Model, attention, optimizer and schedule: each checked against a slow reference."""
-import gc
 import math
 import os
 
@@ -275,7 +274,7 @@ class _FixedBatches:
         return next(self.batches)
 
 
-def _ddp_case(**features):
+def _two_rank_case(**features):
     """A small model with the default features on (and the given ones), and 2 steps × 2 ranks × 2 micro-steps of
     batches: step s, rank r, micro-step m takes batch 4s + 2r + m."""
     h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
@@ -286,39 +285,28 @@ def _ddp_case(**features):
     return h, [(t[:, :-1], t[:, 1:]) for t in tokens]
 
 
-def _ddp_worker(rank: int, overlap: bool, features: dict, init_file: str, out_dir: str) -> None:
+def _two_rank_worker(rank: int, features: dict, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    h, batches = _ddp_case(overlap_reduction=overlap, **features)
+    h, batches = _two_rank_case(**features)
     torch.manual_seed(0)
     model = tg.GPT(h)
     optimizers = tg.build_optimizers(model, h, rank, 2, torch.device("cpu"))
-    loss_fn = tg.training_loss_fn(model, h, 2, torch.device("cpu"))
-    assert tg.reduces_in_backward(loss_fn) == overlap
-    mine = [b for i, b in enumerate(batches) if (i // 2) % 2 == rank]
-    loader = _FixedBatches(mine)
+    loader = _FixedBatches([b for i, b in enumerate(batches) if (i // 2) % 2 == rank])
     for _ in range(2):
-        tg.train_step(loss_fn, model, optimizers, loader, h, 2, 2, torch.device("cpu"))
+        tg.train_step(model, model, optimizers, loader, h, 2, 2, torch.device("cpu"))
     torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
-    del loss_fn  # DDP's reducer first: the group torn down inside its destructor can deadlock (train_gpt's main)
-    gc.collect()
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("features", [{}, {"num_loops": 1, "loop_start": 1, "loop_end": 2, "loop_enable_frac": 0.0,
                                             "parallel_residual_lanes": 2}])
-def test_gradients_averaged_in_the_backward_by_ddp_equal_one_process(tmp_path, features):
-    """OVERLAP_REDUCTION=1 (DDP reduces in the backward, no_sync on the first micro-step, Muon only slices its share)
-    against 2 ranks reducing after the backward and against 1 process taking all 4 micro-batches of each step,
-    with the clip active. Every parameter must get a gradient, or DDP's reduction would stall."""
-    results = {}
-    for overlap in (True, False):
-        out = tmp_path / f"overlap{int(overlap)}"
-        out.mkdir()
-        torch.multiprocessing.spawn(_ddp_worker, args=(overlap, features, str(out / "init"), str(out)), nprocs=2,
-                                    join=True)
-        results[overlap] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
-    h, batches = _ddp_case(**features)
+def test_training_steps_on_two_ranks_equal_one_process(tmp_path, features):
+    """train_step on 2 gloo ranks with 2 micro-steps each (reduce-scatter, all-reduce, global clip active,
+    all-gather) against 1 process taking all 4 micro-batches of each step, on the model itself."""
+    torch.multiprocessing.spawn(_two_rank_worker, args=(features, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                                join=True)
+    h, batches = _two_rank_case(**features)
     torch.manual_seed(0)
     model = tg.GPT(h)
     initial = [p.detach().clone() for p in model.parameters()]
@@ -326,9 +314,8 @@ def test_gradients_averaged_in_the_backward_by_ddp_equal_one_process(tmp_path, f
     loader = _FixedBatches(batches)
     for _ in range(2):
         tg.train_step(model, model, optimizers, loader, h, 4, 1, torch.device("cpu"))
-    expected = [p.detach() for p in model.parameters()]
-    for overlap, ranks in results.items():
-        for got in ranks:
-            for e, q, p0 in zip(expected, got, initial):
-                assert not torch.equal(e, p0)  # every parameter trained
-                assert torch.allclose(e, q, atol=2e-5), (overlap, (e - q).abs().max())
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for expected, q, p0 in zip(model.parameters(), got, initial):
+            assert not torch.equal(expected.detach(), p0)  # every parameter trained
+            assert torch.allclose(expected.detach(), q, atol=2e-5), (expected.detach() - q).abs().max()

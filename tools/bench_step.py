@@ -11,14 +11,11 @@ Prints, after compiling and warming up:
   - a breakdown of one step from the profiler: attention, matmuls, loss, other forward/backward kernels,
     optimizer (with clipping and the EMA), and communication.
 Under torchrun each GPU runs one micro-step of BENCH_MICRO_TOKENS per step and the gradients are reduced as in
-training (OVERLAP_REDUCTION=1: DDP's all-reduce during the backward; 0: after it, Muon's reduce-scatter and the
-rest all-reduced; both then all-gather Muon's updates); rank 0 prints. With the overlap, communication kernels
-run beside the backward's, so the "communication" row is their time, not the time they add to the step.
+training (Muon's reduce-scatter and all-gather, the rest all-reduced); rank 0 prints.
 Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12). With NUM_LOOPS > 0 it times
 the looped layout (set NUM_LOOPS=0 for the plain one). BENCH_DOC_MASK=1 makes DOC_ATTENTION=1 use the explicit
 mask with SDPA instead of the varlen kernel, to compare the two.
 """
-import gc
 import os
 import re
 import statistics
@@ -82,8 +79,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     optimizers = tg.build_optimizers(model, h, rank, world_size, device)
     ema = tg.EMA(model, h.ema_decay)
-    loss_fn = tg.training_loss_fn(model, h, world_size, device)  # DDP-wrapped with OVERLAP_REDUCTION on 2+ GPUs
-    averaged = tg.reduces_in_backward(loss_fn)
+    loss_fn = torch.compile(model) if h.compile else model
     loader = tg.DistributedTokenLoader(h.data_path, rank, world_size, device)
 
     def step(i: int, marks=None):
@@ -93,7 +89,7 @@ def main() -> None:
         tg.forward_backward(loss_fn, loader, h, 1, world_size, device)
         if marks:
             marks[1].record()
-        tg.optimizer_step(model, optimizers, h.grad_clip_norm, world_size, averaged)
+        tg.optimizer_step(model, optimizers, h.grad_clip_norm, world_size)
         ema.update(model)
         if marks:
             marks[2].record()
@@ -138,15 +134,10 @@ def main() -> None:
     mfu = flops_per_token(h, model) * tokens_per_s / (peak * 1e12)
     micro_steps = tg.Hyperparameters().train_batch_tokens // (micro_tokens * world_size)  # of the 786,432-token step
     full_step_ms = micro_steps * fwd_bwd + optim
-    if world_size > 1:
-        del loss_fn  # DDP's reducer before the process group, as train_gpt's main does
-        gc.collect()
-        torch.distributed.destroy_process_group()
     if rank != 0:
         return
     print(f"device: {torch.cuda.get_device_name()} × {world_size} torch {torch.__version__} attention: "
-          f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile}"
-          f" reduction: {'in the backward (DDP)' if averaged else 'after the backward' if world_size > 1 else 'none'}")
+          f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile}")
     print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s "
           f"block passes: {sum(map(len, model.layout()))} doc_attention: {h.doc_attention} "
           f"varlen: {'flash_attn_3' if tg._flash_attn_3_varlen is not None else 'torch' if tg.VARLEN_DEVICES else 'none (mask)'}")
