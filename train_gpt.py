@@ -9,9 +9,8 @@ training loop, main.
 """
 from __future__ import annotations
 
-import ast
-import base64
 import glob
+import importlib.util
 import inspect
 import json
 import lzma
@@ -840,6 +839,13 @@ if triton is not None:
             t = s / CAP
             grad = (tl.exp(s - lse) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t) * scale
             tl.store(out_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inside)
+
+
+def triton_description() -> str:
+    """For the log: which Triton the kernels were defined with ("interpreter": TRITON_INTERPRET=1, CPU tests)."""
+    if triton is None:
+        return "none"
+    return triton.__version__ + ("-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
 
 
 CE_IGNORE_INDEX = -100
@@ -1674,34 +1680,30 @@ def decompress_artifact(blob: bytes) -> bytes:
     return payload
 
 
-# The counted code is this file packed: comments and docstrings dropped, LZMA-compressed, base85 text,
-# behind a two-line stub that unpacks and runs it.
-PACKED_STUB_FIRST_LINE = "import lzma,base64"
+# The counted code is this file packed by tools/pack_script.py (minified, LZMA, behind a two-line
+# self-extracting stub that starts with this line): a packed script counts its own bytes, the readable one the
+# bytes that it packs to.
+PACKED_FIRST_LINE = b"#coding:latin-1\n"
 
 
-def _strip_docstrings(tree: ast.AST) -> ast.AST:
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return tree
-
-
-def pack_source(source: str) -> str:
-    minified = ast.unparse(_strip_docstrings(ast.parse(source)))
-    blob = base64.b85encode(lzma.compress(minified.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)).decode("ascii")
-    return f"{PACKED_STUB_FIRST_LINE}\nexec(lzma.decompress(base64.b85decode('{blob}')))\n"
-
-
-def counted_code_bytes(script_path: str) -> int:
-    """Bytes of the packed form of the running script (the script itself when it already is packed)."""
-    with open(script_path, encoding="utf-8") as f:
-        source = f.read()
-    if source.startswith(PACKED_STUB_FIRST_LINE + "\n"):
-        return len(source.encode("utf-8"))
-    return len(pack_source(source).encode("utf-8"))
+def counted_code_bytes(script_path: str) -> tuple[int, str]:
+    """(bytes, note) for the packed form of the script at `script_path`. The note is empty when the count is
+    exact, else says what it counted instead (a missing packer or minifier: the log says so, not a wrong figure)."""
+    with open(script_path, "rb") as f:
+        script = f.read()
+    if script.startswith(PACKED_FIRST_LINE):
+        return len(script), ""
+    packer_path = os.path.join(os.path.dirname(script_path), "tools", "pack_script.py")
+    if not os.path.isfile(packer_path):
+        return len(script), f"raw bytes: no {packer_path} to pack with"
+    spec = importlib.util.spec_from_file_location("pack_script", packer_path)
+    packer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packer)
+    source = script.decode("utf-8")
+    try:
+        return len(packer.pack_source(source)), ""
+    except ImportError:
+        return len(packer.pack_source(source, minifier="ast")), "without python-minifier (pip install python-minifier)"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2461,7 +2463,9 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
         f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
 
     artifact_path, model_bytes = export_artifact(model, h, rank, world_size, log, hessians)
-    code_bytes = counted_code_bytes(os.path.abspath(__file__))
+    code_bytes, code_note = counted_code_bytes(os.path.abspath(__file__))
+    if code_note:
+        log(f"WARNING: code size counted {code_note}: the packed script's own size may differ")
     total_bytes = code_bytes + model_bytes
     label = f"int{h.matrix_bits}+{h.compressor}"
     log(f"Serialized model {label}: {model_bytes} bytes")
@@ -2489,7 +2493,8 @@ def main() -> None:
     log = Logger(h, rank)
     log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
     log(f"world_size:{world_size} device:{device} torch:{torch.__version__} "
-        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'}")
+        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'} "
+        f"triton:{triton_description()}")
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
 

@@ -21,7 +21,9 @@ def run_script(args: list[str], env_overrides: dict[str, str], cwd: str, timeout
     """Run a training command as a competitor would (PRESET=smoke on the CPU); return its stdout."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PRESET")}
     env.update({"PRESET": "smoke", "OUTPUT_DIR": cwd, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""})
-    env.update(env_overrides)
+    env.update({k: v for k, v in env_overrides.items() if v is not None})
+    for name in [k for k, v in env_overrides.items() if v is None]:  # None: unset it
+        env.pop(name, None)
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

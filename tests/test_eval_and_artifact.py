@@ -136,17 +136,3 @@ def test_corrupt_or_foreign_artifacts_are_refused():
     payload = tg.serialize_quantized(tg.quantize_state_dict(state, h))
     with pytest.raises(tg.ArtifactError, match="bytes"):
         tg.deserialize_quantized(payload[:-3])
-
-
-def test_packed_code_is_smaller_and_holds_the_same_program():
-    import ast
-    with open(tg.__file__, encoding="utf-8") as f:
-        source = f.read()
-    packed = tg.pack_source(source)
-    assert packed.startswith(tg.PACKED_STUB_FIRST_LINE + "\n") and len(packed) < len(source) / 3
-    import base64
-    import lzma
-    blob = packed.split("b85decode('")[1].split("')")[0]
-    unpacked = lzma.decompress(base64.b85decode(blob)).decode()
-    stripped = ast.dump(tg._strip_docstrings(ast.parse(source)))
-    assert ast.dump(ast.parse(unpacked)) == stripped

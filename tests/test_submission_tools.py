@@ -96,7 +96,7 @@ def write_artifact(path, state, h):
 @pytest.fixture(scope="module")
 def packed_code_bytes():
     with open(os.path.join(REPO, "train_gpt.py"), encoding="utf-8") as f:
-        return len(tg.pack_source(f.read()).encode())
+        return len(package_record.pack_script.pack_source(f.read()))
 
 
 @pytest.fixture
@@ -295,7 +295,7 @@ def test_package_builds_a_folder_that_check_accepts(tmp_path, three_seeds, packe
     assert [r["artifact_sha256"] for r in sub["seed_results"]] == [package_record.sha256_file(a) for a in arts]
     assert [r["steps"] for r in sub["seed_results"]] == [1032] * 3 and sub["train_time_s_max"] == 176.042
     assert sub["eval_time_s_max"] == 11.869 and sub["author"] == "A. Person" and sub["date"] == "2026-11-24"
-    assert (folder / "train_gpt.py").read_text().startswith(tg.PACKED_STUB_FIRST_LINE + "\n")
+    assert package_record.pack_script.is_packed((folder / "train_gpt.py").read_bytes())
     assert (folder / "train_seed42.txt").read_bytes() == Path(logs[1]).read_bytes()
     readme = (folder / "README.md").read_text()
     assert "$" not in readme.replace("$ ", "")  # every placeholder filled
@@ -412,7 +412,7 @@ def test_check_refuses_edited_logs_code_and_missing_files(tmp_path, three_seeds,
     (folder / "train_seed1337.txt").write_text("\n".join(lines[:12]) + "\n")  # an unfinished log
     assert any("unfinished" in p for p in package_record.check_folder(str(folder)))
     fresh()
-    (folder / "train_gpt.py").write_text((folder / "train_gpt.py").read_text() + "\n")  # code that is not the counted one
+    (folder / "train_gpt.py").write_bytes((folder / "train_gpt.py").read_bytes() + b"\n")  # code that is not the counted one
     assert any("not the code the runs counted" in p for p in package_record.check_folder(str(folder)))
     fresh()
     os.remove(folder / "requirements.txt")

@@ -8,7 +8,7 @@
   python3 tools/package_record.py --check records/track_10min_16mb/<date>_<name> [--artifact ...]
 
 It writes records/track_10min_16mb/<date>_<name>/ with:
-  train_gpt.py       the packed script (train_gpt.pack_source of --source, default this repository's
+  train_gpt.py       the packed script (tools/pack_script.py's pack_source of --source, default this repository's
                      train_gpt.py; or --packed copied as is). Its size must equal the logs' "Code size
                      (packed)": the code that is counted is the code the runs ran.
   train_seed<S>.txt  each log, copied.
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ import re
 import shutil
 import statistics
 import string
+import subprocess
 import sys
 import tempfile
 
@@ -49,6 +51,7 @@ REPO = os.path.dirname(TOOLS)
 for p in (TOOLS, REPO):
     if p not in sys.path:
         sys.path.insert(0, p)
+import pack_script  # noqa: E402
 import train_gpt as tg  # noqa: E402
 from logparse import LogFormatError, RunLog, parse_log  # noqa: E402
 
@@ -59,6 +62,7 @@ RECORDS_DIR = os.path.join(REPO, "records", TRACK)
 TEMPLATE = os.path.join(TOOLS, "record_template.md")
 PER_RUN_HPARAMS = ("run_id", "seed", "output_dir")  # may differ between the seeds of one record
 FLOAT_TOL = 5e-9
+IMPORT_TIMEOUT_S = 120
 REQUIREMENTS = """# What train_gpt.py imports. On a GPU machine install the CUDA build of torch.
 # The runs of this record used torch {torch}.
 torch>=2.5
@@ -238,9 +242,10 @@ def check_folder(folder: str, artifacts: list[str] | None = None) -> list[str]:
                 out.append(f"submission.json seed_results seed {want['seed']}: {key} = {got.get(key)!r}, its log gives {value!r}")
     script = os.path.join(folder, "train_gpt.py")
     size = os.path.getsize(script)
-    counted = tg.counted_code_bytes(script)
-    if counted != size:
-        out.append(f"train_gpt.py is not the packed script ({size:,} bytes, packs to {counted:,})")
+    with open(script, "rb") as f:
+        if not pack_script.is_packed(f.read()):
+            out.append(f"train_gpt.py ({size:,} bytes) is not a packed script: run tools/pack_script.py on it")
+    out += import_problems(script)
     if size != logs[0].code_bytes:
         out.append(f"train_gpt.py is {size:,} bytes, the logs counted {logs[0].code_bytes:,} bytes of code: "
                    f"not the code the runs counted")
@@ -252,6 +257,40 @@ def check_folder(folder: str, artifacts: list[str] | None = None) -> list[str]:
         if f"{r['val_bpb']:.8f}" not in readme:
             out.append(f"README.md does not show seed {r['seed']}'s val_bpb {r['val_bpb']:.8f}")
     return out
+
+
+IMPORT_CHECK = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("submission", sys.argv[1])
+module = sys.modules["submission"] = importlib.util.module_from_spec(spec)  # the dataclass looks itself up there
+spec.loader.exec_module(module)
+print("triton:" + module.triton_description())
+"""
+
+
+def import_problems(script: str) -> list[str]:
+    """The script imported as a module (its main() does not run) with Triton really compiling its @jit kernels,
+    as on every GPU machine: TRITON_INTERPRET, which hides source lookups, is unset."""
+    return list(_import_problems(script, sha256_file(script)))
+
+
+@functools.lru_cache(maxsize=16)
+def _import_problems(script: str, sha256: str) -> tuple[str, ...]:  # one import per script content
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return (f"cannot check that {script} imports under Triton: Triton is not installed here (pip install triton)",)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", IMPORT_CHECK, script], env=env, capture_output=True, text=True,
+                              timeout=IMPORT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return (f"{script} did not import within {IMPORT_TIMEOUT_S} s",)
+    if proc.returncode != 0:
+        return (f"{script} fails to import under Triton: {proc.stderr.strip().splitlines()[-1]}",)
+    if "triton:none" in proc.stdout:
+        return (f"{script} imported without Triton, though it is installed here",)
+    return ()
 
 
 # ---- building ----
@@ -332,14 +371,14 @@ def package(a) -> str:
         art_problems, shas = artifact_problems(logs, a.artifact)
         problems += art_problems
     if a.packed:
-        with open(a.packed, encoding="utf-8") as f:
+        with open(a.packed, "rb") as f:
             packed = f.read()
-        if not packed.startswith(tg.PACKED_STUB_FIRST_LINE + "\n"):
+        if not pack_script.is_packed(packed):
             problems.append(f"{a.packed} is not a packed script (run tools/pack_script.py, or give it as --source)")
     else:
         with open(a.source, encoding="utf-8") as f:
-            packed = tg.pack_source(f.read())
-    code_bytes = len(packed.encode("utf-8"))
+            packed = pack_script.pack_source(f.read())
+    code_bytes = len(packed)
     if logs and logs[0].code_bytes is not None and code_bytes != logs[0].code_bytes:
         problems.append(f"{a.packed or a.source} packs to {code_bytes:,} bytes, the logs counted {logs[0].code_bytes:,}: "
                         f"not the code the runs used (give the script they ran with --source or --packed)")
@@ -359,7 +398,7 @@ def package(a) -> str:
     os.makedirs(a.records_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{folder_name}.", dir=a.records_dir)
     try:
-        with open(os.path.join(tmp, "train_gpt.py"), "w", encoding="utf-8") as f:
+        with open(os.path.join(tmp, "train_gpt.py"), "wb") as f:
             f.write(packed)
         for log, name in zip(logs, log_files):
             shutil.copyfile(log.path, os.path.join(tmp, name))

@@ -84,7 +84,7 @@ def bench(state_path: str, h: tg.Hyperparameters, names: list[str], baselines: s
     if any(CONFIGS[n]["quant_method"] == "gptq" for n in names):
         hessians, seconds = timed(lambda: tg.collect_hessians(model, tg.calibration_batches(h, 0, 1, device), device), device)
         log(f"gptq hessians: {h.gptq_calibration_batches} batches of {h.train_batch_tokens} tokens, {seconds:.1f}s")
-    code_bytes = tg.counted_code_bytes(os.path.join(REPO, "train_gpt.py"))
+    code_bytes, _ = tg.counted_code_bytes(os.path.join(REPO, "train_gpt.py"))
     try:
         import brotli  # noqa: F401
         has_brotli = True

@@ -17,7 +17,7 @@ float16 row scales), lqer (LQER factors: int4 codes, group scales and zeros), fl
 stored as float16), and the index (the payload's length prefix and JSON). Raw bytes of the groups add up to the payload. Each group is also compressed alone with
 brotli (quality --quality, default 11): a group's share of the artifact. The artifact is compressed as a
 whole (by the compressor its header names), so its size differs from the sum of the parts; both are printed.
-Code: raw bytes of the script and its packed (counted) form, train_gpt.pack_source.
+Code: raw bytes of the script and its packed (counted) form, tools/pack_script.py.
 """
 from __future__ import annotations
 
@@ -38,10 +38,9 @@ CLASS_GROUP = {"embed": "embedding", "attn": "attention", "mlp": "mlp", "other":
 
 
 def code_sizes(script: str) -> dict:
-    with open(script, encoding="utf-8") as f:
-        source = f.read()
-    raw = len(source.encode("utf-8"))
-    packed = raw if source.startswith(tg.PACKED_STUB_FIRST_LINE + "\n") else len(tg.pack_source(source).encode("utf-8"))
+    with open(script, "rb") as f:
+        raw = len(f.read())
+    packed, _ = tg.counted_code_bytes(script)
     return {"script": script, "raw_bytes": raw, "packed_bytes": packed}
 
 
