@@ -2084,8 +2084,8 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
         lora.select_rows(rows)
         x, offsets, y, index, scored = lora_chunk_inputs(tokens, first[:rows], length[:rows], end,
                                                           lora_window(end, h), chunk)
-        torch._dynamo.maybe_mark_dynamic(x, 0)
-        torch._dynamo.maybe_mark_dynamic(x, 1)
+        for t, dim in ((x, 0), (x, 1), (y, 0)):  # the rows and the width: one graph for every step
+            torch._dynamo.maybe_mark_dynamic(t, dim)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = loss_fn(x, y, offsets)
         record, index = torch.where(scored, losses.detach().double(), 0), torch.where(scored, index, -1)
@@ -2137,13 +2137,14 @@ def phase_cuts(h: Hyperparameters) -> list[int]:
 
 
 def lora_segments(lengths: np.ndarray, h: Hyperparameters) -> tuple[list[int], list[list[list[int]]]]:
-    """The segment bounds (document counts: 0, the TTT_PHASE_DOCS cuts, all) and each segment's batches: its
-    documents sorted longest first, TTT_BATCH_DOCS at a time, so a batch holds documents of similar lengths."""
+    """Every document, longest first, cut into segments at the TTT_PHASE_DOCS counts, each segment into batches of
+    TTT_BATCH_DOCS (documents of similar lengths side by side). Returns the segment bounds (document counts: 0, the
+    cuts, all) and each segment's batches. A global phase after a segment trains on every document scored so
+    far: the longest ones, which hold the most tokens."""
+    order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
     bounds = [0] + [c for c in phase_cuts(h) if c < len(lengths)] + [len(lengths)]
-    segments = []
-    for a, b in zip(bounds, bounds[1:]):
-        order = sorted(range(a, b), key=lambda d: (-lengths[d], d))
-        segments.append([order[i:i + h.ttt_batch_docs] for i in range(0, len(order), h.ttt_batch_docs)])
+    segments = [[order[i:min(i + h.ttt_batch_docs, b)] for i in range(a, b, h.ttt_batch_docs)]
+                for a, b in zip(bounds, bounds[1:])]
     return bounds, segments
 
 
@@ -2169,7 +2170,7 @@ def deal_batches(costs: list[int], world_size: int) -> list[list[int]]:
     return deal
 
 
-def phase_pieces(starts: np.ndarray, lengths: np.ndarray, docs: range, seq_len: int) -> list[tuple[int, int]]:
+def phase_pieces(starts: np.ndarray, lengths: np.ndarray, docs, seq_len: int) -> list[tuple[int, int]]:
     """(first target, targets) runs of at most seq_len targets that tile the given documents, none across a
     document boundary: a global phase trains each in its own row, with no other document in its context."""
     return [(int(starts[d]) + o, int(min(seq_len, lengths[d] - o))) for d in docs for o in range(0, lengths[d], seq_len)]
@@ -2209,8 +2210,8 @@ def phase_step(model: GPT, opt, lr: float, loss_fn, tokens: torch.Tensor, pieces
     total, mine = sum(n for _, n in pieces), pieces[rank::world_size]
     for width in sorted({lora_window(n, h) for _, n in mine}):
         x, y, mask = phase_rows(tokens, [(s, n) for s, n in mine if lora_window(n, h) == width], width)
-        torch._dynamo.maybe_mark_dynamic(x, 0)
-        torch._dynamo.maybe_mark_dynamic(x, 1)
+        for t, dim in ((x, 0), (x, 1), (y, 0), (y, 1)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = loss_fn(x, y)
         (torch.where(mask, losses, 0).sum() * (world_size / total)).backward()  # a share of the sum; averaged
@@ -2248,30 +2249,29 @@ def warm_up_phase(model: GPT, loss_fn, h: Hyperparameters, rank: int, world_size
     log(f"ttt_warmup:phase time:{time.perf_counter() - t0:.1f}s")
 
 
-def dealt_batches(starts: np.ndarray, lengths: np.ndarray, h: Hyperparameters, rank: int,
-                  world_size: int) -> tuple[list[int], list[list[list[int]]]]:
-    """The segment bounds and, per segment, this rank's batches in the order it runs them (deal_batches)."""
-    bounds, segments = lora_segments(lengths, h)
+def dealt_batches(lengths: np.ndarray, h: Hyperparameters, rank: int,
+                  world_size: int) -> tuple[list[list[list[int]]], list[list[list[int]]]]:
+    """Every segment's batches (lora_segments) and, per segment, this rank's in the order it runs them."""
+    _, segments = lora_segments(lengths, h)
     mine = []
     for batches in segments:
         deal = deal_batches([batch_cost(lengths[b].tolist(), h) for b in batches], world_size)[rank]
         mine.append([batches[b] for b in deal])
-    return bounds, mine
+    return segments, mine
 
 
 def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
              rank: int, world_size: int, device: torch.device, log, start: float, clock=time.perf_counter,
              trace=None) -> tuple[float, float]:
-    """Phased LoRA TTT. The documents are cut into segments at the TTT_PHASE_DOCS counts, in the validation set's
-    own order (a frozen shuffle). A segment's documents are sorted by length, longest first, cut into batches,
-    the batches dealt to the ranks by their work (deal_batches), and each scored by lora_score_batch; B starts at 0
-    for every document, A carries over from the batch before, on each rank (so with LoRA LR > 0 the scores depend
-    on the number of ranks). After every segment but the last, all ranks run a global phase: one epoch of SGD on
-    the base weights over every scored document, within document boundaries (phase_pieces), through score_fn
-    (per-target losses); the next batch's adapters start fresh on the new weights. train_fn is not used (the same
-    signature as ttt_sgd)."""
+    """Phased LoRA TTT. The documents are sorted by length, longest first, cut into segments at the TTT_PHASE_DOCS
+    counts and into batches (lora_segments); a segment's batches are dealt to the ranks by their work
+    (deal_batches), and each scored by lora_score_batch; B starts at 0 for every document, A carries over from the
+    batch before, on each rank (so with LoRA LR > 0 the scores depend on the number of ranks). After every segment
+    but the last, all ranks run a global phase: one epoch of SGD on the base weights over every document scored so
+    far, within document boundaries (phase_pieces), through score_fn (per-target losses); the next batch's
+    adapters start fresh on the new weights. train_fn is not used (the same signature as ttt_sgd)."""
     starts, lengths = document_spans(val_tokens)
-    bounds, segments = dealt_batches(starts, lengths, h, rank, world_size)
+    all_batches, segments = dealt_batches(lengths, h, rank, world_size)
     guard = EvalGuard(h, int(sum(lengths[b].sum() for batches in segments for b in batches)), device, world_size,
                       clock, start)
     tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(device)
@@ -2302,12 +2302,13 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
                 if unit % h.ttt_log_every == 0 or unit == units:
                     log_progress(log, sums, guard, unit, units, time_parts(timer.totals, host_s))
             if k + 1 < len(segments) and guard.allows(log, collective=True):
-                t0 = guard.now()
-                run_phase(model, score_fn, tokens, phase_pieces(starts, lengths, range(bounds[k + 1]), h.eval_seq_len),
-                          h, rank, world_size, device, trace)
+                t0, scored_docs = guard.now(), [d for batches in all_batches[:k + 1] for b in batches for d in b]
+                run_phase(model, score_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h, rank,
+                          world_size, device, trace)
                 guard.adapt_s = guard.now() - t0
                 phase_s += guard.adapt_s
-                log(f"ttt_phase:{k + 1} docs:{bounds[k + 1]} targets:{int(starts[bounds[k + 1]])} time:{guard.adapt_s:.1f}s")
+                log(f"ttt_phase:{k + 1} docs:{len(scored_docs)} targets:{int(lengths[scored_docs].sum())} "
+                    f"time:{guard.adapt_s:.1f}s")
     finally:
         for handle in lora.handles:
             handle.remove()
