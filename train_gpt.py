@@ -2104,13 +2104,13 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
 
 
 def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, device: torch.device, log) -> None:
-    """lora_score_batch on a batch of random documents, adapting: one of three chunks, the rest of one, so that
-    the steps change both the rows and the window width, which are dynamic; it compiles the scoring graph and
-    its backward for every later batch. The adapters are put back as they were (B and Adam's state restart with
-    every batch anyway), and the scores go to a scratch sum."""
+    """lora_score_batch on a batch of random documents, adapting: one reaches past the first window width, the
+    rest end with the first chunk, so that the steps change both the rows and the width, which are dynamic; it
+    compiles the scoring graph and its backward for every later batch. The adapters are put back as they were
+    (B and Adam's state restart with every batch anyway), and the scores go to a scratch sum."""
     t0 = time.perf_counter()
     saved, chunk, docs = [a.clone() for a in lora.A], h.ttt_chunk, h.ttt_batch_docs
-    lengths = [min(3 * chunk, h.eval_seq_len)] + [chunk] * (docs - 1)
+    lengths = [min(h.ttt_width_step + chunk, h.eval_seq_len)] + [chunk] * (docs - 1)
     scratch = ScoreSums(np.zeros(max(lengths), dtype=np.int32), device)
     lora_score_batch(lora, loss_fn, random_tokens(h, max(lengths) + 1, device), [0] * docs, lengths, h, scratch,
                      PartTimes(device, time.perf_counter), True, None)
@@ -2118,7 +2118,7 @@ def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, device: torch.d
         for a, a0 in zip(lora.A, saved):
             a.copy_(a0)
     synchronize(device)
-    log(f"ttt_warmup:lora chunks:3 time:{time.perf_counter() - t0:.1f}s")
+    log(f"ttt_warmup:lora chunks:{-(-lengths[0] // chunk)} time:{time.perf_counter() - t0:.1f}s")
 
 
 def document_spans(val_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -590,3 +590,14 @@ def test_lora_batches_reuse_one_graph():
     for handle in lora.handles:
         handle.remove()
     assert warm == 2 and counters["stats"]["unique_graphs"] == warm, dict(counters["stats"])
+
+
+def test_windows_grow_with_the_chunk_and_rows_shrink_with_the_batch():
+    h = tg.Hyperparameters()  # TTT_CHUNK 48, EVAL_SEQ_LEN 2048, TTT_WIDTH_STEP 256
+    assert [tg.lora_window(48 * (i + 1), h) for i in (0, 4, 5, 10, 42, 43, 500)] == [256, 256, 512, 768, 2048, 2048, 2048]
+    assert [tg.lora_rows(live, 64) for live in (64, 40, 33, 32, 5, 1, 0)] == [64, 64, 64, 32, 8, 2, 2]
+    assert tg.lora_rows(3, 3) == 3 and tg.lora_rows(1, 1) == 1
+    # the work model: one batch of a long document and 63 short ones is mostly the long one's narrow rows
+    long_tail = tg.batch_cost([2048] + [48] * 63, h)
+    assert long_tail == 64 * 256 + h.ttt_step_cost_tokens + sum(2 * tg.lora_window(48 * (j + 1), h) + h.ttt_step_cost_tokens
+                                                                   for j in range(1, 43))
