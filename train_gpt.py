@@ -2316,7 +2316,19 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     peak = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
     log(f"ttt_lora_rank0_targets:{guard.targets} adapted:{adapted} warmup:{warm_s:.1f}s phases:{phase_s:.1f}s "
         f"{time_parts(timer.totals, host_s)} peak_mem:{peak}MiB")
+    log_rank_finish(guard, world_size, log)
     return sums.result(world_size)
+
+
+def log_rank_finish(guard: EvalGuard, world_size: int, log) -> None:
+    """Each rank's elapsed eval time when its last batch was done, before the final reduction waits for all."""
+    if world_size == 1:
+        return
+    mine = torch.tensor([guard.elapsed()], dtype=torch.float64, device=guard.device)
+    every = torch.zeros(world_size, dtype=torch.float64, device=guard.device)
+    _all_gather(every, mine)
+    log(f"ttt_rank_finish_seconds:{','.join(f'{t:.1f}' for t in every.tolist())} "
+        f"spread:{(every.max() - every.min()).item() / every.max().item():.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -344,8 +344,9 @@ def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
     torch.set_num_threads(1)
     results = {}
     for mode, h in two_rank_cases():
-        model = tiny_model(h)
-        results[mode] = run_ttt(mode, model, *tiny_stream("docs"), h, rank=rank, world_size=world_size)
+        model, lines = tiny_model(h), []
+        results[mode] = run_ttt(mode, model, *tiny_stream("docs"), h, rank=rank, world_size=world_size, log=lines.append)
+        results[mode + "_log"] = lines
         results[mode + "_weights"] = [p.detach().clone() for p in model.parameters()]
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -368,6 +369,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         for a, b, c in zip(ranks[0][mode + "_weights"], ranks[1][mode + "_weights"], model.parameters()):
             assert torch.equal(a, b)  # the ranks take identical steps
             assert torch.allclose(a, c.detach(), rtol=0, atol=1e-6)
+    finish = [line for line in ranks[0]["lora_log"] if line.startswith("ttt_rank_finish_seconds:")]
+    assert len(finish) == 1 and len(finish[0].split()[0].split(":")[1].split(",")) == 2
     assert ranks[0]["sgd"] != pytest.approx(tg.evaluate_bpb(tiny_model(tiny_h()).token_losses, *tiny_stream("docs"),
                                                              tiny_h(), 0, 1, CPU), rel=1e-6)
 
