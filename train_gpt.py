@@ -193,6 +193,7 @@ class Hyperparameters:
     ttt_warmup: bool = True  # compile TTT's graphs on random tokens first, so the time guard paces real work
     ttt_width_step: int = 256  # lora: window widths rounded up to a multiple of this (few shapes for the compiled graph)
     ttt_step_cost_tokens: int = 8192  # lora: a step's fixed cost (launches, optimizer) in token positions, to deal batches
+    ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs)
 
     @classmethod
     def from_env(cls) -> "Hyperparameters":
@@ -2278,7 +2279,8 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     sums, lora, timer = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
     # the rows and the window's width are dynamic (lora_score_batch marks them); with dynamic=True, every size
     # symbolic, the compile took 312 s on the H100, and on the CPU 229 s against 125 s for the width alone
-    loss_fn = torch.compile(lora.token_losses) if h.compile and device.type == "cuda" else lora.token_losses
+    loss_fn = (torch.compile(lora.token_losses, mode=h.ttt_compile_mode) if h.compile and device.type == "cuda"
+               else lora.token_losses)
     units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, segments)), 0, 0, 0.0, 0.0, 0.0
     try:
         if h.ttt_warmup:
