@@ -193,7 +193,10 @@ class Hyperparameters:
     ttt_warmup: bool = True  # compile TTT's graphs on random tokens first, so the time guard paces real work
     ttt_width_step: int = 256  # lora: window widths rounded up to a multiple of this (few shapes for the compiled graph)
     ttt_step_cost_tokens: int = 8192  # lora: a step's fixed cost (launches, optimizer) in token positions, to deal batches
-    ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs)
+    ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs;
+    # eager: not compiled)
+    ttt_phase_compile: bool = False  # lora: compile the global phases' graph (off: at FineWeb's shape the phases train
+    # ~4.4M tokens a GPU, seconds even eager, less than the compilation would take)
 
     @classmethod
     def from_env(cls) -> "Hyperparameters":
@@ -2269,8 +2272,9 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     (deal_batches), and each scored by lora_score_batch; B starts at 0 for every document, A carries over from the
     batch before, on each rank (so with LoRA LR > 0 the scores depend on the number of ranks). After every segment
     but the last, all ranks run a global phase: one epoch of SGD on the base weights over every document scored so
-    far, within document boundaries (phase_pieces), through score_fn (per-target losses); the next batch's
-    adapters start fresh on the new weights. train_fn is not used (the same signature as ttt_sgd)."""
+    far, within document boundaries (phase_pieces), on per-target losses (score_fn with TTT_PHASE_COMPILE, else
+    the model's own, eager); the next batch's adapters start fresh on the new weights. train_fn is not used (the
+    same signature as ttt_sgd)."""
     starts, lengths = document_spans(val_tokens)
     all_batches, segments = dealt_batches(lengths, h, rank, world_size)
     guard = EvalGuard(h, int(sum(lengths[b].sum() for batches in segments for b in batches)), device, world_size,
@@ -2279,15 +2283,18 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     sums, lora, timer = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
     # the rows and the window's width are dynamic (lora_score_batch marks them); with dynamic=True, every size
     # symbolic, the compile took 312 s on the H100, and on the CPU 229 s against 125 s for the width alone
-    loss_fn = (torch.compile(lora.token_losses, mode=h.ttt_compile_mode) if h.compile and device.type == "cuda"
+    compiled = h.compile and device.type == "cuda"
+    loss_fn = (torch.compile(lora.token_losses, mode=h.ttt_compile_mode) if compiled and h.ttt_compile_mode != "eager"
                else lora.token_losses)
+    phase_compiled = compiled and h.ttt_phase_compile
+    phase_fn = score_fn if phase_compiled else model.token_losses
     units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, segments)), 0, 0, 0.0, 0.0, 0.0
     try:
         if h.ttt_warmup:
             t0 = time.perf_counter()
             warm_up_lora(lora, loss_fn, h, device, log)
-            if len(segments) > 1:
-                warm_up_phase(model, score_fn, h, rank, world_size, device, log)
+            if len(segments) > 1 and phase_compiled:
+                warm_up_phase(model, phase_fn, h, rank, world_size, device, log)
             warm_s = time.perf_counter() - t0
         for k, batches in enumerate(segments):
             for batch in batches:
@@ -2305,7 +2312,7 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
                     log_progress(log, sums, guard, unit, units, time_parts(timer.totals, host_s))
             if k + 1 < len(segments) and guard.allows(log, collective=True):
                 t0, scored_docs = guard.now(), [d for batches in all_batches[:k + 1] for b in batches for d in b]
-                run_phase(model, score_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h, rank,
+                run_phase(model, phase_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h, rank,
                           world_size, device, trace)
                 guard.adapt_s = guard.now() - t0
                 phase_s += guard.adapt_s

@@ -301,7 +301,7 @@ def test_warm_up_on_random_tokens_changes_no_score_and_no_weight(mode):
         assert a[0] == b[0] and torch.equal(a[1], b[1]) and (a[2] is None or torch.equal(a[2], b[2]))
         assert all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
     warm_ups = [line.split()[0] for line in warm_lines if line.startswith("ttt_warmup:")]
-    assert warm_ups == (["ttt_warmup:sgd"] if mode == "sgd" else ["ttt_warmup:lora", "ttt_warmup:phase"])
+    assert warm_ups == (["ttt_warmup:sgd"] if mode == "sgd" else ["ttt_warmup:lora"])  # the phases run eager
     assert not any(line.startswith("ttt_warmup:") for line in lines)
 
 
