@@ -2001,6 +2001,7 @@ class BatchedLoRA:
         shapes = [(m.in_features, m.out_features) for m in linears] + [model.tok_emb.weight.shape[::-1]]
         generator = torch.Generator().manual_seed(h.seed)  # A as nn.Linear initialises a weight; B = 0: the base model
         self.A = [((torch.rand(docs, rank, i, generator=generator) * 2 - 1) * i ** -0.5).to(device) for i, _ in shapes]
+        self.initial_A = [a.clone() for a in self.A]
         self.B = [torch.zeros(docs, o, rank, device=device) for _, o in shapes]
         self.exp_avg_sq = [torch.zeros_like(t) for t in self.A + self.B]
         self.steps, self.live = 0, []
@@ -2013,6 +2014,12 @@ class BatchedLoRA:
             for t in self.B + self.exp_avg_sq:
                 t.zero_()
         self.steps = 0
+
+    def restart(self) -> None:
+        """A back to its initialisation: after a global phase the adapters start fresh on the new base weights."""
+        with torch.no_grad():
+            for a, a0 in zip(self.A, self.initial_A):
+                a.copy_(a0)
 
     def select_rows(self, rows: int) -> None:
         self.live = [t[:rows].detach().requires_grad_() for t in self.A + self.B]
@@ -2112,15 +2119,12 @@ def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, device: torch.d
     rest end with the first chunk, so that the steps change both the rows and the width, which are dynamic; it
     compiles the scoring graph and its backward for every later batch. The adapters are put back as they were
     (B and Adam's state restart with every batch anyway), and the scores go to a scratch sum."""
-    t0 = time.perf_counter()
-    saved, chunk, docs = [a.clone() for a in lora.A], h.ttt_chunk, h.ttt_batch_docs
+    t0, chunk, docs = time.perf_counter(), h.ttt_chunk, h.ttt_batch_docs
     lengths = [min(h.ttt_width_step + chunk, h.eval_seq_len)] + [chunk] * (docs - 1)
     scratch = ScoreSums(np.zeros(max(lengths), dtype=np.int32), device)
     lora_score_batch(lora, loss_fn, random_tokens(h, max(lengths) + 1, device), [0] * docs, lengths, h, scratch,
                      PartTimes(device, time.perf_counter), True, None)
-    with torch.no_grad():
-        for a, a0 in zip(lora.A, saved):
-            a.copy_(a0)
+    lora.restart()
     synchronize(device)
     log(f"ttt_warmup:lora chunks:{-(-lengths[0] // chunk)} time:{time.perf_counter() - t0:.1f}s")
 
@@ -2273,8 +2277,8 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     batch before, on each rank (so with LoRA LR > 0 the scores depend on the number of ranks). After every segment
     but the last, all ranks run a global phase: one epoch of SGD on the base weights over every document scored so
     far, within document boundaries (phase_pieces), on per-target losses (score_fn with TTT_PHASE_COMPILE, else
-    the model's own, eager); the next batch's adapters start fresh on the new weights. train_fn is not used (the
-    same signature as ttt_sgd)."""
+    the model's own, eager); then the adapters start fresh (A back to its initialisation) on the new weights.
+    train_fn is not used (the same signature as ttt_sgd)."""
     starts, lengths = document_spans(val_tokens)
     all_batches, segments = dealt_batches(lengths, h, rank, world_size)
     guard = EvalGuard(h, int(sum(lengths[b].sum() for batches in segments for b in batches)), device, world_size,
@@ -2314,6 +2318,7 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
                 t0, scored_docs = guard.now(), [d for batches in all_batches[:k + 1] for b in batches for d in b]
                 run_phase(model, phase_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h, rank,
                           world_size, device, trace)
+                lora.restart()
                 guard.adapt_s = guard.now() - t0
                 phase_s += guard.adapt_s
                 log(f"ttt_phase:{k + 1} docs:{len(scored_docs)} targets:{int(lengths[scored_docs].sum())} "

@@ -231,6 +231,16 @@ def test_lora_scores_first_by_replay(kind):
                 assert int(targets[-1]) == end - 1
                 replay = lora_reference_losses(scratch, weights, adapters, row, scale, tokens, start, end)
                 assert torch.allclose(replay[-len(targets):], losses[row][keep], rtol=0, atol=1e-5)
+    # after each phase the adapters start fresh: the next scoring pass sees A as initialised and B = 0
+    initial_a = [a.clone() for a in tg.BatchedLoRA(tiny_model(h), h, CPU).A]
+    after_phase = [n for n, e in enumerate(rec.events) if e[0] == "update" and e[4] is None]
+    firsts = {next(n for n in range(p, len(rec.events)) if rec.events[n][0] == "score")
+              for p in after_phase if any(e[0] == "score" for e in rec.events[p:])}
+    assert len(firsts) == (2 if kind == "docs" else 0)
+    for n in firsts:
+        adapters = rec.events[n][4]
+        assert all(torch.equal(a, a0) for a, a0 in zip(adapters[:len(initial_a)], initial_a))
+        assert not any(b.any() for b in adapters[len(initial_a):])
     assert not any(p.requires_grad is False for p in model.parameters())  # handed back trainable, hooks gone
     assert all(not m._forward_hooks for m in model.modules())
 
