@@ -2293,6 +2293,8 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     phase_compiled = compiled and h.ttt_phase_compile
     phase_fn = score_fn if phase_compiled else model.token_losses
     units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, segments)), 0, 0, 0.0, 0.0, 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the closing line's peak is TTT's own
     try:
         if h.ttt_warmup:
             t0 = time.perf_counter()
