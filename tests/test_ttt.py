@@ -606,8 +606,9 @@ def test_lora_batches_reuse_one_graph():
 
 
 def test_windows_grow_with_the_chunk_and_rows_shrink_with_the_batch():
-    h = tg.Hyperparameters()  # TTT_CHUNK 48, EVAL_SEQ_LEN 2048, TTT_WIDTH_STEP 256
+    h = tg.Hyperparameters(ttt_width_step=256)  # TTT_CHUNK 48, EVAL_SEQ_LEN 2048
     assert [tg.lora_window(48 * (i + 1), h) for i in (0, 4, 5, 10, 42, 43, 500)] == [256, 256, 512, 768, 2048, 2048, 2048]
+    assert [tg.lora_window(48 * (i + 1), tg.Hyperparameters()) for i in (0, 1, 2, 41, 42)] == [64, 128, 192, 2048, 2048]
     assert [tg.lora_rows(live, 64) for live in (64, 40, 33, 32, 5, 1, 0)] == [64, 64, 64, 32, 8, 2, 2]
     assert tg.lora_rows(3, 3) == 3 and tg.lora_rows(1, 1) == 1
     # the work model: one batch of a long document and 63 short ones is mostly the long one's narrow rows
