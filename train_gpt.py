@@ -190,6 +190,13 @@ class Hyperparameters:
     ttt_phase_lr: float = 1e-3
     ttt_log_every: int = 100  # chunks (sgd) or document batches (lora) between progress lines
     ttt_warmup: bool = True  # compile TTT's graphs on random tokens first, so the time guard paces real work
+    ttt_width_step: int = 64  # lora: window widths rounded up to a multiple of this (the compiled graph's width is
+    # dynamic, so finer costs no compilation: 64 computes 7% fewer positions than 256 at FineWeb's shape)
+    ttt_step_cost_tokens: int = 8192  # lora: a step's fixed cost (launches, optimizer) in token positions, to deal batches
+    ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs;
+    # eager: not compiled)
+    ttt_phase_compile: bool = False  # lora: compile the global phases' graph (off: at FineWeb's shape the phases train
+    # ~4.4M tokens a GPU, seconds even eager, less than the compilation would take)
 
     @classmethod
     def from_env(cls) -> "Hyperparameters":
@@ -1822,10 +1829,15 @@ class EvalGuard:
         return not self.stopped
 
 
-def log_progress(log, sums: ScoreSums, guard: EvalGuard, unit: int, units: int) -> None:
+def log_progress(log, sums: ScoreSums, guard: EvalGuard, unit: int, units: int, extra: str = "") -> None:
     loss_sum, scored, byte_sum = sums.sums.tolist()
     log(f"ttt_progress:{unit}/{units} rank0_targets:{int(scored)} rank0_bpb:{loss_sum / math.log(2) / max(byte_sum, 1):.4f} "
-        f"elapsed:{guard.elapsed():.1f}s adapting:{int(not guard.stopped)}")
+        f"elapsed:{guard.elapsed():.1f}s adapting:{int(not guard.stopped)}" + (f" {extra}" if extra else ""))
+
+
+def time_parts(totals: dict[str, float], host_s: float) -> str:
+    """Seconds by part (PartTimes) and the host's: the rest of the batches' wall time, while the GPU waited."""
+    return " ".join(f"{part}:{seconds:.1f}s" for part, seconds in totals.items()) + f" host:{host_s:.1f}s"
 
 
 def cosine_lr(peak: float, i: int, n: int) -> float:
@@ -1915,13 +1927,75 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes
 
 
 LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down")
+LORA_BETA2, LORA_EPS = 0.99, 1e-8  # the adapters' Adam (spec: β1 0, β2 0.99): with β1 0 there is no first moment
+MIN_ROWS = 2  # torch.compile specialises dimensions of size 1: two rows at least keep every step on the dynamic graph
+
+
+def round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def lora_window(end: int, h: Hyperparameters) -> int:
+    """Width of the window that scores the chunk ending at target `end` of its document: the chunk's context grows
+    with it, (i+1)·TTT_CHUNK tokens for chunk i, up to EVAL_SEQ_LEN; rounded up to a multiple of TTT_WIDTH_STEP so
+    that only a few widths reach the compiled graph."""
+    return min(h.eval_seq_len, round_up(end, h.ttt_width_step))
+
+
+def lora_rows(live: int, docs: int) -> int:
+    """Rows computed for a chunk: the `live` documents (a prefix of the batch, which is sorted longest first),
+    rounded up to a power of two so that only a few batch sizes reach the compiled graph; at most the batch."""
+    rows = MIN_ROWS
+    while rows < live:
+        rows *= 2
+    return min(rows, docs)
+
+
+class PartTimes:
+    """Seconds of TTT's work by part (forward, backward, optimizer) without a host sync in the loop: CUDA events on
+    the GPU, read once per batch by `collect`; the clock elsewhere. An interval runs from `start` or the last
+    `mark` to the next `mark`, so it includes any time the GPU waited for the host inside it."""
+    PARTS = ("forward", "backward", "optimizer")
+
+    def __init__(self, device: torch.device, clock):
+        self.cuda, self.clock = device.type == "cuda", clock
+        self.pending, self.last = [], None
+        self.totals = dict.fromkeys(self.PARTS, 0.0)
+
+    def _stamp(self):
+        if not self.cuda:
+            return self.clock()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.last = self._stamp()
+
+    def mark(self, part: str) -> None:
+        now = self._stamp()
+        self.pending.append((part, self.last, now))
+        self.last = now
+
+    def collect(self) -> dict[str, float]:
+        """The seconds by part since the last collect (one sync on the GPU), also added to `totals`."""
+        parts = dict.fromkeys(self.PARTS, 0.0)
+        if self.cuda and self.pending:
+            self.pending[-1][2].synchronize()
+        for part, a, b in self.pending:
+            parts[part] += a.elapsed_time(b) / 1000 if self.cuda else b - a
+        self.pending = []
+        for part, seconds in parts.items():
+            self.totals[part] += seconds
+        return parts
 
 
 class BatchedLoRA:
     """Low-rank adapters for a batch of documents: row d of every A (docs, rank, in) and B (docs, out, rank) is
     document d's own, on each Linear named in LORA_TARGETS and on the head. The model's classes stay as they are:
     forward hooks add x·A_dᵀ·B_dᵀ·alpha/rank to the adapted Linears' outputs (while `active`), and token_losses
-    adds the head's delta to the tied-embedding logits."""
+    adds the head's delta to the tied-embedding logits. A step computes only its first rows (`select_rows`: the
+    documents not yet finished); their views are the leaves that collect the gradients."""
 
     def __init__(self, model: GPT, h: Hyperparameters, device: torch.device):
         docs, rank = h.ttt_batch_docs, h.ttt_lora_rank
@@ -1929,17 +2003,56 @@ class BatchedLoRA:
         linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(LORA_TARGETS)]
         shapes = [(m.in_features, m.out_features) for m in linears] + [model.tok_emb.weight.shape[::-1]]
         generator = torch.Generator().manual_seed(h.seed)  # A as nn.Linear initialises a weight; B = 0: the base model
-        self.A = [((torch.rand(docs, rank, i, generator=generator) * 2 - 1) * i ** -0.5).to(device).requires_grad_()
-                  for i, _ in shapes]
-        self.B = [torch.zeros(docs, o, rank, device=device, requires_grad=True) for _, o in shapes]
+        self.A = [((torch.rand(docs, rank, i, generator=generator) * 2 - 1) * i ** -0.5).to(device) for i, _ in shapes]
+        self.initial_A = [a.clone() for a in self.A]
+        self.B = [torch.zeros(docs, o, rank, device=device) for _, o in shapes]
+        self.exp_avg_sq = [torch.zeros_like(t) for t in self.A + self.B]
+        self.steps, self.live = 0, []
         self.handles = [m.register_forward_hook(lambda _m, inputs, out, i=i: out + self.delta(i, inputs[0]) if self.active else out)
                         for i, m in enumerate(linears)]
 
+    def start_batch(self) -> None:
+        """A new batch of documents: B = 0 (each starts from the base model), A kept (warm start), Adam restarted."""
+        with torch.no_grad():
+            for t in self.B + self.exp_avg_sq:
+                t.zero_()
+        self.steps = 0
+
+    def restart(self) -> None:
+        """A back to its initialisation: after a global phase the adapters start fresh on the new base weights."""
+        with torch.no_grad():
+            for a, a0 in zip(self.A, self.initial_A):
+                a.copy_(a0)
+
+    def select_rows(self, rows: int) -> None:
+        self.live = [t[:rows].detach().requires_grad_() for t in self.A + self.B]
+        for t in self.live:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
     def delta(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return (x @ self.A[i].transpose(1, 2)) @ self.B[i].transpose(1, 2) * self.scale
+        i %= len(self.A)  # −1: the head
+        a, b = self.live[i], self.live[len(self.A) + i]
+        return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
+
+    @torch.no_grad()
+    def adam_step(self, lr: float, weight_decay: float) -> None:
+        """AdamW (β1 0, β2 LORA_BETA2), as torch.optim.AdamW computes it, on the rows of this step only."""
+        self.steps += 1
+        rows = self.live[0].size(0)
+        grads = [p.grad for p in self.live]
+        second = [s[:rows] for s in self.exp_avg_sq]
+        torch._foreach_mul_(self.live, 1 - lr * weight_decay)
+        torch._foreach_mul_(second, LORA_BETA2)
+        torch._foreach_addcmul_(second, grads, grads, value=1 - LORA_BETA2)
+        denom = torch._foreach_sqrt(second)
+        torch._foreach_div_(denom, math.sqrt(1 - LORA_BETA2 ** self.steps))
+        torch._foreach_add_(denom, LORA_EPS)
+        torch._foreach_addcdiv_(self.live, grads, denom, value=-lr)
+        for p in self.live:
+            p.grad = None
 
     def token_losses(self, x: torch.Tensor, y: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Losses of targets y (docs × len(positions)) at the window `positions` of inputs x (docs × window): the
+        """Losses of targets y (rows × len(positions)) at the window `positions` of inputs x (rows × window): the
         whole window runs through the blocks, but only the scored positions through the head (the logits of a
         64 × 2048 window in float32 would take 4 GiB, and their gradient as much again)."""
         hidden = self.model.hidden(x).index_select(1, positions)
@@ -1948,73 +2061,75 @@ class BatchedLoRA:
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
-def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: list, lengths: list, h: Hyperparameters,
-                     sums: ScoreSums, guard: EvalGuard, adapt: bool, trace) -> tuple[float, float]:
-    """Score a batch of documents TTT_CHUNK targets at a time, all documents side by side: each chunk is scored
-    first, in a window of the ≤ EVAL_SEQ_LEN tokens of the same document up to the chunk's end, then (if `adapt`)
-    one Adam step on that chunk's loss. Each document's loss is its own mean, nothing is clipped and Adam is
-    elementwise, so no document's adapters see another's tokens. Returns (scoring, adapting) seconds.
+def lora_chunk_inputs(tokens: torch.Tensor, first: torch.Tensor, length: torch.Tensor, end: int, width: int,
+                      chunk: int) -> tuple[torch.Tensor, ...]:
+    """For the chunk of targets [end − chunk, end) of each document (first target `first`, `length` targets; one
+    row each): the window of inputs [end − width, end), clipped at the document's start (then it holds the
+    document's later tokens, which causal attention keeps from the scored positions; 0 past its end), the chunk's
+    positions in it, the targets, their global indices, and which of them exist."""
+    window_start = max(0, end - width)
+    pos = torch.arange(window_start, window_start + width, device=tokens.device)
+    gather = (first + pos).clamp_max(tokens.numel() - 2)
+    x = torch.where(pos < length, tokens[gather], 0)
+    offsets = torch.arange(end - chunk - window_start, end - window_start, device=tokens.device)
+    pos, gather = pos[offsets], gather[:, offsets]  # the chunk's positions: input i predicts target i
+    scored = pos < length
+    return x, offsets, torch.where(scored, tokens[gather + 1], 0), first + pos, scored
 
-    Every chunk of a batch runs in a window of the same width (one compiled shape per batch): EVAL_SEQ_LEN, or the
-    batch's longest document rounded up to whole chunks if shorter. While a chunk ends inside the first window,
-    the window also holds the document's later tokens; attention is causal, so the scored positions never see
-    them, and only the scored positions enter the loss."""
-    device = tokens.device
-    first, length = torch.tensor(starts, device=device)[:, None], torch.tensor(lengths, device=device)[:, None]
-    width = min(h.eval_seq_len, -(-max(lengths) // h.ttt_chunk) * h.ttt_chunk)
+
+def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: list, lengths: list, h: Hyperparameters,
+                     sums: ScoreSums, timer: PartTimes, adapt: bool, trace) -> None:
+    """Score a batch of documents (sorted longest first) TTT_CHUNK targets at a time, all side by side: each chunk
+    is scored first, in a window of the document's ≤ EVAL_SEQ_LEN tokens up to the chunk's end, then (if `adapt`)
+    one Adam step on that chunk's loss. Each document's loss is its own mean, nothing is clipped and Adam is
+    elementwise, so no document's adapters see another's tokens. Work shrinks with the documents: a chunk's window
+    grows with its index (lora_window) and covers only the documents not yet finished (lora_rows)."""
+    device, docs, chunk = tokens.device, h.ttt_batch_docs, h.ttt_chunk
+    padded = [0] * (docs - len(starts))  # rows past the batch's documents: nothing to score
+    first = torch.tensor(list(starts) + padded, device=device)[:, None]
+    length = torch.tensor(list(lengths) + padded, device=device)[:, None]
     lora.model.requires_grad_(False)  # the base weights are frozen here; only the adapters learn
+    lora.start_batch()
     lora.active = True
-    with torch.no_grad():
-        for b in lora.B:
-            b.zero_()
-    opt = torch.optim.AdamW(lora.A + lora.B, lr=h.ttt_lora_lr, betas=(0.0, 0.99), weight_decay=h.ttt_lora_wd)
-    chunks, score_s, adapt_s = -(-max(lengths) // h.ttt_chunk), 0.0, 0.0
+    chunks = -(-max(lengths) // chunk)
     for j in range(chunks):
-        end = (j + 1) * h.ttt_chunk
-        window_start = max(0, end - width)
-        pos = torch.arange(window_start, window_start + width, device=device)  # input positions in the document
-        gather = (first + pos).clamp_max(tokens.numel() - 2)
-        x = torch.where(pos < length, tokens[gather], 0)
-        torch._dynamo.maybe_mark_dynamic(x, 1)  # one compiled graph for every batch's width
-        offsets = torch.arange(end - h.ttt_chunk - window_start, end - window_start, device=device)
-        pos, gather = pos[offsets], gather[:, offsets]  # the chunk's positions: input i predicts target i
-        index, scored = first + pos, pos < length
-        y = torch.where(scored, tokens[gather + 1], 0)
-        t0 = guard.now()
+        rows, end = lora_rows(sum(n > j * chunk for n in lengths), docs), (j + 1) * chunk
+        timer.start()
+        lora.select_rows(rows)
+        x, offsets, y, index, scored = lora_chunk_inputs(tokens, first[:rows], length[:rows], end,
+                                                          lora_window(end, h), chunk)
+        for t, dim in ((x, 0), (x, 1), (y, 0)):  # the rows and the width: one graph for every step
+            torch._dynamo.maybe_mark_dynamic(t, dim)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = loss_fn(x, y, offsets)
         record, index = torch.where(scored, losses.detach().double(), 0), torch.where(scored, index, -1)
         sums.add(record, index)
         if trace:
             trace("score", index, record, lora)
-        t1 = guard.now()
-        score_s += t1 - t0
+        timer.mark("forward")
         if adapt and j + 1 < chunks:
             if trace:
                 trace("update", index, None, lora)
             (losses * scored / scored.sum(1, keepdim=True).clamp_min(1)).sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            adapt_s += guard.now() - t1
+            timer.mark("backward")
+            lora.adam_step(h.ttt_lora_lr, h.ttt_lora_wd)
+            timer.mark("optimizer")
     lora.active = False
-    return score_s, adapt_s
 
 
-def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, world_size: int, device: torch.device, log) -> None:
-    """lora_score_batch on a batch of random documents of three chunks, adapting: it compiles the scoring graph
-    and its backward, with the window width dynamic, so every later batch reuses them. The adapters are put back
-    as they were (B is zeroed per batch anyway), and the scores go to a scratch sum."""
-    t0 = time.perf_counter()
-    saved, length, docs = [a.detach().clone() for a in lora.A], 3 * h.ttt_chunk, h.ttt_batch_docs
-    scratch = ScoreSums(np.zeros(length, dtype=np.int32), device)
-    own_clock = EvalGuard(h, length, device, world_size, time.perf_counter, t0)  # the real guard's clock is not read
-    lora_score_batch(lora, loss_fn, random_tokens(h, length + 1, device), [0] * docs, [length] * docs, h, scratch,
-                     own_clock, True, None)
-    with torch.no_grad():
-        for a, a0 in zip(lora.A, saved):
-            a.copy_(a0)
+def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, device: torch.device, log) -> None:
+    """lora_score_batch on a batch of random documents, adapting: one reaches past the first window width, the
+    rest end with the first chunk, so that the steps change both the rows and the width, which are dynamic; it
+    compiles the scoring graph and its backward for every later batch. The adapters are put back as they were
+    (B and Adam's state restart with every batch anyway), and the scores go to a scratch sum."""
+    t0, chunk, docs = time.perf_counter(), h.ttt_chunk, h.ttt_batch_docs
+    lengths = [min(h.ttt_width_step + chunk, h.eval_seq_len)] + [chunk] * (docs - 1)
+    scratch = ScoreSums(np.zeros(max(lengths), dtype=np.int32), device)
+    lora_score_batch(lora, loss_fn, random_tokens(h, max(lengths) + 1, device), [0] * docs, lengths, h, scratch,
+                     PartTimes(device, time.perf_counter), True, None)
+    lora.restart()
     synchronize(device)
-    log(f"ttt_warmup:lora chunks:3 time:{time.perf_counter() - t0:.1f}s")
+    log(f"ttt_warmup:lora chunks:{-(-lengths[0] // chunk)} time:{time.perf_counter() - t0:.1f}s")
 
 
 def document_spans(val_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -2032,59 +2147,207 @@ def phase_cuts(h: Hyperparameters) -> list[int]:
         raise SystemExit(f"TTT_PHASE_DOCS={h.ttt_phase_docs!r} must be document counts separated by commas") from None
 
 
+def lora_segments(lengths: np.ndarray, h: Hyperparameters) -> tuple[list[int], list[list[list[int]]]]:
+    """Every document, longest first, cut into segments at the TTT_PHASE_DOCS counts, each segment into batches of
+    TTT_BATCH_DOCS (documents of similar lengths side by side). Returns the segment bounds (document counts: 0, the
+    cuts, all) and each segment's batches. A global phase after a segment trains on every document scored so
+    far: the longest ones, which hold the most tokens."""
+    order = sorted(range(len(lengths)), key=lambda d: (-lengths[d], d))
+    bounds = [0] + [c for c in phase_cuts(h) if c < len(lengths)] + [len(lengths)]
+    segments = [[order[i:min(i + h.ttt_batch_docs, b)] for i in range(a, b, h.ttt_batch_docs)]
+                for a, b in zip(bounds, bounds[1:])]
+    return bounds, segments
+
+
+def batch_cost(lengths: list[int], h: Hyperparameters) -> int:
+    """The work of one batch as lora_score_batch runs it, in token positions: rows × window width of every step,
+    plus TTT_STEP_COST_TOKENS a step for what does not grow with them (kernel launches, the optimizer's pass)."""
+    cost = 0
+    for j in range(-(-max(lengths) // h.ttt_chunk)):
+        rows = lora_rows(sum(n > j * h.ttt_chunk for n in lengths), h.ttt_batch_docs)
+        cost += rows * lora_window((j + 1) * h.ttt_chunk, h) + h.ttt_step_cost_tokens
+    return cost
+
+
+def deal_batches(costs: list[int], world_size: int) -> list[list[int]]:
+    """Batch indices per rank: costliest first, each to the rank with the least work so far (ties: the lower
+    rank). Every rank computes the same deal from the same lengths, with no communication; each rank then runs
+    its batches in the order dealt, longest first."""
+    loads, deal = [0] * world_size, [[] for _ in range(world_size)]
+    for b in sorted(range(len(costs)), key=lambda b: (-costs[b], b)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        deal[r].append(b)
+        loads[r] += costs[b]
+    return deal
+
+
+def phase_pieces(starts: np.ndarray, lengths: np.ndarray, docs, seq_len: int) -> list[tuple[int, int]]:
+    """(first target, targets) runs of at most seq_len targets that tile the given documents, none across a
+    document boundary: a global phase trains each in its own row, with no other document in its context."""
+    return [(int(starts[d]) + o, int(min(seq_len, lengths[d] - o))) for d in docs for o in range(0, lengths[d], seq_len)]
+
+
+def phase_steps(pieces: list[tuple[int, int]], step_targets: int) -> list[list[tuple[int, int]]]:
+    """Consecutive pieces grouped into SGD steps of at least step_targets targets (the last may hold fewer)."""
+    steps, current, count = [], [], 0
+    for piece in pieces:
+        current.append(piece)
+        count += piece[1]
+        if count >= step_targets:
+            steps.append(current)
+            current, count = [], 0
+    return steps + [current] if current else steps
+
+
+def phase_rows(tokens: torch.Tensor, pieces: list[tuple[int, int]], width: int) -> tuple[torch.Tensor, ...]:
+    """Inputs, targets and the mask of real targets for pieces trained side by side in rows of `width`; a row
+    runs on past its piece (causal attention keeps that from the piece's positions, the mask from the loss), and
+    the rows are at least MIN_ROWS (copies of the first, masked out), so the compiled graph meets no size 1."""
+    padded = pieces + [(pieces[0][0], 0)] * max(0, MIN_ROWS - len(pieces))
+    first = torch.tensor([s for s, _ in padded], device=tokens.device)[:, None]
+    count = torch.tensor([n for _, n in padded], device=tokens.device)[:, None]
+    pos = torch.arange(width, device=tokens.device)
+    gather = (first + pos).clamp_max(tokens.numel() - 2)
+    return tokens[gather], tokens[gather + 1], pos < count
+
+
+def phase_step(model: GPT, opt, lr: float, loss_fn, tokens: torch.Tensor, pieces: list[tuple[int, int]],
+               h: Hyperparameters, rank: int, world_size: int, device: torch.device, trace) -> None:
+    """One SGD step of a global phase on the mean loss of the pieces' targets. Each rank takes every world_size-th
+    piece, runs those of one width (lora_window of its length) together, and the gradients are averaged over the
+    ranks, so every rank takes the same step."""
+    if trace:
+        trace("update", torch.cat([torch.arange(s, s + n) for s, n in pieces]), None, None)
+    total, mine = sum(n for _, n in pieces), pieces[rank::world_size]
+    for width in sorted({lora_window(n, h) for _, n in mine}):
+        x, y, mask = phase_rows(tokens, [(s, n) for s, n in mine if lora_window(n, h) == width], width)
+        for t, dim in ((x, 0), (x, 1), (y, 0), (y, 1)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            losses = loss_fn(x, y)
+        (torch.where(mask, losses, 0).sum() * (world_size / total)).backward()  # a share of the sum; averaged
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # a rank without a piece still joins the reduction
+    for group in opt.param_groups:
+        group["lr"] = lr
+    optimizer_step(model, [opt], h.ttt_grad_clip, world_size)
+
+
+def run_phase(model: GPT, loss_fn, tokens: torch.Tensor, pieces: list[tuple[int, int]], h: Hyperparameters,
+              rank: int, world_size: int, device: torch.device, trace) -> None:
+    """A global phase: one epoch of SGD (cosine LR from TTT_PHASE_LR) over the pieces, TTT_CHUNK_TOKENS a step."""
+    model.requires_grad_(True)
+    opt = torch.optim.SGD(model.parameters(), lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
+    steps = phase_steps(pieces, h.ttt_chunk_tokens)
+    for i, step in enumerate(steps):
+        phase_step(model, opt, cosine_lr(h.ttt_phase_lr, i, len(steps)), loss_fn, tokens, step, h, rank, world_size,
+                   device, trace)
+
+
+def warm_up_phase(model: GPT, loss_fn, h: Hyperparameters, rank: int, world_size: int, device: torch.device,
+                  log) -> None:
+    """One phase step at LR 0 on random tokens, in pieces of two widths (the widths are dynamic): it compiles the
+    phase's graph and its backward. At LR 0 and from its own momentum buffers, it leaves the weights as they were."""
+    t0 = time.perf_counter()
+    model.requires_grad_(True)
+    short, full = min(h.ttt_width_step, h.eval_seq_len), h.eval_seq_len
+    pieces = [(0, full)] * (MIN_ROWS * world_size) + [(full, short)] * (MIN_ROWS * world_size)
+    warm = torch.optim.SGD(model.parameters(), lr=0.0, momentum=h.ttt_momentum)
+    phase_step(model, warm, 0.0, loss_fn, random_tokens(h, 2 * full + 1, device), pieces, h, rank, world_size,
+               device, None)
+    synchronize(device)
+    log(f"ttt_warmup:phase time:{time.perf_counter() - t0:.1f}s")
+
+
+def dealt_batches(lengths: np.ndarray, h: Hyperparameters, rank: int,
+                  world_size: int) -> tuple[list[list[list[int]]], list[list[list[int]]]]:
+    """Every segment's batches (lora_segments) and, per segment, this rank's in the order it runs them."""
+    _, segments = lora_segments(lengths, h)
+    mine = []
+    for batches in segments:
+        deal = deal_batches([batch_cost(lengths[b].tolist(), h) for b in batches], world_size)[rank]
+        mine.append([batches[b] for b in deal])
+    return segments, mine
+
+
 def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
              rank: int, world_size: int, device: torch.device, log, start: float, clock=time.perf_counter,
              trace=None) -> tuple[float, float]:
-    """Phased LoRA TTT. The documents are cut into segments at the TTT_PHASE_DOCS counts, in the validation set's
-    own order (a frozen shuffle). Within a segment they are sorted by length, longest first, dealt out to the ranks,
-    and scored TTT_BATCH_DOCS at a time by lora_score_batch; B starts at 0 for every document, A carries over from
-    the batch before, on each rank (so with LoRA LR > 0 the scores depend on the number of ranks). After every
-    segment but the last, all ranks run a global phase: one epoch of SGD on the base weights over every target of
-    the segments scored so far, in steps of TTT_CHUNK_TOKENS. score_fn is not used (the same signature as ttt_sgd)."""
+    """Phased LoRA TTT. The documents are sorted by length, longest first, cut into segments at the TTT_PHASE_DOCS
+    counts and into batches (lora_segments); a segment's batches are dealt to the ranks by their work
+    (deal_batches), and each scored by lora_score_batch; B starts at 0 for every document, A carries over from the
+    batch before, on each rank (so with LoRA LR > 0 the scores depend on the number of ranks). After every segment
+    but the last, all ranks run a global phase: one epoch of SGD on the base weights over every document scored so
+    far, within document boundaries (phase_pieces), on per-target losses (score_fn with TTT_PHASE_COMPILE, else
+    the model's own, eager); then the adapters start fresh (A back to its initialisation) on the new weights.
+    train_fn is not used (the same signature as ttt_sgd)."""
     starts, lengths = document_spans(val_tokens)
-    bounds = [0] + [c for c in phase_cuts(h) if c < len(starts)] + [len(starts)]
-    segments = [sorted(range(a, b), key=lambda d: (-lengths[d], d))[rank::world_size] for a, b in zip(bounds, bounds[1:])]
-    guard = EvalGuard(h, int(sum(lengths[d] for docs in segments for d in docs)), device, world_size, clock, start)
+    all_batches, segments = dealt_batches(lengths, h, rank, world_size)
+    guard = EvalGuard(h, int(sum(lengths[b].sum() for batches in segments for b in batches)), device, world_size,
+                      clock, start)
     tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(device)
-    sums, lora, size = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), h.ttt_batch_docs
-    # only the window's width is dynamic (lora_score_batch marks it): with dynamic=True, every size symbolic, the
-    # compile took 312 s on the H100, and on the CPU 229 s against 125 s for the width alone
-    loss_fn = torch.compile(lora.token_losses) if h.compile and device.type == "cuda" else lora.token_losses
-    units, unit = sum(-(-len(docs) // size) for docs in segments), 0
+    sums, lora, timer = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
+    # the rows and the window's width are dynamic (lora_score_batch marks them); with dynamic=True, every size
+    # symbolic, the compile took 312 s on the H100, and on the CPU 229 s against 125 s for the width alone
+    compiled = h.compile and device.type == "cuda"
+    loss_fn = (torch.compile(lora.token_losses, mode=h.ttt_compile_mode) if compiled and h.ttt_compile_mode != "eager"
+               else lora.token_losses)
+    phase_compiled = compiled and h.ttt_phase_compile
+    phase_fn = score_fn if phase_compiled else model.token_losses
+    units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, segments)), 0, 0, 0.0, 0.0, 0.0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the closing line's peak is TTT's own
     try:
         if h.ttt_warmup:
-            warm_up_lora(lora, loss_fn, h, world_size, device, log)
-            if len(segments) > 1:
-                model.requires_grad_(True)
-                warm_up_sgd(model, train_fn, min(h.ttt_chunk_tokens, int(starts[bounds[1]])), h, rank, world_size,
-                            device, log)
-        for k, docs in enumerate(segments):
-            for i in range(0, len(docs), size):
-                batch, pad = docs[i:i + size], [0] * (size - len(docs[i:i + size]))  # a fixed shape for compile
+            t0 = time.perf_counter()
+            warm_up_lora(lora, loss_fn, h, device, log)
+            if len(segments) > 1 and phase_compiled:
+                warm_up_phase(model, phase_fn, h, rank, world_size, device, log)
+            warm_s = time.perf_counter() - t0
+        for k, batches in enumerate(segments):
+            for batch in batches:
                 adapt = guard.allows(log, collective=False)
-                score_s, adapt_s = lora_score_batch(lora, loss_fn, tokens, starts[batch].tolist() + pad,
-                                                    lengths[batch].tolist() + pad, h, sums, guard, adapt, trace)
-                guard.scored_unit(score_s, int(lengths[batch].sum()))
+                t0 = guard.now()
+                lora_score_batch(lora, loss_fn, tokens, starts[batch].tolist(), lengths[batch].tolist(), h, sums,
+                                 timer, adapt, trace)
+                parts, targets = timer.collect(), int(lengths[batch].sum())
+                host_s += guard.now() - t0 - sum(parts.values())
+                guard.scored_unit(parts["forward"], targets)
                 if adapt:
-                    guard.adapt_s = adapt_s
+                    guard.adapt_s, adapted = parts["backward"] + parts["optimizer"], adapted + targets
                 unit += 1
                 if unit % h.ttt_log_every == 0 or unit == units:
-                    log_progress(log, sums, guard, unit, units)
+                    log_progress(log, sums, guard, unit, units, time_parts(timer.totals, host_s))
             if k + 1 < len(segments) and guard.allows(log, collective=True):
-                model.requires_grad_(True)
-                t0, end = guard.now(), int(starts[bounds[k + 1]])
-                opt = torch.optim.SGD(model.parameters(), lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
-                steps = range(0, end, h.ttt_chunk_tokens)
-                for step, first in enumerate(steps):
-                    sgd_step(model, opt, cosine_lr(h.ttt_phase_lr, step, len(steps)), train_fn, tokens, first,
-                             min(first + h.ttt_chunk_tokens, end), h, rank, world_size, device, trace)
+                t0, scored_docs = guard.now(), [d for batches in all_batches[:k + 1] for b in batches for d in b]
+                run_phase(model, phase_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h, rank,
+                          world_size, device, trace)
+                lora.restart()
                 guard.adapt_s = guard.now() - t0
-                log(f"ttt_phase:{k + 1} docs:{bounds[k + 1]} targets:{end} time:{guard.adapt_s:.1f}s")
+                phase_s += guard.adapt_s
+                log(f"ttt_phase:{k + 1} docs:{len(scored_docs)} targets:{int(lengths[scored_docs].sum())} "
+                    f"time:{guard.adapt_s:.1f}s")
     finally:
         for handle in lora.handles:
             handle.remove()
         model.requires_grad_(True)
+    peak = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
+    log(f"ttt_lora_rank0_targets:{guard.targets} adapted:{adapted} warmup:{warm_s:.1f}s phases:{phase_s:.1f}s "
+        f"{time_parts(timer.totals, host_s)} peak_mem:{peak}MiB")
+    log_rank_finish(guard, world_size, log)
     return sums.result(world_size)
+
+
+def log_rank_finish(guard: EvalGuard, world_size: int, log) -> None:
+    """Each rank's elapsed eval time when its last batch was done, before the final reduction waits for all."""
+    if world_size == 1:
+        return
+    mine = torch.tensor([guard.elapsed()], dtype=torch.float64, device=guard.device)
+    every = torch.zeros(world_size, dtype=torch.float64, device=guard.device)
+    _all_gather(every, mine)
+    log(f"ttt_rank_finish_seconds:{','.join(f'{t:.1f}' for t in every.tolist())} "
+        f"spread:{(every.max() - every.min()).item() / every.max().item():.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2483,10 +2746,11 @@ def main() -> None:
             or h.compressor not in COMPRESSORS):
         raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, QUANT_GRID={h.quant_grid!r} sdclip or "
                          f"absmax, GPTQ_BLOCK={h.gptq_block} at least 1, and COMPRESSOR={h.compressor!r} one of {COMPRESSORS}")
-    if (h.ttt_mode not in ("none", "sgd", "lora") or min(h.ttt_chunk_tokens, h.ttt_chunk, h.ttt_batch_docs, h.ttt_lora_rank) < 1
+    if (h.ttt_mode not in ("none", "sgd", "lora")
+            or min(h.ttt_chunk_tokens, h.ttt_chunk, h.ttt_batch_docs, h.ttt_lora_rank, h.ttt_width_step) < 1
             or h.ttt_chunk > h.eval_seq_len):
         raise SystemExit(f"TTT_MODE={h.ttt_mode!r} must be none, sgd or lora, TTT_CHUNK_TOKENS, TTT_CHUNK, "
-                         f"TTT_BATCH_DOCS and TTT_LORA_RANK at least 1, and TTT_CHUNK={h.ttt_chunk} at most "
+                         f"TTT_BATCH_DOCS, TTT_LORA_RANK and TTT_WIDTH_STEP at least 1, and TTT_CHUNK={h.ttt_chunk} at most "
                          f"EVAL_SEQ_LEN={h.eval_seq_len}")
     phase_cuts(h)  # a malformed TTT_PHASE_DOCS is refused now, not after training
     rank, world_size, device = setup_distributed()

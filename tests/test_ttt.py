@@ -25,7 +25,7 @@ SCRIPT = os.path.join(REPO, "train_gpt.py")
 TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=4, eval_seq_len=16,
             eval_stride=4, eval_batch_seqs=3, ttt_chunk_tokens=22, ttt_chunk=5, ttt_batch_docs=3, ttt_lora_rank=4,
             ttt_lora_alpha=8.0, ttt_phase_docs="3,6", ttt_lr=0.05, ttt_lora_lr=0.01, ttt_phase_lr=0.02, ttt_epochs=2,
-            compile=False, ttt_log_every=1000)
+            compile=False, ttt_log_every=1000, ttt_width_step=4)
 
 
 @pytest.fixture(autouse=True)
@@ -95,15 +95,28 @@ class Recorder:
         return sum(e[0] == "update" for e in self.events)
 
 
-def check_score_first(rec: Recorder, num_targets: int) -> None:
-    """Every target scored exactly once, and every update follows only targets scored before it."""
+def check_score_first(rec: Recorder, num_targets: int, tokens: np.ndarray | None = None) -> None:
+    """Every target scored exactly once, and every update follows only targets scored before it. With the tokens,
+    also: when a target is scored, no update so far has used it or any later target of its document."""
     assert np.array_equal(np.sort(rec.scored_targets()), np.arange(num_targets))
-    seen = np.zeros(num_targets, dtype=bool)
+    seen, applied = np.zeros(num_targets, dtype=bool), np.zeros(num_targets, dtype=bool)
+    doc_end = None
+    if tokens is not None:
+        starts, lengths = tg.document_spans(tokens)
+        doc_end = np.repeat(starts + lengths, lengths)  # per target: the end of its document
     for kind, index, *_ in rec.events:
+        if kind == "log":
+            continue
+        targets = index[index >= 0].numpy()
         if kind == "score":
-            seen[index[index >= 0].numpy()] = True
+            seen[targets] = True
+            if doc_end is not None:
+                applied_after = np.concatenate(([0], np.cumsum(applied)))  # applied_after[b] − [a]: used in [a, b)
+                assert not (applied_after[doc_end[targets]] - applied_after[targets]).any(), \
+                    "a target was scored after an update had used it or a later target of its document"
         elif kind == "update":
-            assert seen[index[index >= 0].numpy()].all(), "an update used a target before it was scored"
+            assert seen[targets].all(), "an update used a target before it was scored"
+            applied[targets] = True
 
 
 def check_totals(rec: Recorder, result, target_bytes) -> None:
@@ -170,7 +183,7 @@ def test_sgd_scores_first_by_replay(kind):
     initial = [p.detach().clone() for p in model.parameters()]
     rec = Recorder(model)
     result = run_ttt("sgd", model, tokens, target_bytes, h, trace=rec)
-    check_score_first(rec, tokens.size - 1)
+    check_score_first(rec, tokens.size - 1, tokens)
     check_totals(rec, result, target_bytes)
     assert rec.updates() > 2 and any(not torch.equal(a, b) for a, b in zip(initial, model.parameters()))
     scratch = tiny_model(h)
@@ -202,7 +215,7 @@ def test_lora_scores_first_by_replay(kind):
     rec = Recorder(model)
     log_lines = []
     result = run_ttt("lora", model, tokens, target_bytes, h, trace=rec, log=log_lines.append)
-    check_score_first(rec, tokens.size - 1)
+    check_score_first(rec, tokens.size - 1, tokens)
     check_totals(rec, result, target_bytes)
     assert rec.updates() > 5 and sum(l.startswith("ttt_phase:") for l in log_lines) == (2 if kind == "docs" else 0)
     scale = h.ttt_lora_alpha / h.ttt_lora_rank
@@ -218,6 +231,16 @@ def test_lora_scores_first_by_replay(kind):
                 assert int(targets[-1]) == end - 1
                 replay = lora_reference_losses(scratch, weights, adapters, row, scale, tokens, start, end)
                 assert torch.allclose(replay[-len(targets):], losses[row][keep], rtol=0, atol=1e-5)
+    # after each phase the adapters start fresh: the next scoring pass sees A as initialised and B = 0
+    initial_a = [a.clone() for a in tg.BatchedLoRA(tiny_model(h), h, CPU).A]
+    after_phase = [n for n, e in enumerate(rec.events) if e[0] == "update" and e[4] is None]
+    firsts = {next(n for n in range(p, len(rec.events)) if rec.events[n][0] == "score")
+              for p in after_phase if any(e[0] == "score" for e in rec.events[p:])}
+    assert len(firsts) == (2 if kind == "docs" else 0)
+    for n in firsts:
+        adapters = rec.events[n][4]
+        assert all(torch.equal(a, a0) for a, a0 in zip(adapters[:len(initial_a)], initial_a))
+        assert not any(b.any() for b in adapters[len(initial_a):])
     assert not any(p.requires_grad is False for p in model.parameters())  # handed back trainable, hooks gone
     assert all(not m._forward_hooks for m in model.modules())
 
@@ -288,7 +311,7 @@ def test_warm_up_on_random_tokens_changes_no_score_and_no_weight(mode):
         assert a[0] == b[0] and torch.equal(a[1], b[1]) and (a[2] is None or torch.equal(a[2], b[2]))
         assert all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
     warm_ups = [line.split()[0] for line in warm_lines if line.startswith("ttt_warmup:")]
-    assert warm_ups == (["ttt_warmup:sgd"] if mode == "sgd" else ["ttt_warmup:lora", "ttt_warmup:sgd"])
+    assert warm_ups == (["ttt_warmup:sgd"] if mode == "sgd" else ["ttt_warmup:lora"])  # the phases run eager
     assert not any(line.startswith("ttt_warmup:") for line in lines)
 
 
@@ -331,8 +354,9 @@ def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> No
     torch.set_num_threads(1)
     results = {}
     for mode, h in two_rank_cases():
-        model = tiny_model(h)
-        results[mode] = run_ttt(mode, model, *tiny_stream("docs"), h, rank=rank, world_size=world_size)
+        model, lines = tiny_model(h), []
+        results[mode] = run_ttt(mode, model, *tiny_stream("docs"), h, rank=rank, world_size=world_size, log=lines.append)
+        results[mode + "_log"] = lines
         results[mode + "_weights"] = [p.detach().clone() for p in model.parameters()]
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -355,6 +379,8 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         for a, b, c in zip(ranks[0][mode + "_weights"], ranks[1][mode + "_weights"], model.parameters()):
             assert torch.equal(a, b)  # the ranks take identical steps
             assert torch.allclose(a, c.detach(), rtol=0, atol=1e-6)
+    finish = [line for line in ranks[0]["lora_log"] if line.startswith("ttt_rank_finish_seconds:")]
+    assert len(finish) == 1 and len(finish[0].split()[0].split(":")[1].split(",")) == 2
     assert ranks[0]["sgd"] != pytest.approx(tg.evaluate_bpb(tiny_model(tiny_h()).token_losses, *tiny_stream("docs"),
                                                              tiny_h(), 0, 1, CPU), rel=1e-6)
 
@@ -428,3 +454,164 @@ def test_lora_chunk_longer_than_the_context_is_refused(monkeypatch):
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit, match="TTT_CHUNK=64 at most EVAL_SEQ_LEN=32"):
         tg.main()
+
+
+def reference_lora_document(model, h, a0, tokens, start, length) -> torch.Tensor:
+    """One document's scores by the protocol, the slow way: its own adapters (A from `a0`, B = 0) under
+    torch.optim.AdamW, each chunk scored from scratch in the ≤ EVAL_SEQ_LEN tokens of the document up to the
+    chunk's end (as a whole chunk's, so the last of a long document keeps EVAL_SEQ_LEN − TTT_CHUNK of context),
+    then one step on that chunk's mean loss unless it is the document's last."""
+    scale, half = h.ttt_lora_alpha / h.ttt_lora_rank, len(a0)
+    adapters = [a.clone().requires_grad_() for a in a0] + [torch.zeros(b, a.size(0), requires_grad=True)
+                                                             for a, b in zip(a0, out_features(model))]
+    opt = torch.optim.AdamW(adapters, lr=h.ttt_lora_lr, betas=(0.0, tg.LORA_BETA2), eps=tg.LORA_EPS,
+                            weight_decay=h.ttt_lora_wd)
+    scores = []
+    for c in range(0, length, h.ttt_chunk):
+        end = min(c + h.ttt_chunk, length)
+        first = max(0, c + h.ttt_chunk - h.eval_seq_len)  # the window ends where a whole chunk would
+        losses = lora_losses_with_grad(model, adapters[:half], adapters[half:], scale, tokens, start + first, start + end)
+        scores.append(losses[c - first:].detach())
+        if end < length:
+            losses[c - first:].mean().backward()
+            opt.step()
+            opt.zero_grad()
+    return torch.cat(scores)
+
+
+def out_features(model) -> list[int]:
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(tg.LORA_TARGETS)]
+    return [m.out_features for m in linears] + [model.tok_emb.weight.size(0)]
+
+
+def lora_losses_with_grad(model, a, b, scale, tokens, start, end) -> torch.Tensor:
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(tg.LORA_TARGETS)]
+    hooks = [m.register_forward_hook(lambda _m, inputs, out, i=i: out + inputs[0] @ a[i].T @ b[i].T * scale)
+             for i, m in enumerate(linears)]
+    try:
+        t = torch.from_numpy(tokens.astype(np.int64))
+        hidden = model.hidden(t[None, start:end])[0]
+        logits = hidden @ model.tok_emb.weight.T + hidden @ a[-1].T @ b[-1].T * scale
+        logits = model.logit_softcap * torch.tanh(logits / model.logit_softcap)
+        return F.cross_entropy(logits, t[start + 1:end + 1], reduction="none").double()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("width_step", [4, 256])
+def test_lora_equals_a_per_document_reference(width_step):
+    """With every document in one batch and no phase, LoRA TTT's score of every target equals the per-document
+    reference (torch's AdamW, one document at a time, no batching, no padding, no shrinking rows or windows)."""
+    h = tiny_h(ttt_batch_docs=16, ttt_phase_docs="", ttt_width_step=width_step, ttt_lora_lr=0.003)
+    tokens, target_bytes = tiny_stream("docs")
+    starts, lengths = tg.document_spans(tokens)
+    model = tiny_model(h)
+    model.requires_grad_(False)
+    a0 = [a.clone() for a in tg.BatchedLoRA(model, h, CPU).A]
+    rec = Recorder(model)
+    run_ttt("lora", model, tokens, target_bytes, h, trace=rec)
+    got = np.zeros(tokens.size - 1)
+    for kind, index, losses, *_ in rec.events:
+        if kind == "score":
+            got[index[index >= 0].numpy()] = losses[index >= 0].numpy()
+    model.requires_grad_(False)
+    order = sorted(range(len(starts)), key=lambda d: (-lengths[d], d))  # row r of the batch holds order[r]
+    for row, d in enumerate(order):
+        want = reference_lora_document(model, h, [a[row] for a in a0], tokens, int(starts[d]), int(lengths[d]))
+        assert np.allclose(got[starts[d]:starts[d] + lengths[d]], want.numpy(), rtol=0, atol=2e-5), d
+    assert rec.updates() > 5
+
+
+def test_phase_pieces_tile_the_documents_without_crossing_a_boundary():
+    tokens, _ = tiny_stream("docs")
+    starts, lengths = tg.document_spans(tokens)
+    pieces = tg.phase_pieces(starts, lengths, range(len(starts)), 16)
+    covered = np.concatenate([np.arange(s, s + n) for s, n in pieces])
+    assert np.array_equal(covered, np.arange(tokens.size - 1))  # every target once, in order
+    doc_of = np.repeat(np.arange(len(starts)), lengths)
+    for s, n in pieces:
+        assert 1 <= n <= 16 and doc_of[s] == doc_of[s + n - 1]
+        assert s in starts or doc_of[s - 1] == doc_of[s] and (s - starts[doc_of[s]]) % 16 == 0
+    steps = tg.phase_steps(pieces, 22)
+    assert sum(steps, []) == pieces and all(sum(n for _, n in step) >= 22 for step in steps[:-1])
+
+
+def test_phase_step_equals_a_per_piece_reference():
+    """A phase step (rows of a width side by side, padded and masked) moves the weights as plain SGD on the mean
+    loss of the pieces, each computed alone from its own tokens: no padding and no other document in context."""
+    h = tiny_h(ttt_grad_clip=0.0)
+    tokens, _ = tiny_stream("docs")
+    starts, lengths = tg.document_spans(tokens)
+    pieces = tg.phase_pieces(starts, lengths, range(len(starts)), h.eval_seq_len)
+    model, reference = tiny_model(h), tiny_model(h)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tg.phase_step(model, opt, 0.1, model.token_losses, torch.from_numpy(tokens.astype(np.int64)), pieces, h, 0, 1,
+                  CPU, None)
+    t = torch.from_numpy(tokens.astype(np.int64))
+    total = sum(reference.token_losses(t[None, s:s + n], t[None, s + 1:s + n + 1]).sum() for s, n in pieces)
+    (total / sum(n for _, n in pieces)).backward()
+    for p, r in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p.detach(), r.detach() - 0.1 * r.grad, rtol=0, atol=1e-6)
+
+
+def test_batches_are_dealt_to_ranks_within_five_percent():
+    """Segments cut the longest-first order at the phase counts. The deal of FineWeb-like lengths (log-normal,
+    median ~570, a long tail; 2 GPUs' share) gives each of 2 ranks every batch of a segment once, and of the last
+    segment work within 5%: both ranks start it together after the last (collective) phase, so they finish
+    within 5% of each other. One rank gets every batch, in cost order."""
+    h = tg.Hyperparameters(ttt_phase_docs="208,416,624")
+    lengths = np.random.default_rng(0).lognormal(math.log(570), 1.0, 12500).astype(np.int64).clip(20, 60000)
+    bounds, segments = tg.lora_segments(lengths, h)
+    order = sum(sum(segments, []), [])
+    assert bounds == [0, 208, 416, 624, 12500] and sorted(order) == list(range(12500))
+    assert all(lengths[a] >= lengths[b] for a, b in zip(order, order[1:]))
+    assert [sum(map(len, batches)) for batches in segments] == [208, 208, 208, 12500 - 624]
+    for batches in segments:
+        costs = [tg.batch_cost(lengths[b].tolist(), h) for b in batches]
+        deal = tg.deal_batches(costs, 2)
+        assert sorted(deal[0] + deal[1]) == list(range(len(batches)))
+    loads = [sum(costs[b] for b in mine) for mine in deal]
+    assert max(loads) <= 1.05 * min(loads), loads
+    assert tg.deal_batches([5, 9, 1, 9], 1) == [[1, 3, 0, 2]]
+    assert tg.deal_batches([5, 9, 1, 9], 2) == [[1, 0], [3, 2]]
+
+
+def test_lora_batches_reuse_one_graph():
+    """Compiled (graph capture only, where recompilation is decided), every batch of a LoRA TTT run, with its
+    shrinking rows and growing windows, runs on the warm-up's graph, and a phase on its own: no recompilation."""
+    from torch._dynamo.utils import counters
+    h = tiny_h(ttt_batch_docs=4)
+    tokens, target_bytes = tiny_stream("docs")
+    starts, lengths = tg.document_spans(tokens)
+    model = tiny_model(h)
+    lora = tg.BatchedLoRA(model, h, CPU)
+    torch._dynamo.reset()
+    counters.clear()
+    loss_fn = torch.compile(lora.token_losses, backend="eager")
+    phase_fn = torch.compile(model.token_losses, backend="eager")
+    tg.warm_up_lora(lora, loss_fn, h, CPU, lambda line: None)
+    tg.warm_up_phase(model, phase_fn, h, 0, 1, CPU, lambda line: None)
+    warm = counters["stats"]["unique_graphs"]
+    t, sums = torch.from_numpy(tokens.astype(np.int64)), tg.ScoreSums(target_bytes, CPU)
+    segments, _ = tg.dealt_batches(lengths, h, 0, 1)
+    for batch in sum(segments, []):
+        tg.lora_score_batch(lora, loss_fn, t, starts[batch].tolist(), lengths[batch].tolist(), h, sums,
+                            tg.PartTimes(CPU, tg.time.perf_counter), True, None)
+    tg.run_phase(model, phase_fn, t, tg.phase_pieces(starts, lengths, sum(segments[0], []), h.eval_seq_len), h, 0, 1,
+                 CPU, None)
+    for handle in lora.handles:
+        handle.remove()
+    assert warm == 2 and counters["stats"]["unique_graphs"] == warm, dict(counters["stats"])
+
+
+def test_windows_grow_with_the_chunk_and_rows_shrink_with_the_batch():
+    h = tg.Hyperparameters(ttt_width_step=256)  # TTT_CHUNK 48, EVAL_SEQ_LEN 2048
+    assert [tg.lora_window(48 * (i + 1), h) for i in (0, 4, 5, 10, 42, 43, 500)] == [256, 256, 512, 768, 2048, 2048, 2048]
+    assert [tg.lora_window(48 * (i + 1), tg.Hyperparameters()) for i in (0, 1, 2, 41, 42)] == [64, 128, 192, 2048, 2048]
+    assert [tg.lora_rows(live, 64) for live in (64, 40, 33, 32, 5, 1, 0)] == [64, 64, 64, 32, 8, 2, 2]
+    assert tg.lora_rows(3, 3) == 3 and tg.lora_rows(1, 1) == 1
+    # the work model: one batch of a long document and 63 short ones is mostly the long one's narrow rows
+    long_tail = tg.batch_cost([2048] + [48] * 63, h)
+    assert long_tail == 64 * 256 + h.ttt_step_cost_tokens + sum(2 * tg.lora_window(48 * (j + 1), h) + h.ttt_step_cost_tokens
+                                                                   for j in range(1, 43))
