@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Quality protocol v1c (the CaseOps proxy) with one run per GPU, side by side, from the repo root:
+#   RUNS="defaults proxy:PRESET=proxy" tools/v1c_bench.sh start   # the shards, then the runs detached
+#   tools/v1c_bench.sh poll                                        # progress; the score lines once done
+# Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/). Writes only under /tmp/v1c_bench.
+# A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol); the i-th entry runs on
+# GPU i. PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model is scored.
+# The protocol: 65,536-token steps (one micro-step), 180 s of training, seed 1337, val_bpb on the byte
+# sidecars, the TTT phase boundaries scaled to the proxy's 416 validation documents.
+set -u
+source "$(dirname "$0")/device_job.sh"
+WORK=/tmp/v1c_bench
+DATA=/tmp/proxy_caseops/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
+TOKENIZER=fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+RUNS=${RUNS:-defaults}
+QUALITY_SECONDS=${QUALITY_SECONDS:-180}
+
+case "${1:-}" in
+start)
+  rm -rf "$WORK" && mkdir -p "$WORK"
+  cp -r train_gpt.py tools "$WORK/" && cp ".bench/tokenizers/$TOKENIZER" "$WORK/"
+  install_wheels "$WORK" || exit 1
+  [ -f "$DATA/fineweb_val_000000.bin" ] || { mkdir -p /tmp/proxy_caseops && tar xJf .bench/bench/caseops_proxy.tar.xz -C /tmp/proxy_caseops; } || exit 1
+  export RUNS QUALITY_SECONDS
+  start_job "$WORK" "$0"
+  ;;
+run)
+  cd "$WORK" || exit 1
+  export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  gpu=0
+  for entry in $RUNS; do
+    name=${entry%%:*}; overrides=$(run_overrides "$entry")
+    echo "== $name on GPU $gpu: $overrides"
+    (
+      env DATA_PATH="$DATA" TOKENIZER_PATH="$WORK/$TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 TRAIN_BATCH_TOKENS=65536 \
+          MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 TTT_PHASE_DOCS=33,66,100 RUN_ID="$name" \
+          OUTPUT_DIR="$WORK/out_$name" CUDA_VISIBLE_DEVICES=$gpu $overrides python3 train_gpt.py > "$name.out" 2>&1 &
+      run=$!
+      case " $overrides " in
+        *" PREQUANT_ONLY=1 "*)
+          while kill -0 $run 2>/dev/null && ! grep -q "^pre_quant_ema" "$name.out"; do sleep 2; done
+          kill $run 2>/dev/null; wait $run 2>/dev/null; echo "$name: stopped after the pre-quant score" ;;
+        *) wait $run || echo "$name exited non-zero" ;;
+      esac
+    ) &
+    gpu=$((gpu + 1))
+  done
+  wait
+  for entry in $RUNS; do
+    name=${entry%%:*}
+    echo "== $name"
+    grep -E "^(model_params|stopping_early|step:[0-9]+/[0-9]+ val|pre_quant|Total submission|final_.*_exact|ttt_time_guard|ttt_lora|legal_ttt|peak memory)" "$name.out"
+    tail -n 3 "$name.out" | grep -iE "error|Traceback" && tail -n 40 "$name.out"
+  done
+  echo BENCH_DONE
+  ;;
+poll)
+  poll_job "$WORK" "$WORK"/*.out
+  for f in "$WORK"/*.out; do echo "-- $f"; grep -E "^step:" "$f" | tail -n 1; done
+  ;;
+*)
+  echo "usage: $0 start|poll" >&2; exit 2 ;;
+esac
