@@ -426,5 +426,5 @@ def test_eval_only_refuses_a_missing_corrupt_or_mismatched_artifact(smoke_run, t
 def test_lora_chunk_longer_than_the_context_is_refused(monkeypatch):
     for key, value in {"TTT_MODE": "lora", "TTT_CHUNK": "64", "EVAL_SEQ_LEN": "32"}.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(SystemExit, match="TTT_CHUNK=64 at most EVAL_SEQ_LEN=32"):
+    with pytest.raises(SystemExit, match="TTT_CHUNK=64 must be at most EVAL_SEQ_LEN=32"):
         tg.main()
