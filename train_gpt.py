@@ -2703,8 +2703,10 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    if rank == 0:
-        torch.save(model.state_dict(), os.path.join(h.output_dir, "final_model.pt"))
+    if rank == 0:  # a temporary name, then renamed: a crash mid-write leaves no half file in its place
+        final_state = os.path.join(h.output_dir, "final_model.pt")
+        torch.save(model.state_dict(), final_state + ".tmp")
+        os.replace(final_state + ".tmp", final_state)
     start = time.perf_counter()
     val_loss, val_bpb = evaluate()
     log(f"pre_quant_ema step:{steps} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
