@@ -2843,8 +2843,13 @@ def end_run(exc: BaseException) -> None:
     raise exc
 
 
-if __name__ == "__main__":
+def run_guarded(entry) -> None:
+    """Run entry(), ending the run through end_run if it fails."""
     try:
-        main()
+        entry()
     except BaseException as failure:
         end_run(failure)
+
+
+if __name__ == "__main__":
+    run_guarded(main)
