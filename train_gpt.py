@@ -2,7 +2,7 @@
 
 Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (or `python3 train_gpt.py` for one process).
 Every setting is an environment variable (see Hyperparameters); `PRESET=smoke` runs a tiny model on the
-bundled sample on a CPU in about a minute.
+bundled sample on a CPU.
 
 Sections, in order: hyperparameters, data, model, optimizer, quantization and serialization, evaluation,
 training loop, main.
@@ -554,22 +554,24 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
                          f"TOKENIZER_PATH and VOCAB_SIZE, or build the shards again")
 
 
-def check_shards(data_path: str, split: str, vocab_size: int) -> int:
+def check_shards(data_path: str, split: str, vocab_size: int, rank: int = 0, world_size: int = 1) -> int:
     """Check every shard of a split (header, size, not empty, ids below VOCAB_SIZE); return the split's tokens.
-    Memory-mapped, so a split of many shards costs one vectorised pass over its bytes."""
+    Memory-mapped, one vectorised pass over the bytes; with several ranks each reads the ids of its share of the
+    shards (a refusal on one rank ends the job: torchrun stops the others)."""
     total = 0
-    for path in shard_paths(data_path, split):
-        tokens = read_shard(path)
-        if tokens.size == 0:
+    for i, path in enumerate(shard_paths(data_path, split)):
+        num_tokens = read_shard_header(path)
+        if num_tokens == 0:
             raise ShardError(f"{path}: the shard holds 0 tokens: delete it or build it again")
-        check_token_range(tokens, vocab_size, path)
-        total += tokens.size
+        if i % world_size == rank:
+            check_token_range(read_shard(path), vocab_size, path)
+        total += num_tokens
     return total
 
 
 def check_training_data(h: Hyperparameters, world_size: int) -> None:
     """Every train shard checked, and enough tokens for one micro-step: fewer would be repeated over and over."""
-    total = check_shards(h.data_path, "train", h.vocab_size)
+    total = check_shards(h.data_path, "train", h.vocab_size, int(os.environ.get("RANK", "0")), world_size)
     accum = derive_grad_accum_steps(h, world_size)
     step_tokens = world_size * (h.train_batch_tokens // (world_size * accum) + 1)
     if total < step_tokens:

@@ -92,6 +92,13 @@ def test_check_shards_reads_every_shard_of_a_split(tmp_path):
     assert tg.check_shards(str(tmp_path), "train", 10) == 9
     with pytest.raises(SystemExit, match="fineweb_train_000001.bin holds token id 9 but VOCAB_SIZE=9"):
         tg.check_shards(str(tmp_path), "train", 9)
+    # with two ranks each reads its share of the shards' ids (shard 1 is rank 1's); both read every header
+    assert tg.check_shards(str(tmp_path), "train", 9, rank=0, world_size=2) == 9
+    with pytest.raises(SystemExit, match="fineweb_train_000001.bin holds token id 9"):
+        tg.check_shards(str(tmp_path), "train", 9, rank=1, world_size=2)
+    tg.write_shard(str(tmp_path / "fineweb_train_000003.bin"), np.zeros(0, dtype=np.uint16))
+    with pytest.raises(tg.ShardError, match="fineweb_train_000003.bin: the shard holds 0 tokens"):
+        tg.check_shards(str(tmp_path), "train", 10, rank=0, world_size=2)
 
 
 # ----------------------------------------------------------------------------------------------------
