@@ -144,6 +144,8 @@ def record_settings(environ, kinds: dict[str, str]) -> dict[str, str]:
     if phase_docs is not None:
         translated["TTT_PHASE_DOCS"], sources["TTT_PHASE_DOCS"] = phase_docs, "PHASED_TTT_PREFIX_DOCS/NUM_PHASES"
     for name, raw in translated.items():
+        if name in ENV_ALIASES.values():
+            parse_setting(sources[name], raw, kinds[name])  # a malformed value is refused under the name it was set by
         if name in environ and parse_setting(name, environ[name], kinds[name]) != parse_setting(name, raw, kinds[name]):
             raise SystemExit(f"{sources[name]} gives {name}={raw!r} but {name}={environ[name]!r} is set too: "
                              f"unset one of them")

@@ -210,6 +210,10 @@ def test_a_record_name_and_ours_set_to_different_values_are_refused(smoke_env):
     smoke_env.setenv("ADAM_BETA2", "0.9")
     with pytest.raises(SystemExit, match="BETA2 gives ADAM_BETA2='0.95' but ADAM_BETA2='0.9' is set too"):
         tg.Hyperparameters.from_env()
+    smoke_env.delenv("ADAM_BETA2")
+    smoke_env.setenv("BETA2", "high")
+    with pytest.raises(SystemExit, match="^BETA2='high' is not a number"):  # named as the user wrote it
+        tg.Hyperparameters.from_env()
 
 
 @pytest.mark.parametrize("env,docs", [({"PHASED_TTT_PREFIX_DOCS": "2500", "PHASED_TTT_NUM_PHASES": "3"}, "833,1666,2500"),
