@@ -314,11 +314,10 @@ class Hyperparameters:
         return cls(**{f.name: parse_setting(f.name.upper(), settings[f.name.upper()], f.type)
                       for f in fields(cls) if f.name.upper() in settings})
 
-
     def validate(self, world_size: int | None = None) -> None:
         """Refuse, before anything is read or written, a setting the run cannot use: one line per problem, naming
         the variable and what to set. world_size defaults to the launcher's WORLD_SIZE."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        world_size = launcher_world_size() if world_size is None else world_size
         problems = (range_problems(self) + choice_problems(self) + model_problems(self)
                     + schedule_problems(self, world_size))
         if problems:
