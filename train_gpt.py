@@ -2,13 +2,15 @@
 
 Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (or `python3 train_gpt.py` for one process).
 Every setting is an environment variable (see Hyperparameters); `PRESET=smoke` runs a tiny model on the
-bundled sample on a CPU in about a minute.
+bundled sample on a CPU.
 
 Sections, in order: hyperparameters, data, model, optimizer, quantization and serialization, evaluation,
 training loop, main.
 """
 from __future__ import annotations
 
+import datetime
+import difflib
 import glob
 import importlib.util
 import inspect
@@ -17,7 +19,9 @@ import lzma
 import math
 import os
 import struct
+import sys
 import time
+import traceback
 import zlib
 from dataclasses import dataclass, fields
 
@@ -60,18 +64,126 @@ SMOKE_PRESET = {
 }
 
 
-def _env(name: str, default, cast):
-    raw = os.environ.get(name)
-    if raw is None and os.environ.get("PRESET", "") == "smoke":
-        raw = SMOKE_PRESET.get(name)
-    if raw is None:
-        return default
+# PRESET=<name> sets these defaults; a variable set in the environment still wins over its preset's value.
+PRESETS = {"smoke": SMOKE_PRESET}
+
+# The published record's environment names, read as ours (a name the record shares with us needs no entry).
+ENV_ALIASES = {
+    "MLP_CLIP_SIGMAS": "CLIP_SIGMAS_MLP",
+    "ATTN_CLIP_SIGMAS": "CLIP_SIGMAS_ATTN",
+    "EMBED_CLIP_SIGMAS": "CLIP_SIGMAS_EMBED",
+    "GPTQ_RESERVE_SECONDS": "QUANT_RESERVE_SECONDS",
+    "BETA1": "ADAM_BETA1",
+    "BETA2": "ADAM_BETA2",
+    "TIED_EMBED_LR": "EMBED_LR",
+    "MUON_WD": "MUON_WEIGHT_DECAY",
+    "EMBED_WD": "EMBED_WEIGHT_DECAY",
+    "TTT_BETA1": "TTT_LORA_BETA1",
+    "TTT_BETA2": "TTT_LORA_BETA2",
+    "TTT_WEIGHT_DECAY": "TTT_LORA_WD",
+}
+# The record counts its global TTT phases as a prefix of P documents cut into N phases, at P·i//N for i = 1..N;
+# its P = 2500, N = 3 are our TTT_PHASE_DOCS=833,1666,2500. Either variable alone takes the other's record value.
+PHASED_TTT_DEFAULTS = {"PHASED_TTT_PREFIX_DOCS": 2500, "PHASED_TTT_NUM_PHASES": 3}
+# Record variables this script has no setting for: warned about as ignored, never silently dropped.
+UNSUPPORTED_RECORD_VARIABLES = {
+    "SPARSE_ATTN_GATE_SCALE": "the attention gate's logit scale is fixed at 0.5 here (ATTN_GATE_SCALE)",
+}
+# Variables the script reads besides its fields: the launcher's, and PRESET itself.
+OTHER_SCRIPT_VARIABLES = {"PRESET", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                          "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE",
+                          "GROUP_WORLD_SIZE", "CUDA_VISIBLE_DEVICES"}
+# Prefixes of other software's variables, never warned about even when they look like ours.
+FOREIGN_PREFIXES = ("TORCH", "CUDA", "NCCL", "PYTHON", "PYTEST", "OMP_", "MKL_", "TRITON", "NVIDIA", "HF_",
+                    "CONDA", "VIRTUAL_ENV", "LC_", "XDG_", "SSH_", "GIT_", "PIP_", "LD_", "KMP_", "TERM", "HOST")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_setting(name: str, raw: str, kind: str):
+    """One variable's text as a value of the field's type; anything else is refused, naming the variable."""
+    text = raw.strip()
+    if kind == "bool":
+        if text.lower() in TRUE_WORDS + FALSE_WORDS:
+            return text.lower() in TRUE_WORDS
+        raise SystemExit(f"{name}={raw!r} is not a boolean: use one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
+    if kind == "str":
+        return raw
     try:
-        if cast is bool:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
-        return cast(raw)
+        value = int(text) if kind == "int" else float(text)
     except ValueError:
-        raise SystemExit(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
+        raise SystemExit(f"{name}={raw!r} is not {'an integer' if kind == 'int' else 'a number'}: "
+                         f"set it to one, or unset it for the default") from None
+    if not math.isfinite(value):
+        raise SystemExit(f"{name}={raw!r} must be a finite number")
+    return value
+
+
+def phased_ttt_docs(environ) -> str | None:
+    """TTT_PHASE_DOCS from the record's PHASED_TTT_PREFIX_DOCS and PHASED_TTT_NUM_PHASES, if either is set."""
+    if not any(name in environ for name in PHASED_TTT_DEFAULTS):
+        return None
+    prefix, phases = (parse_setting(name, environ[name], "int") if name in environ else default
+                      for name, default in PHASED_TTT_DEFAULTS.items())
+    if prefix < 1 or phases < 1:
+        raise SystemExit(f"PHASED_TTT_PREFIX_DOCS={prefix} and PHASED_TTT_NUM_PHASES={phases} must be at least 1")
+    return ",".join(str(prefix * i // phases) for i in range(1, phases + 1))
+
+
+def field_kinds() -> dict[str, str]:
+    """Each setting's variable name and its type's name: {'ITERATIONS': 'int', ...}."""
+    return {f.name.upper(): f.type for f in fields(Hyperparameters)}
+
+
+def record_settings(environ, kinds: dict[str, str]) -> dict[str, str]:
+    """Our names for the settings the environment gives under the record's names. Both names set to different
+    values is refused: which one the user meant cannot be known."""
+    translated = {alias_target: environ[alias] for alias, alias_target in ENV_ALIASES.items() if alias in environ}
+    sources = {alias_target: alias for alias, alias_target in ENV_ALIASES.items() if alias in environ}
+    phase_docs = phased_ttt_docs(environ)
+    if phase_docs is not None:
+        translated["TTT_PHASE_DOCS"], sources["TTT_PHASE_DOCS"] = phase_docs, "PHASED_TTT_PREFIX_DOCS/NUM_PHASES"
+    for name, raw in translated.items():
+        if name in ENV_ALIASES.values():
+            parse_setting(sources[name], raw, kinds[name])  # a malformed value is refused under the name it was set by
+        if name in environ and parse_setting(name, environ[name], kinds[name]) != parse_setting(name, raw, kinds[name]):
+            raise SystemExit(f"{sources[name]} gives {name}={raw!r} but {name}={environ[name]!r} is set too: "
+                             f"unset one of them")
+    return translated
+
+
+def env_settings(environ) -> dict[str, str]:
+    """The raw text of every setting given: the preset's, then the record's names, then ours."""
+    preset = environ.get("PRESET", "")
+    if preset and preset not in PRESETS:
+        raise SystemExit(f"PRESET={preset!r} is unknown: use one of {', '.join(sorted(PRESETS))}, or unset PRESET")
+    kinds = field_kinds()
+    settings = dict(PRESETS.get(preset, {}))
+    settings.update(record_settings(environ, kinds))
+    settings.update({name: environ[name] for name in kinds if name in environ})
+    return settings
+
+
+def is_foreign_variable(name: str) -> bool:
+    return name in OTHER_SCRIPT_VARIABLES or name.startswith(FOREIGN_PREFIXES)
+
+
+def unknown_variable_warnings(environ) -> list[str]:
+    """A warning for each upper-case variable that looks meant for this script but that it does not read: under one
+    of its names' prefixes (TTT_, MUON_, ...) or close to one of its names (a misspelling such as ITERATONS)."""
+    kinds = field_kinds()
+    known = set(kinds) | set(ENV_ALIASES) | set(PHASED_TTT_DEFAULTS) | OTHER_SCRIPT_VARIABLES
+    words = [name.split("_")[0] for name in kinds if "_" in name]
+    prefixes = tuple(sorted({w + "_" for w in words if words.count(w) > 1}))  # shared by two names: not a chance hit
+    out = [f"WARNING {name}={environ[name]!r} is ignored: {why}" for name, why in UNSUPPORTED_RECORD_VARIABLES.items()
+           if name in environ]
+    for name in sorted(environ):
+        if name != name.upper() or name in known or name in UNSUPPORTED_RECORD_VARIABLES or is_foreign_variable(name):
+            continue
+        close = difflib.get_close_matches(name, list(kinds) + list(ENV_ALIASES), n=1, cutoff=0.85)
+        if close or name.startswith(prefixes):
+            hint = f"did you mean {close[0]}?" if close else "no setting of this script has that name"
+            out.append(f"WARNING {name} is not a setting of train_gpt.py and is ignored: {hint}")
+    return out
 
 
 @dataclass
@@ -130,6 +242,7 @@ class Hyperparameters:
     fused_mlp: bool = True  # Triton matmuls with LeakyReLU² (and its derivative) fused in, training on CUDA
     residual_bf16: bool = True  # on CUDA: carry the residual stream in bfloat16, not float32 (half the bytes moved)
     time_sync_every: int = 10  # steps between device syncs that read the training clock
+    dist_timeout_seconds: float = 300.0  # a collective that waits longer (a rank died or hangs) ends the whole job
     # optimizers
     matrix_lr: float = 0.026
     muon_momentum: float = 0.97
@@ -186,6 +299,8 @@ class Hyperparameters:
     ttt_lora_alpha: float = 144.0
     ttt_lora_lr: float = 1e-4
     ttt_lora_wd: float = 0.5
+    ttt_lora_beta1: float = 0.0  # the LoRA Adam's betas
+    ttt_lora_beta2: float = 0.99
     ttt_phase_docs: str = "833,1666,2500"  # lora: a global SGD phase once this many documents are scored
     ttt_phase_lr: float = 1e-3
     ttt_log_every: int = 100  # chunks (sgd) or document batches (lora) between progress lines
@@ -199,12 +314,113 @@ class Hyperparameters:
     # ~4.4M tokens a GPU, seconds even eager, less than the compilation would take)
 
     @classmethod
-    def from_env(cls) -> "Hyperparameters":
-        values = {}
-        for f in fields(cls):
-            cast = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-            values[f.name] = _env(f.name.upper(), f.default, cast)
-        return cls(**values)
+    def from_env(cls, environ=None) -> "Hyperparameters":
+        """Settings from the environment (os.environ by default): PRESET, the record's names, then ours."""
+        settings = env_settings(os.environ if environ is None else environ)
+        return cls(**{f.name: parse_setting(f.name.upper(), settings[f.name.upper()], f.type)
+                      for f in fields(cls) if f.name.upper() in settings})
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Refuse, before anything is read or written, a setting the run cannot use: one line per problem, naming
+        the variable and what to set. world_size defaults to the launcher's WORLD_SIZE."""
+        world_size = launcher_world_size() if world_size is None else world_size
+        problems = (range_problems(self) + choice_problems(self) + model_problems(self)
+                    + schedule_problems(self, world_size))
+        if problems:
+            raise SystemExit("\n".join(problems))
+
+
+# Allowed ranges, by field: (lowest, highest), None for no bound. Bit widths stop at 8: the payload stores int8.
+TTT_COMPILE_MODES = ("default", "reduce-overhead", "eager")  # eager: LoRA TTT's scoring graph is not compiled
+
+SETTING_RANGES = {
+    **dict.fromkeys(("iterations", "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                     "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_seq_len", "eval_batch_seqs",
+                     "muon_ns_steps", "doc_segment_tokens", "gptq_calibration_batches", "gptq_block", "lqer_rank",
+                     "lqer_top_k", "artifact_limit_bytes", "time_sync_every", "ttt_chunk_tokens", "ttt_chunk",
+                     "ttt_batch_docs", "ttt_lora_rank", "ttt_log_every", "ttt_width_step"), (1, None)),
+    **dict.fromkeys(("seed", "val_tokens_limit", "warmup_steps", "grad_accum_steps", "compile_warmup_steps",
+                     "muon_momentum_warmup_steps", "val_loss_every", "train_log_every", "float_max_numel", "num_loops",
+                     "ttt_epochs", "max_wallclock_seconds", "quant_reserve_seconds", "grad_clip_norm", "matrix_lr",
+                     "muon_weight_decay", "embed_lr", "embed_weight_decay", "scalar_lr", "scalar_weight_decay",
+                     "embed_init_std", "gptq_damp", "eval_budget_seconds", "ttt_lr", "ttt_grad_clip", "ttt_lora_lr",
+                     "ttt_lora_wd", "ttt_phase_lr", "ttt_step_cost_tokens"), (0, None)),
+    **dict.fromkeys(("warmdown_frac", "min_lr", "ema_decay", "loop_enable_frac", "muon_momentum",
+                     "muon_momentum_warmup_start", "ttt_momentum"), (0, 1)),
+    **dict.fromkeys(("adam_beta1", "adam_beta2", "ttt_lora_beta1", "ttt_lora_beta2"), (0, 0.999999)),
+    **dict.fromkeys(("rope_base", "logit_softcap", "adam_eps", "clip_sigmas_mlp", "clip_sigmas_attn",
+                     "clip_sigmas_embed", "clip_sigmas_other", "ttt_lora_alpha", "dist_timeout_seconds"), (1e-12, None)),
+    **dict.fromkeys(("matrix_bits", "embed_bits"), (2, 8)),
+    "brotli_quality": (0, 11),
+    "parallel_residual_start": (-1, None),
+}
+
+
+def range_problems(h: Hyperparameters) -> list[str]:
+    out = []
+    for name, (low, high) in SETTING_RANGES.items():
+        value = getattr(h, name)
+        if (low is not None and value < low) or (high is not None and value > high):
+            bound = (f"between {low} and {high}" if high is not None else
+                     "positive" if 0 < low < 1 else f"at least {low}")
+            out.append(f"{name.upper()}={value} is out of range: it must be {bound}")
+    return out
+
+
+def choice_problems(h: Hyperparameters) -> list[str]:
+    choices = {"quant_method": ("rtn", "gptq"), "quant_grid": ("sdclip", "absmax"), "compressor": COMPRESSORS,
+               "ttt_mode": ("none", "sgd", "lora"), "ttt_compile_mode": TTT_COMPILE_MODES}
+    out = [f"{name.upper()}={getattr(h, name)!r} is unknown: use one of {', '.join(options)}"
+           for name, options in choices.items() if getattr(h, name) not in options]
+    if not 0 < h.eval_stride <= h.eval_seq_len:
+        out.append(f"EVAL_STRIDE={h.eval_stride} must be in 1..EVAL_SEQ_LEN={h.eval_seq_len}")
+    if h.ttt_chunk > h.eval_seq_len:
+        out.append(f"TTT_CHUNK={h.ttt_chunk} must be at most EVAL_SEQ_LEN={h.eval_seq_len}")
+    try:
+        phase_cuts(h)
+    except SystemExit as exc:
+        out.append(str(exc))
+    return out
+
+
+def model_problems(h: Hyperparameters) -> list[str]:
+    """Settings that describe no model GPT can build (GPT refuses them too)."""
+    out = []
+    if h.num_heads < 1 or h.num_kv_heads < 1 or h.model_dim % h.num_heads or h.num_heads % h.num_kv_heads:
+        return [f"MODEL_DIM={h.model_dim} must divide into NUM_HEADS={h.num_heads} heads, "
+                f"and NUM_HEADS into NUM_KV_HEADS={h.num_kv_heads} groups"]
+    head_dim = h.model_dim // h.num_heads
+    if h.rope_dims % 2 or not 0 < h.rope_dims <= head_dim:
+        out.append(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
+    if h.attn_gate_enabled and h.model_dim < ATTN_GATE_WIDTH:
+        out.append(f"ATTN_GATE_ENABLED needs MODEL_DIM={h.model_dim} of at least {ATTN_GATE_WIDTH}")
+    if h.num_loops < 0 or h.num_loops and not 0 <= h.loop_start <= h.loop_end < h.num_layers:
+        return out + [f"NUM_LOOPS={h.num_loops} must be ≥ 0, and with loops 0 ≤ LOOP_START={h.loop_start} "
+                      f"≤ LOOP_END={h.loop_end} < NUM_LAYERS={h.num_layers}"]
+    if h.parallel_residual_lanes not in (1, 2) or h.doc_segment_tokens < 1:
+        return out + [f"PARALLEL_RESIDUAL_LANES={h.parallel_residual_lanes} must be 1 or 2, and "
+                      f"DOC_SEGMENT_TOKENS={h.doc_segment_tokens} at least 1"]
+    # Two lanes hold from the first two-lane layer to the output, so those layers must run last, after the
+    # encoder half (whose outputs feed the skips as single streams), in every layout.
+    two_lane = {i for i in range(h.num_layers) if h.parallel_residual_lanes == 2 and 0 <= h.parallel_residual_start <= i}
+    for loops in {0, h.num_loops}:
+        encoder, decoder = layer_order(h.num_layers, h.loop_start, h.loop_end, loops)
+        lanes = [i in two_lane for i in encoder + decoder]
+        if any(lanes[:len(encoder)]) or lanes != sorted(lanes):
+            out.append(f"PARALLEL_RESIDUAL_LANES=2 needs the layers from PARALLEL_RESIDUAL_START="
+                       f"{h.parallel_residual_start} to run last and in the decoder half: order {encoder + decoder}")
+            break
+    return out
+
+
+def schedule_problems(h: Hyperparameters, world_size: int) -> list[str]:
+    if min(h.train_batch_tokens, h.train_seq_len) < 1:
+        return []  # range_problems names them
+    try:
+        derive_grad_accum_steps(h, world_size)
+    except SystemExit as exc:
+        return [str(exc)]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,7 +559,33 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, what: str) -> None:
     top = int(tokens.max())
     if top >= vocab_size:
         raise SystemExit(f"{what} holds token id {top} but VOCAB_SIZE={vocab_size}: the shards were made with "
-                         f"another tokenizer than {vocab_size}-piece one; match DATA_PATH, TOKENIZER_PATH and VOCAB_SIZE")
+                         f"another tokenizer than the {vocab_size}-piece one, or are corrupt; match DATA_PATH, "
+                         f"TOKENIZER_PATH and VOCAB_SIZE, or build the shards again")
+
+
+def check_shards(data_path: str, split: str, vocab_size: int, rank: int = 0, world_size: int = 1) -> int:
+    """Check every shard of a split (header, size, not empty, ids below VOCAB_SIZE); return the split's tokens.
+    Memory-mapped, one vectorised pass over the bytes; with several ranks each reads the ids of its share of the
+    shards (a refusal on one rank ends the job: torchrun stops the others)."""
+    total = 0
+    for i, path in enumerate(shard_paths(data_path, split)):
+        num_tokens = read_shard_header(path)
+        if num_tokens == 0:
+            raise ShardError(f"{path}: the shard holds 0 tokens: delete it or build it again")
+        if i % world_size == rank:
+            check_token_range(read_shard(path), vocab_size, path)
+        total += num_tokens
+    return total
+
+
+def check_training_data(h: Hyperparameters, world_size: int) -> None:
+    """Every train shard checked, and enough tokens for one micro-step: fewer would be repeated over and over."""
+    total = check_shards(h.data_path, "train", h.vocab_size, int(os.environ.get("RANK", "0")), world_size)
+    accum = derive_grad_accum_steps(h, world_size)
+    step_tokens = world_size * (h.train_batch_tokens // (world_size * accum) + 1)
+    if total < step_tokens:
+        raise ShardError(f"the training shards in {h.data_path!r} hold {total} tokens, fewer than the {step_tokens} "
+                         f"of one micro-step: training would repeat them; add training data or lower TRAIN_BATCH_TOKENS")
 
 
 def token_byte_tables(sp) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -677,20 +919,9 @@ class GPT(nn.Module):
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        if h.model_dim % h.num_heads or h.num_heads % h.num_kv_heads:
-            raise SystemExit(f"MODEL_DIM={h.model_dim} must divide into NUM_HEADS={h.num_heads} heads, "
-                             f"and NUM_HEADS into NUM_KV_HEADS={h.num_kv_heads} groups")
-        head_dim = h.model_dim // h.num_heads
-        if h.rope_dims % 2 or not 0 < h.rope_dims <= head_dim:
-            raise SystemExit(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
-        if h.attn_gate_enabled and h.model_dim < ATTN_GATE_WIDTH:
-            raise SystemExit(f"ATTN_GATE_ENABLED needs MODEL_DIM={h.model_dim} of at least {ATTN_GATE_WIDTH}")
-        if h.num_loops < 0 or h.num_loops and not 0 <= h.loop_start <= h.loop_end < h.num_layers:
-            raise SystemExit(f"NUM_LOOPS={h.num_loops} must be ≥ 0, and with loops 0 ≤ LOOP_START={h.loop_start} "
-                             f"≤ LOOP_END={h.loop_end} < NUM_LAYERS={h.num_layers}")
-        if h.parallel_residual_lanes not in (1, 2) or h.doc_segment_tokens < 1:
-            raise SystemExit(f"PARALLEL_RESIDUAL_LANES={h.parallel_residual_lanes} must be 1 or 2, and "
-                             f"DOC_SEGMENT_TOKENS={h.doc_segment_tokens} at least 1")
+        problems = model_problems(h)
+        if problems:
+            raise SystemExit("\n".join(problems))
         self.logit_softcap = h.logit_softcap
         self.fused_ce = False  # main() turns the Triton loss on where it can run
         self.residual_dtype = None  # main() sets bfloat16 for RESIDUAL_BF16 on CUDA; None keeps the embedding's float32
@@ -708,13 +939,6 @@ class GPT(nn.Module):
         num_skips = len((self.looped_layout or self.plain_layout)[0])
         self.skip_rows = [plain_encoder - 1 - i if i < plain_encoder else i for i in range(num_skips)]
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))  # sigmoid(0): half of each skip
-        # Two lanes hold from the first two-lane layer to the output, so those layers must run last, after the
-        # encoder half (whose outputs feed the skips as single streams), in every layout.
-        for encoder, decoder in filter(None, (self.plain_layout, self.looped_layout)):
-            lanes = [hasattr(self.blocks[i], "lane_mix") for i in encoder + decoder]
-            if any(lanes[:len(encoder)]) or lanes != sorted(lanes):
-                raise SystemExit(f"PARALLEL_RESIDUAL_LANES=2 needs the layers from PARALLEL_RESIDUAL_START="
-                                 f"{h.parallel_residual_start} to run last and in the decoder half: order {encoder + decoder}")
         if any(hasattr(b, "lane_mix") for b in self.blocks):
             self.lane_out_mix = nn.Parameter(torch.full((h.model_dim,), 0.5))  # the lanes' mean at the output
         if h.smear_gate_enabled:
@@ -1927,7 +2151,7 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes
 
 
 LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down")
-LORA_BETA2, LORA_EPS = 0.99, 1e-8  # the adapters' Adam (spec: β1 0, β2 0.99): with β1 0 there is no first moment
+LORA_EPS = 1e-8  # the adapters' AdamW epsilon (its betas are TTT_LORA_BETA1 and TTT_LORA_BETA2)
 MIN_ROWS = 2  # torch.compile specialises dimensions of size 1: two rows at least keep every step on the dynamic graph
 
 
@@ -2006,7 +2230,10 @@ class BatchedLoRA:
         self.A = [((torch.rand(docs, rank, i, generator=generator) * 2 - 1) * i ** -0.5).to(device) for i, _ in shapes]
         self.initial_A = [a.clone() for a in self.A]
         self.B = [torch.zeros(docs, o, rank, device=device) for _, o in shapes]
+        self.betas = (h.ttt_lora_beta1, h.ttt_lora_beta2)
         self.exp_avg_sq = [torch.zeros_like(t) for t in self.A + self.B]
+        # the first moment only where β1 > 0 (the spec's β1 is 0: the step is then the gradient itself)
+        self.exp_avg = [torch.zeros_like(t) for t in self.A + self.B] if self.betas[0] > 0 else []
         self.steps, self.live = 0, []
         self.handles = [m.register_forward_hook(lambda _m, inputs, out, i=i: out + self.delta(i, inputs[0]) if self.active else out)
                         for i, m in enumerate(linears)]
@@ -2014,7 +2241,7 @@ class BatchedLoRA:
     def start_batch(self) -> None:
         """A new batch of documents: B = 0 (each starts from the base model), A kept (warm start), Adam restarted."""
         with torch.no_grad():
-            for t in self.B + self.exp_avg_sq:
+            for t in self.B + self.exp_avg_sq + self.exp_avg:
                 t.zero_()
         self.steps = 0
 
@@ -2036,18 +2263,25 @@ class BatchedLoRA:
 
     @torch.no_grad()
     def adam_step(self, lr: float, weight_decay: float) -> None:
-        """AdamW (β1 0, β2 LORA_BETA2), as torch.optim.AdamW computes it, on the rows of this step only."""
+        """AdamW with self.betas, as torch.optim.AdamW computes it, on the rows of this step only."""
         self.steps += 1
+        beta1, beta2 = self.betas
         rows = self.live[0].size(0)
         grads = [p.grad for p in self.live]
         second = [s[:rows] for s in self.exp_avg_sq]
         torch._foreach_mul_(self.live, 1 - lr * weight_decay)
-        torch._foreach_mul_(second, LORA_BETA2)
-        torch._foreach_addcmul_(second, grads, grads, value=1 - LORA_BETA2)
+        torch._foreach_mul_(second, beta2)
+        torch._foreach_addcmul_(second, grads, grads, value=1 - beta2)
+        step = grads
+        if self.exp_avg:
+            first = [m[:rows] for m in self.exp_avg]
+            torch._foreach_mul_(first, beta1)
+            torch._foreach_add_(first, grads, alpha=1 - beta1)
+            step = torch._foreach_div(first, 1 - beta1 ** self.steps)
         denom = torch._foreach_sqrt(second)
-        torch._foreach_div_(denom, math.sqrt(1 - LORA_BETA2 ** self.steps))
+        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** self.steps))
         torch._foreach_add_(denom, LORA_EPS)
-        torch._foreach_addcdiv_(self.live, grads, denom, value=-lr)
+        torch._foreach_addcdiv_(self.live, step, denom, value=-lr)
         for p in self.live:
             p.grad = None
 
@@ -2356,20 +2590,40 @@ def log_rank_finish(guard: EvalGuard, world_size: int, log) -> None:
 
 class Logger:
     """Rank 0 writes each line to stdout and to logs/<RUN_ID>.txt (logs/<RUN_ID>_eval.txt with TTT_EVAL_ONLY, so
-    the training run's log is kept), flushed at once so a crash loses nothing."""
+    the training run's log is kept), flushed at once so a crash loses nothing. main() opens it only once the
+    inputs passed their checks, and an earlier log of the same name is kept as <name>.txt.1 (.2, ...), not
+    overwritten: a run that fails later never costs an earlier run its log."""
+
+    active = None  # the open log, where a failure that ends the run is written too
 
     def __init__(self, h: Hyperparameters, rank: int):
         name = f"{h.run_id}_eval" if h.ttt_eval_only else h.run_id
         self.path = os.path.join(h.output_dir, "logs", f"{name}.txt") if rank == 0 else None
+        self.kept = None
         if self.path:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            open(self.path, "w").close()
+            if os.path.exists(self.path):
+                self.kept = next(f"{self.path}.{n}" for n in range(1, 10**6) if not os.path.exists(f"{self.path}.{n}"))
+                os.replace(self.path, self.kept)
+            open(self.path, "x").close()
+        Logger.active = self
 
-    def __call__(self, line: str) -> None:
+    def __call__(self, line: str, echo: bool = True) -> None:
         if self.path:
-            print(line, flush=True)
+            if echo:
+                print(line, flush=True)
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Write the error that ends the run into the log (Python prints it to stderr itself)."""
+        if isinstance(exc, SystemExit):
+            if exc.code in (None, 0):
+                return
+            text = str(exc.code)
+        else:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        self(f"ERROR: {text}", echo=False)
 
 
 class EMA:
@@ -2649,8 +2903,15 @@ def use_device_paths(model: GPT, h: Hyperparameters, device: torch.device) -> No
             module.fused = h.fused_mlp and triton is not None and device.type == "cuda"
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def launcher_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_distributed(timeout_seconds: float = 300.0) -> tuple[int, int, torch.device]:
+    """Rank, world size and device. A collective that waits more than timeout_seconds (a rank died or hangs)
+    raises on the ranks still waiting instead of hanging: gloo by its own timeout, NCCL by the watchdog that
+    TORCH_NCCL_ASYNC_ERROR_HANDLING turns on, which tears the process down."""
+    rank, world_size = int(os.environ.get("RANK", "0")), launcher_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
@@ -2662,7 +2923,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_seconds))
     return rank, world_size, device
 
 
@@ -2718,8 +2982,10 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    if rank == 0:
-        torch.save(model.state_dict(), os.path.join(h.output_dir, "final_model.pt"))
+    if rank == 0:  # a temporary name, then renamed: a crash mid-write leaves no half file in its place
+        final_state = os.path.join(h.output_dir, "final_model.pt")
+        torch.save(model.state_dict(), final_state + ".tmp")
+        os.replace(final_state + ".tmp", final_state)
     start = time.perf_counter()
     val_loss, val_bpb = evaluate()
     log(f"pre_quant_ema step:{steps} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
@@ -2740,41 +3006,55 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
     return artifact_path, total_bytes
 
 
+def load_inputs(h: Hyperparameters):
+    """Read and check every input before anything is written: the tokenizer, every shard, the byte counts, and
+    with TTT_EVAL_ONLY the artifact. Returns (tokenizer, validation tokens, their targets' bytes, CaseOps?)."""
+    try:
+        sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+        check_shards(h.data_path, "val", h.vocab_size)
+        if not h.ttt_eval_only:  # evaluation reads no training data
+            check_training_data(h, launcher_world_size())
+        val_tokens = load_validation_tokens(h.data_path, h.val_tokens_limit)
+        caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+        if h.caseops_enabled:
+            target_bytes = load_validation_byte_counts(h.data_path, val_tokens.size)[1:]
+        elif caseops_tokenizer:
+            raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
+                             f"counts the original bytes (its operator pieces are not text)")
+        else:
+            target_bytes = target_byte_counts(val_tokens, token_byte_tables(sp))
+    except ShardError as exc:
+        raise SystemExit(str(exc)) from None
+    if h.ttt_eval_only and not os.path.isfile(eval_only_artifact_path(h)):
+        raise SystemExit(f"TTT_EVAL_ONLY=1: no artifact at {eval_only_artifact_path(h)!r}: set ARTIFACT_PATH (or "
+                         f"OUTPUT_DIR) to a run's final_model.int6.ptz")
+    return sp, val_tokens, target_bytes, caseops_tokenizer
+
+
+def eval_only_artifact_path(h: Hyperparameters) -> str:
+    return h.artifact_path or os.path.join(h.output_dir, "final_model.int6.ptz")
+
+
 def main() -> None:
+    warnings = unknown_variable_warnings(os.environ)
+    if os.environ.get("RANK", "0") == "0":
+        for line in warnings:
+            print(line, file=sys.stderr, flush=True)
     h = Hyperparameters.from_env()
-    if (h.quant_method not in ("rtn", "gptq") or h.quant_grid not in ("sdclip", "absmax") or h.gptq_block < 1
-            or h.compressor not in COMPRESSORS):
-        raise SystemExit(f"QUANT_METHOD={h.quant_method!r} must be rtn or gptq, QUANT_GRID={h.quant_grid!r} sdclip or "
-                         f"absmax, GPTQ_BLOCK={h.gptq_block} at least 1, and COMPRESSOR={h.compressor!r} one of {COMPRESSORS}")
-    if (h.ttt_mode not in ("none", "sgd", "lora")
-            or min(h.ttt_chunk_tokens, h.ttt_chunk, h.ttt_batch_docs, h.ttt_lora_rank, h.ttt_width_step) < 1
-            or h.ttt_chunk > h.eval_seq_len):
-        raise SystemExit(f"TTT_MODE={h.ttt_mode!r} must be none, sgd or lora, TTT_CHUNK_TOKENS, TTT_CHUNK, "
-                         f"TTT_BATCH_DOCS, TTT_LORA_RANK and TTT_WIDTH_STEP at least 1, and TTT_CHUNK={h.ttt_chunk} at most "
-                         f"EVAL_SEQ_LEN={h.eval_seq_len}")
-    phase_cuts(h)  # a malformed TTT_PHASE_DOCS is refused now, not after training
-    rank, world_size, device = setup_distributed()
+    h.validate()
+    sp, val_tokens, target_bytes, caseops_tokenizer = load_inputs(h)
+    rank, world_size, device = setup_distributed(h.dist_timeout_seconds)
     log = Logger(h, rank)
-    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
+    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))  # the first line: tools/logparse.py reads it
+    for line in warnings:
+        log(line, echo=False)
+    if log.kept:
+        log(f"an earlier log of RUN_ID={h.run_id} was kept as {log.kept}")
     log(f"world_size:{world_size} device:{device} torch:{torch.__version__} "
         f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'} "
         f"triton:{triton_description()}")
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-
-    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-    val_tokens = load_validation_tokens(h.data_path, h.val_tokens_limit)
-    check_token_range(val_tokens, h.vocab_size, f"validation shards in {h.data_path}")
-    if not h.ttt_eval_only:  # evaluation reads no training data
-        check_token_range(read_shard(shard_paths(h.data_path, "train")[0]), h.vocab_size, f"first train shard in {h.data_path}")
-    caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
-    if h.caseops_enabled:
-        target_bytes = load_validation_byte_counts(h.data_path, val_tokens.size)[1:]
-    elif caseops_tokenizer:
-        raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
-                         f"counts the original bytes (its operator pieces are not text)")
-    else:
-        target_bytes = target_byte_counts(val_tokens, token_byte_tables(sp))
     log(f"val_tokens:{val_tokens.size - 1} val_bytes:{int(target_bytes.sum())} "
         f"byte_counts:{'sidecar' if h.caseops_enabled else 'pieces'} caseops_tokenizer:{int(caseops_tokenizer)}")
 
@@ -2791,10 +3071,7 @@ def main() -> None:
         return result
 
     if h.ttt_eval_only:
-        artifact_path, total_bytes = h.artifact_path or os.path.join(h.output_dir, "final_model.int6.ptz"), 0
-        if not os.path.isfile(artifact_path):
-            raise SystemExit(f"TTT_EVAL_ONLY=1: no artifact at {artifact_path!r}: set ARTIFACT_PATH (or OUTPUT_DIR) "
-                             f"to a run's final_model.int6.ptz")
+        artifact_path, total_bytes = eval_only_artifact_path(h), 0
         log(f"eval_only_artifact_bytes:{os.path.getsize(artifact_path)} artifact:{artifact_path}")
     else:
         artifact_path, total_bytes = train_and_export(model, train_loss_fn, evaluate, h, rank, world_size, device, log)
@@ -2825,5 +3102,36 @@ def main() -> None:
         raise SystemExit(f"artifact too large: {total_bytes} > {h.artifact_limit_bytes} bytes")
 
 
+def is_collective_failure(exc: BaseException) -> bool:
+    """gloo reports a lost peer or a timed-out collective as a plain RuntimeError, known by its text."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or isinstance(exc, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "timed out", "by peer", "connection closed"))
+
+
+def end_run(exc: BaseException) -> None:
+    """The run failed: write why into its log, and tell a failed collective (another rank died or hangs) apart
+    from the rest, then exit at once, since a process group whose peer is gone can hang the normal shutdown."""
+    if Logger.active is not None:
+        Logger.active.record_failure(exc)
+    if is_collective_failure(exc) and dist.is_available() and dist.is_initialized():
+        message = (f"rank {dist.get_rank()}: a collective failed, so the job stops: another rank died or hangs "
+                   f"(a collective waits at most DIST_TIMEOUT_SECONDS); see that rank's error. "
+                   f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
+        print(message, file=sys.stderr, flush=True)
+        if Logger.active is not None:
+            Logger.active(f"ERROR: {message}", echo=False)
+        os._exit(1)
+    raise exc
+
+
+def run_guarded(entry) -> None:
+    """Run entry(), ending the run through end_run if it fails."""
+    try:
+        entry()
+    except BaseException as failure:
+        end_run(failure)
+
+
 if __name__ == "__main__":
-    main()
+    run_guarded(main)

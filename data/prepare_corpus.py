@@ -43,7 +43,9 @@ import hashlib
 import json
 import lzma
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Iterable, Iterator
 
@@ -388,6 +390,16 @@ def existing_shards(out_dir: str) -> list[str]:
                   + glob.glob(os.path.join(out_dir, "fineweb_val_*.bin")))
 
 
+def swap_in(staging: str, out_dir: str, old: list[str]) -> None:
+    """Move the shards built in staging into out_dir, replacing same-named ones, then drop the old ones left over."""
+    new = {name: os.path.join(out_dir, name) for name in sorted(os.listdir(staging))}
+    for name, dest in new.items():
+        os.replace(os.path.join(staging, name), dest)
+    for path in old:
+        if path not in new.values() and os.path.exists(path):
+            os.remove(path)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
@@ -416,7 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"tokens per shard (default {DEFAULT_SHARD_TOKENS:,})")
     p.add_argument("--input-sentence-size", type=int, default=0,
                    help="train the tokenizer on a random sample of this many lines (default 0: all lines)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out-dir (only once the new ones are all built)")
     p.add_argument("--num-threads", type=int, default=None, help="threads for training and encoding")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's training log")
@@ -467,19 +479,20 @@ def main(argv=None) -> int:
         check_caseops_tokenizer(sp, model_path, args.caseops)
         sidecars = args.caseops or args.byte_sidecar
 
-        for path in old:
-            os.remove(path)
-        written: list[str] = []
+        # Built aside in a temporary folder, swapped in only once every shard is written: a failure late in the
+        # input leaves the shards already in --out-dir as they were.
+        staging = tempfile.mkdtemp(prefix=".prepare_corpus.", dir=args.out_dir)
         try:
-            stats = [write_split(sp, corpus.val(), args.out_dir, "val", args.shard_tokens, progress,
+            written: list[str] = []
+            stats = [write_split(sp, corpus.val(), staging, "val", args.shard_tokens, progress,
                                  args.num_threads, written, args.caseops, sidecars),
-                     write_split(sp, corpus.train(), args.out_dir, "train", args.shard_tokens, progress,
+                     write_split(sp, corpus.train(), staging, "train", args.shard_tokens, progress,
                                  args.num_threads, written, args.caseops)]
-        except BaseException:
-            for path in written:  # no half-made set of shards
-                if os.path.exists(path):
-                    os.remove(path)
-            raise
+            swap_in(staging, args.out_dir, old)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for s in stats:
+            s["shards"] = [os.path.join(args.out_dir, os.path.basename(path)) for path in s["shards"]]
     except CorpusError as e:
         print(f"prepare_corpus: error: {e}", file=sys.stderr)
         return 1

@@ -276,6 +276,28 @@ def test_prepare_bad_line_while_encoding_leaves_no_shards(tmp_path, prepared, ca
     assert os.listdir(tmp_path / "out") == []
 
 
+def shard_bytes(directory) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def test_prepare_overwrite_failing_late_keeps_the_earlier_shards(tmp_path, prepared, capsys):
+    docs = make_documents(30, seed=6)
+    val = write_jsonl(tmp_path / "val.jsonl", make_documents(5, seed=7))
+    out = tmp_path / "out"
+    args = ["--val", val, "--tokenizer", prepared["model"], "--out-dir", out, "--no-progress", "--shard-tokens", "500"]
+    rc, _, err = prepare(["--train", write_jsonl(tmp_path / "good.jsonl", docs), *args], capsys)
+    assert rc == 0, err
+    before = shard_bytes(out)
+    bad = write_jsonl(tmp_path / "bad.jsonl", docs[:10], extra_lines=['{"txt": "typo"}'])  # fewer shards, then a bad line
+    rc, _, err = prepare(["--train", bad, *args, "--overwrite"], capsys)
+    assert rc == 1 and 'bad.jsonl:11: line has no "text" field' in err, err
+    assert shard_bytes(out) == before  # nothing deleted, nothing half-replaced, no staging folder left
+    rc, _, err = prepare(["--train", write_jsonl(tmp_path / "short.jsonl", docs[:10]), *args, "--overwrite"], capsys)
+    assert rc == 0, err
+    after = shard_bytes(out)
+    assert after != before and set(after) < set(before)  # the shorter set replaced it, leftovers dropped
+
+
 # ----------------------------------------------------------------------------------------------------
 # The bundled sample
 # ----------------------------------------------------------------------------------------------------

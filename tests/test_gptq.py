@@ -239,7 +239,7 @@ def test_absmax_grid_clips_nothing_and_is_finer_than_sdclip():
 
 def test_bad_quant_grid_is_refused_before_training(monkeypatch):
     monkeypatch.setenv("QUANT_GRID", "minmax")
-    with pytest.raises(SystemExit, match="QUANT_GRID='minmax' sdclip or absmax"):
+    with pytest.raises(SystemExit, match="QUANT_GRID=.minmax. is unknown: use one of sdclip, absmax"):
         tg.main()
 
 

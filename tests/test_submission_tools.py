@@ -33,6 +33,7 @@ import train_gpt as tg  # noqa: E402
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 QUALITY = os.path.join(FIXTURES, "quality6.txt")  # a finished 1×H100 proxy run, 1032 steps, under the limit
 THROUGHPUT = os.path.join(FIXTURES, "throughput.txt")  # a finished 60-step run, over the limit (ERROR line)
+FINEWEB_DATA, FINEWEB_VAL_TOKENS = "./data/datasets/fineweb10B_sp8192", 47_851_520
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,9 +49,12 @@ def make_log(path, seed, val_bpb, model_bytes, code_bytes, finished=True, ratio=
     """A log in our format, made from the real quality6 log with this seed's numbers."""
     lines = read_lines(QUALITY)
     lines[0] = lines[0].replace("run_id=quality6 seed=1337", f"run_id=pkg_seed{seed} seed={seed}")
+    lines[0] = lines[0].replace("data_path=/tmp/proxy_sp8192", f"data_path={FINEWEB_DATA}")  # as if on FineWeb
     out = []
     for line in lines[1:]:
-        if line.startswith("stopping_early"):
+        if line.startswith("val_tokens:"):
+            line = f"val_tokens:{FINEWEB_VAL_TOKENS} val_bytes:{round(FINEWEB_VAL_TOKENS * 2865002 / 959012)}"
+        elif line.startswith("stopping_early"):
             line = f"stopping_early: wallclock_cap train_time:176042ms step:{steps}/20000"
         elif line.startswith("pre_quant_ema"):
             line = f"pre_quant_ema step:{steps} val_loss:{(val_bpb - 0.02) * ratio:.4f} val_bpb:{val_bpb - 0.02:.4f} eval_time:17390ms"
@@ -429,7 +433,7 @@ def test_check_refuses_edited_logs_code_and_missing_files(tmp_path, three_seeds,
 # ---------------------------------------------------------------------------------------------------
 
 def test_size_audit_numbers_add_up(tmp_path, monkeypatch, packed_code_bytes, capsys):
-    h = tg.Hyperparameters(**TINY)
+    h = tg.Hyperparameters(**TINY, quant_method="rtn")  # round to nearest: the state dict gives the payload again
     state = tiny_state(0)
     torch.save(state, tmp_path / "final_model.pt")
     art, size = write_artifact(tmp_path / "final_model.int6.ptz", state, h)
@@ -463,7 +467,7 @@ def test_size_audit_numbers_add_up(tmp_path, monkeypatch, packed_code_bytes, cap
     r2 = size_audit.audit(str(tmp_path / "final_model.pt"), None, None, quality=11, h=h)
     assert r2["artifact_bytes"] == size and r2["groups"] == groups and r2["headroom_bytes"] == 16_000_000 - size
     # the command line reads the Hyperparameters from the environment, as a run does
-    for k, v in TINY.items():
+    for k, v in {**TINY, "quant_method": "rtn"}.items():
         monkeypatch.setenv(k.upper(), str(v))
     capsys.readouterr()
     assert size_audit.main(["--artifact", art, "--state", str(tmp_path / "final_model.pt")]) == 0
@@ -617,3 +621,27 @@ def test_plot_writes_a_png_of_the_expected_size(tmp_path, capsys):
     assert png_size(tmp_path / "small.png") == (300, 200)
     assert plot_logs.main([os.path.join(REPO, "README.md"), "-o", str(tmp_path / "x.png")]) == 2
     assert not (tmp_path / "x.png").exists()
+
+
+def test_size_audit_says_what_it_cannot_recheck_of_a_gptq_artifact(tmp_path, monkeypatch, capsys):
+    h = tg.Hyperparameters(**TINY)  # QUANT_METHOD=gptq, the default
+    state = tiny_state(0)
+    torch.save(state, tmp_path / "final_model.pt")
+    torch.manual_seed(1)
+    hessians = {}
+    for name, t in state.items():
+        if t.ndim == 2 and t.numel() > h.float_max_numel:
+            x = torch.randn(4 * t.shape[1], t.shape[1])
+            hessians[name] = x.T @ x
+    blob = tg.compress_artifact(tg.serialize_quantized(tg.quantize_state_dict(state, h, hessians)), h.compressor)
+    (tmp_path / "gptq.ptz").write_bytes(blob)
+    r = size_audit.audit(str(tmp_path / "final_model.pt"), str(tmp_path / "gptq.ptz"), None, h=h)
+    assert r["state_matches_artifact"] is None
+    assert r["recheck"] == {"layout": True, "scales": True, "float16": True, "integers": False}
+    for k, v in TINY.items():
+        monkeypatch.setenv(k.upper(), str(v))
+    capsys.readouterr()
+    assert size_audit.main(["--artifact", str(tmp_path / "gptq.ptz"), "--state", str(tmp_path / "final_model.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "tensor layout yes, row scales yes, float16 tensors yes" in out
+    assert "integers (and LQER factors) cannot be re-checked" in out and "NO" not in out

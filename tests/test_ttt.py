@@ -452,7 +452,7 @@ def test_eval_only_refuses_a_missing_corrupt_or_mismatched_artifact(smoke_run, t
 def test_lora_chunk_longer_than_the_context_is_refused(monkeypatch):
     for key, value in {"TTT_MODE": "lora", "TTT_CHUNK": "64", "EVAL_SEQ_LEN": "32"}.items():
         monkeypatch.setenv(key, value)
-    with pytest.raises(SystemExit, match="TTT_CHUNK=64 at most EVAL_SEQ_LEN=32"):
+    with pytest.raises(SystemExit, match="TTT_CHUNK=64 must be at most EVAL_SEQ_LEN=32"):
         tg.main()
 
 
@@ -464,7 +464,7 @@ def reference_lora_document(model, h, a0, tokens, start, length) -> torch.Tensor
     scale, half = h.ttt_lora_alpha / h.ttt_lora_rank, len(a0)
     adapters = [a.clone().requires_grad_() for a in a0] + [torch.zeros(b, a.size(0), requires_grad=True)
                                                              for a, b in zip(a0, out_features(model))]
-    opt = torch.optim.AdamW(adapters, lr=h.ttt_lora_lr, betas=(0.0, tg.LORA_BETA2), eps=tg.LORA_EPS,
+    opt = torch.optim.AdamW(adapters, lr=h.ttt_lora_lr, betas=(h.ttt_lora_beta1, h.ttt_lora_beta2), eps=tg.LORA_EPS,
                             weight_decay=h.ttt_lora_wd)
     scores = []
     for c in range(0, length, h.ttt_chunk):
@@ -499,11 +499,12 @@ def lora_losses_with_grad(model, a, b, scale, tokens, start, end) -> torch.Tenso
             hook.remove()
 
 
-@pytest.mark.parametrize("width_step", [4, 256])
-def test_lora_equals_a_per_document_reference(width_step):
+@pytest.mark.parametrize("width_step,beta1", [(4, 0.0), (256, 0.0), (4, 0.9)])
+def test_lora_equals_a_per_document_reference(width_step, beta1):
     """With every document in one batch and no phase, LoRA TTT's score of every target equals the per-document
-    reference (torch's AdamW, one document at a time, no batching, no padding, no shrinking rows or windows)."""
-    h = tiny_h(ttt_batch_docs=16, ttt_phase_docs="", ttt_width_step=width_step, ttt_lora_lr=0.003)
+    reference (torch's AdamW, one document at a time, no batching, no padding, no shrinking rows or windows),
+    with the spec's β1 = 0 and with a first moment."""
+    h = tiny_h(ttt_batch_docs=16, ttt_phase_docs="", ttt_width_step=width_step, ttt_lora_lr=0.003, ttt_lora_beta1=beta1)
     tokens, target_bytes = tiny_stream("docs")
     starts, lengths = tg.document_spans(tokens)
     model = tiny_model(h)

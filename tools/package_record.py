@@ -17,7 +17,9 @@ It writes records/track_10min_16mb/<date>_<name>/ with:
   requirements.txt   what the script imports (--requirements FILE to copy one instead).
   train_curves.png   tools/plot_logs.py of the logs (unless --no-plot, or matplotlib is missing).
 
-It refuses, naming every problem: a log that is not ours or did not finish; two logs of one seed; logs whose
+It refuses, naming every problem: a log that is not ours or did not finish; a log that is not a FineWeb run (its
+validation set is not FineWeb's ≈47.9M SP8192 / ≈62M SP1024 tokens, or VAL_TOKENS_LIMIT cut it, or DATA_PATH is
+not a fineweb* folder) unless --not-fineweb, which packages it labelled as such in submission.json and README.md; two logs of one seed; logs whose
 settings or code size differ (other than run_id, seed, output_dir); a total (code + model) over 16,000,000
 bytes; a log whose total is not code + model, or that logged an ERROR; train or final eval time over 600 s;
 an artifact whose size differs from its log's model bytes or that does not decompress; a packed script
@@ -39,6 +41,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import statistics
 import string
@@ -63,6 +66,9 @@ TEMPLATE = os.path.join(TOOLS, "record_template.md")
 PER_RUN_HPARAMS = ("run_id", "seed", "output_dir")  # may differ between the seeds of one record
 FLOAT_TOL = 5e-9
 IMPORT_TIMEOUT_S = 120
+# FineWeb's validation set (the first 50,000 documents) is about 47.9M tokens with SP8192 and 62M with SP1024;
+# any tokenizer between them lands in this range, a sample or a proxy set far below it.
+FINEWEB_VAL_TOKENS = (40_000_000, 70_000_000)
 REQUIREMENTS = """# What train_gpt.py imports. On a GPU machine install the CUDA build of torch.
 # The runs of this record used torch {torch}.
 torch>=2.5
@@ -114,6 +120,27 @@ def log_problems(log: RunLog) -> list[str]:
     if log.score_eval_ms is not None and log.score_eval_ms > 1000 * TIME_LIMIT_S:
         out.append(f"{name}: final evaluation took {log.score_eval_ms / 1000:.1f} s, over {TIME_LIMIT_S:.0f} s")
     return out
+
+
+def fineweb_problems(log: RunLog) -> list[str]:
+    """Why a log is not a run scored on FineWeb's whole validation set ([] = it is)."""
+    name, out = log.path, []
+    data_path = str(log.hparams.get("data_path", ""))
+    if "fineweb" not in os.path.basename(os.path.normpath(data_path)).lower():
+        out.append(f"{name}: DATA_PATH={data_path} is not a FineWeb dataset folder (data/datasets/fineweb10B_sp*)")
+    if log.hparams.get("val_tokens_limit", 0):
+        out.append(f"{name}: VAL_TOKENS_LIMIT={log.hparams['val_tokens_limit']} scored part of the validation set")
+    low, high = FINEWEB_VAL_TOKENS
+    if log.val_tokens is None or not low <= log.val_tokens <= high:
+        out.append(f"{name}: a validation set of {log.val_tokens or 0:,} tokens, not FineWeb's (≈47.9M with SP8192, "
+                   f"≈62M with SP1024)")
+    return out
+
+
+def not_fineweb_note(logs: list[RunLog]) -> str:
+    return (f"> **Not a FineWeb run** (packaged with --not-fineweb): scored on {logs[0].hparams.get('data_path')}, "
+            f"a validation set of {logs[0].val_tokens or 0:,} tokens. Its val_bpb is not comparable with FineWeb "
+            f"records.\n\n")
 
 
 def logs_agree(logs: list[RunLog]) -> list[str]:
@@ -221,6 +248,8 @@ def check_folder(folder: str, artifacts: list[str] | None = None) -> list[str]:
     for log in logs:
         out += [p.replace(log.path, os.path.basename(log.path)) for p in log_problems(log)]
     out += logs_agree(logs)
+    if any(fineweb_problems(l) for l in logs) and sub.get("not_fineweb") is not True:
+        out.append("the logs are not FineWeb runs but submission.json does not say so (\"not_fineweb\": true)")
     if any(not l.finished for l in logs):
         return out
     shas = [r.get("artifact_sha256") for r in runs]
@@ -303,14 +332,16 @@ def sanitize(name: str) -> str:
 
 
 def overrides(log: RunLog, as_env: bool = False):
-    """The run's settings that differ from train_gpt.py's defaults (paths and per-run names left out)."""
+    """The run's settings that differ from train_gpt.py's defaults (paths and per-run names left out); as_env: as
+    shell words, with DATA_PATH and TOKENIZER_PATH first, so the command alone names everything the run used."""
     defaults = tg.Hyperparameters()
     skip = set(PER_RUN_HPARAMS) | {"data_path", "tokenizer_path"}
-    diff = [f"{k.upper()}={v}" for k, v in log.hparams.items()
-            if k not in skip and hasattr(defaults, k) and getattr(defaults, k) != v]
+    diff = {k.upper(): v for k, v in log.hparams.items()
+            if k not in skip and hasattr(defaults, k) and getattr(defaults, k) != v}
     if as_env:
-        return diff
-    return ", ".join(f"`{d}`" for d in diff) if diff else "none"
+        paths = {k.upper(): log.hparams[k] for k in ("data_path", "tokenizer_path") if k in log.hparams}
+        return [f"{k}={shlex.quote(str(v))}" for k, v in {**paths, **diff}.items()]
+    return ", ".join(f"`{k}={v}`" for k, v in diff.items()) if diff else "none"
 
 
 def results_table(sub: dict) -> str:
@@ -340,7 +371,7 @@ def render_readme(sub: dict, logs: list[RunLog], plot_file: str | None, template
              f"tokens, {first.val_bytes:,} bytes." if first.model_params and first.val_tokens else
              f"{first.world_size} process(es) on {first.device}, torch {first.torch_version}.")
     std = sub["val_bpb_std"]
-    return tpl.substitute(
+    readme = tpl.substitute(
         name=sub["name"], blurb=sub["blurb"] or "", val_bpb=f"{sub['val_bpb']:.8f}",
         val_bpb_std=f"{std:.8f}" if std is not None else "n/a (one seed)", val_loss=f"{sub['val_loss']:.8f}",
         num_seeds=sub["num_seeds"], bytes_total=f"{sub['bytes_total']:,}",
@@ -351,6 +382,10 @@ def render_readme(sub: dict, logs: list[RunLog], plot_file: str | None, template
         command=command, overrides=overrides(first),
         log_files=", ".join(f"`{r['log']}`" for r in sub["seed_results"]),
         plot_file=f"- `{plot_file}`: train loss and val_bpb by step and by training time." if plot_file else "")
+    if sub.get("not_fineweb"):
+        title, rest = readme.split("\n", 1)
+        readme = f"{title}\n\n{not_fineweb_note(logs)}{rest.lstrip(chr(10))}"
+    return readme
 
 
 def package(a) -> str:
@@ -365,6 +400,9 @@ def package(a) -> str:
         raise PackageError(problems)
     for log in logs:
         problems += log_problems(log)
+        if not a.not_fineweb:
+            problems += [p + " (pass --not-fineweb to package it labelled as not a FineWeb run)"
+                         for p in fineweb_problems(log)]
     problems += logs_agree(logs)
     shas = [None] * len(logs)
     if a.artifact:
@@ -395,6 +433,8 @@ def package(a) -> str:
     log_files = [f"train_seed{l.seed}.txt" for l in logs]
     sub = {"name": a.name, "author": a.author, "github_id": a.github_id, "date": date, "track": TRACK,
            "blurb": a.blurb, **derived_fields(logs, log_files, shas)}
+    if a.not_fineweb:
+        sub.update(not_fineweb=True, dataset=str(logs[0].hparams.get("data_path")))
     os.makedirs(a.records_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{folder_name}.", dir=a.records_dir)
     try:
@@ -451,6 +491,8 @@ def main(argv=None) -> int:
     ap.add_argument("--template", default=TEMPLATE)
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--force", action="store_true", help="replace an existing folder")
+    ap.add_argument("--not-fineweb", action="store_true",
+                    help="package runs not scored on FineWeb's validation set, labelled so (not a record)")
     a = ap.parse_args(argv)
     if a.check:
         problems = check_folder(a.check, a.artifact)

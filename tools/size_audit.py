@@ -10,7 +10,10 @@ Hyperparameters the environment gives (defaults, or EMBED_BITS=7 etc., as for a 
 compressed with COMPRESSOR exactly as a run would: that compressed size is the real model total.
 --artifact: the file itself, read with decompress_artifact + deserialize_quantized; its file size is the
 real model total. With both, the audit reports the artifact and says whether the state dict re-quantizes to
-the same payload.
+the same payload. That is exact for QUANT_METHOD=rtn. A GPTQ run's integers (and the LQER factors of their
+error) come from the run's calibration Hessians, which final_model.pt does not hold, so for QUANT_METHOD=gptq
+the audit re-checks what does not depend on them (the tensor layout, the row scales, the float16 tensors) and
+says that the integers cannot be re-checked; --state alone then sizes a round-to-nearest stand-in.
 
 Groups: embedding, attention, MLP and other int matrices (their integer values), scales (every int matrix's
 float16 row scales), lqer (LQER factors: int4 codes, group scales and zeros), float16 (the small tensors
@@ -30,6 +33,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+import torch  # noqa: E402
+
 import train_gpt as tg  # noqa: E402
 
 LIMIT = 16_000_000
@@ -68,10 +73,24 @@ def group_bytes(quantized: dict) -> dict[str, dict]:
     return groups
 
 
+def recheck_parts(from_state: dict, artifact: dict) -> dict[str, bool]:
+    """Which parts of the artifact the state dict gives again: those that do not depend on GPTQ's Hessians."""
+    layout = {n: (e["kind"], e.get("bits"), tuple((e.get("q") if e["kind"] == "int" else e["data"]).shape))
+              for n, e in from_state.items()}
+    same_layout = layout == {n: (e["kind"], e.get("bits"), tuple((e.get("q") if e["kind"] == "int" else e["data"]).shape))
+                             for n, e in artifact.items()}
+    if not same_layout:
+        return {"layout": False, "scales": False, "float16": False, "integers": False}
+    pairs = [(e, artifact[n]) for n, e in from_state.items()]
+    return {"layout": True,
+            "scales": all(torch.equal(a["scale"], b["scale"]) for a, b in pairs if a["kind"] == "int"),
+            "float16": all(torch.equal(a["data"], b["data"]) for a, b in pairs if a["kind"] == "float16"),
+            "integers": all(torch.equal(a["q"], b["q"]) for a, b in pairs if a["kind"] == "int")}
+
+
 def audit(state_path: str | None = None, artifact_path: str | None = None, script: str | None = None,
           quality: int = 11, h: tg.Hyperparameters | None = None) -> dict:
     import brotli
-    import torch
     if not state_path and not artifact_path:
         raise ValueError("give --state and/or --artifact")
     h = h or tg.Hyperparameters.from_env()
@@ -90,13 +109,17 @@ def audit(state_path: str | None = None, artifact_path: str | None = None, scrip
         result["compressor"] = tg.COMPRESSORS[tg.ARTIFACT_HEADER.unpack_from(blob)[1]]
         result["artifact_bytes"] = len(blob)
         if from_state is not None:
-            result["state_matches_artifact"] = from_state == payload
+            result["state_matches_artifact"] = from_state == payload if h.quant_method == "rtn" else None
+            result["recheck"] = recheck_parts(tg.deserialize_quantized(from_state), tg.deserialize_quantized(payload))
+            result["quant_method"] = h.quant_method
     else:
         payload = from_state
         blob = tg.compress_artifact(payload, h.compressor, h.brotli_quality)
         result["compressor"] = h.compressor
         result["model_source"] = (f"state dict {state_path} quantized (matrix_bits={h.matrix_bits}, "
-                                  f"embed_bits={h.embed_bits}), {h.compressor}")
+                                  f"embed_bits={h.embed_bits}), {h.compressor}"
+                                  + (", rounded to nearest: without the run's Hessians, not its GPTQ integers"
+                                     if h.quant_method == "gptq" else ""))
         result["artifact_bytes"] = len(blob)
     quantized = tg.deserialize_quantized(payload)
     (meta_len,) = struct.unpack_from("<I", payload, 0)
@@ -140,9 +163,16 @@ def render(r: dict) -> str:
                f"{r['payload_bytes'] - r['payload_data_bytes']:,}); artifact {r['artifact_bytes']:,} B "
                f"({r['artifact_header_bytes']}-byte header + {r['compressor']}; "
                f"{r['artifact_bytes'] - r['groups_compressed_sum']:+,} B against the groups compressed alone)")
-    if "state_matches_artifact" in r:
+    if r.get("quant_method") == "rtn":
         out.append("state dict re-quantizes to the artifact's payload: " + ("yes" if r["state_matches_artifact"] else
                    "NO (other hyperparameters, or other weights)"))
+    elif "recheck" in r:
+        parts = r["recheck"]
+        yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
+        out.append(f"state dict against the artifact (QUANT_METHOD={r['quant_method']}): tensor layout "
+                   f"{yes(parts['layout'])}, row scales {yes(parts['scales'])}, float16 tensors {yes(parts['float16'])}; "
+                   f"the integers (and LQER factors) cannot be re-checked: GPTQ computed them from the run's "
+                   f"calibration Hessians, which the state dict does not hold")
     if "total_bytes" in r:
         out.append(f"total {r['total_bytes']:,} B = code {r['code']['packed_bytes']:,} + model {r['artifact_bytes']:,}; "
                    f"headroom to {r['limit_bytes']:,}: {r['headroom_bytes']:,} B"
