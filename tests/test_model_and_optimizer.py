@@ -205,7 +205,10 @@ def test_parameter_split_puts_block_matrices_in_muon():
     assert len(matrices) == 5 * 6 and all(p.ndim == 2 for p in matrices)
     assert embeddings == [model.tok_emb.weight]
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in scalars} == {"skip_gates"} | {f"blocks.{i}.attn.q_gain" for i in range(5)}
+    per_block = ("attn.q_gain", "resid_mix", "attn_scale", "mlp_scale")
+    assert {names[id(p)] for p in scalars} == {"skip_weights", "skip_gates"} | {f"blocks.{i}.{n}" for i in range(5)
+                                                                                for n in per_block}
+    assert all(p.dtype == torch.float32 for p in scalars)  # per-channel vectors: small float32 tensors for Adam
 
 
 @pytest.mark.parametrize("world,batch,expected", [(1, 786432, 8), (2, 786432, 4), (4, 786432, 2), (8, 786432, 1),
@@ -275,11 +278,11 @@ class _FixedBatches:
 
 
 def _two_rank_case(**features):
-    """A small model with the default features on (and the given ones), and 2 steps × 2 ranks × 2 micro-steps of
-    batches: step s, rank r, micro-step m takes batch 4s + 2r + m."""
+    """A small model with the default features on but recurrence (and the given ones), and 2 steps × 2 ranks × 2
+    micro-steps of batches: step s, rank r, micro-step m takes batch 4s + 2r + m."""
     h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
                            train_seq_len=16, train_batch_tokens=8 * 16, parallel_residual_start=3,
-                           grad_clip_norm=0.05, **features)
+                           grad_clip_norm=0.05, **{"num_loops": 0, **features})
     g = torch.Generator().manual_seed(7)
     tokens = [torch.randint(0, h.vocab_size, (2, h.train_seq_len + 1), generator=g) for _ in range(8)]
     return h, [(t[:, :-1], t[:, 1:]) for t in tokens]
