@@ -187,13 +187,13 @@ def test_sharded_muon_and_global_clip_on_two_ranks_equal_one_process(tmp_path):
             assert torch.allclose(shard, expected, atol=1e-6)
 
 
-def test_lr_schedule_warmup_flat_warmdown():
+def test_lr_schedule_optional_warmup_flat_warmdown():
     h = tg.Hyperparameters(warmup_steps=10, warmdown_frac=0.5, min_lr=0.1)
     assert tg.lr_multiplier(0, 0.0, h) == pytest.approx(0.1)
     assert tg.lr_multiplier(9, 0.0, h) == pytest.approx(1.0)
     assert tg.lr_multiplier(50, 0.4, h) == 1.0
-    assert tg.lr_multiplier(50, 0.75, h) == pytest.approx(0.55)
-    assert tg.lr_multiplier(50, 1.0, h) == pytest.approx(0.1)
+    assert tg.lr_multiplier(50, 0.75, h) == pytest.approx(0.5)  # (1 − 0.75) / 0.5
+    assert tg.lr_multiplier(50, 0.95, h) == pytest.approx(0.1)  # floored from 1 − 0.5·0.1 on
     assert tg.lr_multiplier(50, 1.5, h) == pytest.approx(0.1)
     assert tg.muon_momentum(0, h) == pytest.approx(0.92)
     assert tg.muon_momentum(10**6, h) == pytest.approx(0.97)
