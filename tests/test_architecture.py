@@ -99,10 +99,9 @@ def tokens_with_bos(seed: int = 3, shape=(2, 24)) -> torch.Tensor:
     return idx
 
 
-def test_defaults_are_the_measured_choice():
-    """On by default: the features that paid on the proxy; SmearGate did not (README, Results and ablation)."""
+def test_defaults_are_the_published_choice():
     h = tg.Hyperparameters()
-    assert (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start) == (True, False, True, 8)
+    assert (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start) == (True, True, True, 8)
 
 
 def test_switches_are_read_from_the_environment(monkeypatch):

@@ -66,9 +66,9 @@ def documents_of(row: torch.Tensor) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------------- switches off
 
-def test_defaults_are_off_and_read_from_the_environment(monkeypatch):
+def test_defaults_are_the_published_ones_and_read_from_the_environment(monkeypatch):
     h = tg.Hyperparameters()
-    assert (h.num_loops, h.doc_attention, h.parallel_residual_lanes) == (0, False, 1)
+    assert (h.num_loops, h.doc_attention, h.parallel_residual_lanes, h.parallel_residual_start) == (2, True, 2, 8)
     assert (h.loop_start, h.loop_end, h.loop_enable_frac) == (3, 5, 0.35)
     for name, value in dict(NUM_LOOPS="2", LOOP_START="2", LOOP_END="4", LOOP_ENABLE_FRAC="0.5", DOC_ATTENTION="1",
                             DOC_SEGMENT_TOKENS="64", PARALLEL_RESIDUAL_LANES="2").items():
