@@ -60,7 +60,8 @@ SMOKE_PRESET = {
     "TTT_MODE": "none",
     # A short run: an average over the last ~10 steps, not the published 0.9965's ~300 (mostly the init here)
     "EMA_DECAY": "0.9",
-    # The published features stay on, but not the two that slow a CPU step most; tests turn them on explicitly
+    # No recurrence: 4 layers cannot hold the default loops 3–5, and a smoke-size loop makes a CPU step ~1.6×
+    # slower. No document attention, as the tests of smoke runs assume. A test runs both at smoke size.
     "NUM_LOOPS": "0",
     "DOC_ATTENTION": "0",
 }
