@@ -426,6 +426,8 @@ def test_training_switches_recurrence_on_at_the_fraction():
 
 
 def test_smoke_run_with_recurrence_documents_and_two_lanes(tmp_path):
+    """The published configuration at smoke size: the default features, with recurrence and document attention
+    (which PRESET=smoke leaves off), loops and lanes placed to fit 4 layers."""
     env = {"RUN_ID": "loops", "ITERATIONS": "2", "VAL_TOKENS_LIMIT": "2048", "BROTLI_QUALITY": "5", "NUM_LOOPS": "1",
            "LOOP_START": "1", "LOOP_END": "2", "LOOP_ENABLE_FRAC": "0.5", "DOC_ATTENTION": "1",
            "PARALLEL_RESIDUAL_START": "3", "PARALLEL_RESIDUAL_LANES": "2", "XSA_ENABLED": "1", "SMEAR_GATE_ENABLED": "1",
