@@ -61,11 +61,25 @@ SMOKE_PRESET = {
     "MUON_MOMENTUM_WARMUP_STEPS": "30",
     "COMPILE_WARMUP_STEPS": "0",
     "TTT_MODE": "none",
+    # A short run: an average over the last ~10 steps, not the published 0.9965's ~300 (mostly the init here)
+    "EMA_DECAY": "0.9",
+    # No recurrence: 4 layers cannot hold the default loops 3–5, and a smoke-size loop makes a CPU step ~1.6×
+    # slower. No document attention, as the tests of smoke runs assume. A test runs both at smoke size.
+    "NUM_LOOPS": "0",
+    "DOC_ATTENTION": "0",
 }
 
+# PRESET=proxy: the published model less recurrence, document attention, two lanes and SmearGate, which cost more
+# in steps than they gained on the 180 s single-GPU proxy (protocol v1c); the fast setting for screening changes.
+PROXY_PRESET = {
+    "NUM_LOOPS": "0",
+    "DOC_ATTENTION": "0",
+    "PARALLEL_RESIDUAL_LANES": "1",
+    "SMEAR_GATE_ENABLED": "0",
+}
 
 # PRESET=<name> sets these defaults; a variable set in the environment still wins over its preset's value.
-PRESETS = {"smoke": SMOKE_PRESET}
+PRESETS = {"smoke": SMOKE_PRESET, "proxy": PROXY_PRESET}
 
 # The published record's environment names, read as ours (a name the record shares with us needs no entry).
 ENV_ALIASES = {
@@ -209,19 +223,19 @@ class Hyperparameters:
     logit_softcap: float = 30.0
     embed_init_std: float = 0.005
     # The top published stack's features, each behind its own switch (off, each leaves the model exactly the
-    # baseline). On by default: XSA, the gate and parallel residuals, which paid on the proxy (XSA alone 0.0067
-    # bpb). Off: SmearGate, which scored worse on two seeds (by 0.0020 and 0.0055), and recurrence, document
-    # attention and two lanes, which cost more in steps than they gained there (README, ablation).
+    # baseline). All on by default, as published: each won on FineWeb at full scale. PRESET=proxy turns off
+    # recurrence, document attention, two lanes and SmearGate, which cost more in steps than they gained on the
+    # 180 s proxy (README, ablation).
     xsa_enabled: bool = True  # XSA: drop each head's output component along its own normalised value vector
-    smear_gate_enabled: bool = False  # SmearGate: x_t += sigmoid(gate)·x_{t-1} on the embeddings, none at BOS
-    attn_gate_enabled: bool = True  # per-head output gate 2·sigmoid(0.5·W·x[:12]), W = 0 at init (gate = 1)
-    parallel_residual_start: int = 8  # from this layer on: x + attn(n(x)) + mlp(n(x)); -1 = off
-    parallel_residual_lanes: int = 1  # 2: the parallel layers carry an attention lane and an MLP lane, mixed
-    num_loops: int = 0  # depth recurrence: layers LOOP_START..LOOP_END run 1 + NUM_LOOPS times; 0 = off (spec: 2)
+    smear_gate_enabled: bool = True  # SmearGate: x_t += λ·sigmoid(W·x_t[:12])·x_{t-1} on the embeddings, not at BOS
+    attn_gate_enabled: bool = True  # per-head output gate sigmoid(0.5·W·x[:12]), W = 0 at init (gate = 0.5)
+    parallel_residual_start: int = 8  # from this layer on: attention and MLP read the same input; -1 = off
+    parallel_residual_lanes: int = 2  # 2: the parallel layers carry two lanes (Block); 1: one stream
+    num_loops: int = 2  # depth recurrence: layers LOOP_START..LOOP_END run 1 + NUM_LOOPS times; 0 = off
     loop_start: int = 3
     loop_end: int = 5
     loop_enable_frac: float = 0.35  # training runs the plain layout until this fraction of training has passed
-    doc_attention: bool = False  # attention bounded by documents (cut at every BOS), in training and evaluation
+    doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
     doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
     # training
     iterations: int = 20000
@@ -231,7 +245,7 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = derived: the fewest micro-steps whose share fits MICRO_BATCH_TOKENS
     micro_batch_tokens: int = 98304  # most tokens per rank per micro-step: the 8-GPU record's per-GPU batch
-    warmup_steps: int = 20
+    warmup_steps: int = 0  # steps of linear LR ramp; none as published (COMPILE_WARMUP_STEPS only builds graphs)
     warmdown_frac: float = 0.85
     min_lr: float = 0.10
     grad_clip_norm: float = 0.3
@@ -796,14 +810,17 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def smear(x: torch.Tensor, idx: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """SmearGate: x_t + gate·x_{t−1} (gate broadcast over channels), except at position 0 (no previous token)
-    and where token t is BOS, so nothing crosses a document boundary. The same in training and evaluation."""
+    """SmearGate: x_t + gate_t·x_{t−1} (gate broadcast against x[:, 1:]: one factor per position, or per channel),
+    except at position 0 (no previous token) and where token t is BOS, so nothing crosses a document boundary.
+    The same in training and evaluation."""
     keep = (idx[:, 1:] != BOS_ID).unsqueeze(-1).to(x.dtype)
     return torch.cat((x[:, :1], x[:, 1:] + gate * keep * x[:, :-1]), dim=1)
 
 
 ATTN_GATE_WIDTH = 12  # channels of the block's normed attention input that the per-head output gate reads
 ATTN_GATE_SCALE = 0.5  # gate logit = 0.5·W·x[:12]
+SMEAR_GATE_WIDTH = 12  # channels of the raw embedding that SmearGate's per-token gate reads
+LANE_RESIDUAL_INIT = 1.1  # two-lane layers: each lane's carry-over weight r at init (the published value)
 
 
 class PartialRotary(nn.Module):
@@ -838,8 +855,8 @@ class Attention(nn.Module):
         if h.attn_gate_enabled:
             # A plain Parameter, not an nn.Linear: split_parameters gives it to Adam (Muon is for the big matrices;
             # orthogonalising a zero-initialised 8×12 gate would force its first steps to full size), GPTQ hooks
-            # skip it, and at ≤ FLOAT_MAX_NUMEL elements it is stored float16.
-            self.gate = nn.Parameter(torch.zeros(h.num_heads, ATTN_GATE_WIDTH))  # 2·sigmoid(0) = 1: transparent
+            # skip it, and the artifact stores it int8 per row (GATE_MATRICES).
+            self.gate = nn.Parameter(torch.zeros(h.num_heads, ATTN_GATE_WIDTH))  # sigmoid(0): every head starts at 0.5
 
     def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
         batch, seq_len, _ = x.shape
@@ -853,7 +870,7 @@ class Attention(nn.Module):
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if hasattr(self, "gate"):
-            gate = 2 * torch.sigmoid(ATTN_GATE_SCALE * F.linear(x[..., :ATTN_GATE_WIDTH], self.gate.to(x.dtype)))
+            gate = torch.sigmoid(ATTN_GATE_SCALE * F.linear(x[..., :ATTN_GATE_WIDTH], self.gate.to(x.dtype)))
             y = y * gate.unsqueeze(-1)  # (batch, time, heads, 1): one factor per head and position
         return self.proj(y.reshape(batch, seq_len, -1))
 
@@ -883,6 +900,10 @@ def layer_order(num_layers: int, loop_start: int, loop_end: int, num_loops: int)
 
 
 class Block(nn.Module):
+    """One transformer layer. It reads `mix[0]·x + mix[1]·x0` (resid_mix, per channel: x the stream, x0 the embedding
+    output), which is also the residual it adds to; the attention and MLP outputs are scaled per channel (attn_scale,
+    mlp_scale) before they join. At init (mix 1, 0; scales 1) it reads the stream alone."""
+
     def __init__(self, h: Hyperparameters, layer_index: int):
         super().__init__()
         # Deeper layers write smaller inputs to their sublayers. The index is the physical one, also for a looped
@@ -891,23 +912,46 @@ class Block(nn.Module):
         self.norm_scale = 1.0 / math.sqrt(layer_index + 1)
         self.attn = Attention(h)
         self.mlp = MLP(h)
-        # Parallel residual: attention and MLP read the same normed input, and both add to the one stream; or,
-        # with two lanes, each adds to its own lane and both read a learned per-channel mix of the lanes.
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        # Parallel residual: attention and MLP read the same input, and both add to the one stream; or, with two
+        # lanes, attention reads lane 0 (mixed with x0), the MLP lane 1, and each lane takes both outputs:
+        # lane_i ← r_i·lane_i + p_i,attn·attn_out + p_i,mlp·mlp_out (r = lane_residual, p = lane_post, scalars).
         self.parallel = 0 <= h.parallel_residual_start <= layer_index
-        if self.parallel and h.parallel_residual_lanes == 2:
-            self.lane_mix = nn.Parameter(torch.full((h.model_dim,), 0.5))  # weight of the attention lane: the mean
+        self.two_lanes = self.parallel and h.parallel_residual_lanes == 2
+        if self.two_lanes:
+            self.lane_residual = nn.Parameter(torch.full((2,), LANE_RESIDUAL_INIT))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))  # [lane, (attention, MLP)]
 
-    def forward(self, x, docs=None):
-        """x: the residual stream, or (attention lane, MLP lane) inside the two-lane layers."""
-        if hasattr(self, "lane_mix"):
-            attn_lane, mlp_lane = x if isinstance(x, tuple) else (x, x)  # the first two-lane layer splits the stream
-            n = rms_norm(torch.lerp(mlp_lane, attn_lane, self.lane_mix.to(attn_lane.dtype))) * self.norm_scale
-            return attn_lane + self.attn(n, docs), mlp_lane + self.mlp(n)
+    def read(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
+
+    def attn_out(self, x: torch.Tensor, docs) -> torch.Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, docs)
+
+    def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def forward(self, x, x0: torch.Tensor, docs=None):
+        """x: the residual stream, or (lane 0, lane 1) inside the two-lane layers (the first one splits the stream)."""
+        if self.two_lanes:
+            lane0, lane1 = x if isinstance(x, tuple) else (x, x)
+            attn_out, mlp_out = self.attn_out(self.read(lane0, x0), docs), self.mlp_out(lane1)
+            r, p = self.lane_residual.to(lane0.dtype), self.lane_post.to(lane0.dtype)
+            return (r[0] * lane0 + p[0, 0] * attn_out + p[0, 1] * mlp_out,
+                    r[1] * lane1 + p[1, 0] * attn_out + p[1, 1] * mlp_out)
+        x = self.read(x, x0)
         if self.parallel:
-            n = rms_norm(x) * self.norm_scale
-            return x + self.attn(n, docs) + self.mlp(n)
-        x = x + self.attn(rms_norm(x) * self.norm_scale, docs)
-        return x + self.mlp(rms_norm(x) * self.norm_scale)
+            return x + self.attn_out(x, docs) + self.mlp_out(x)
+        x = x + self.attn_out(x, docs)
+        return x + self.mlp_out(x)
+
+
+def join_skip(x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """U-Net join, per channel: lerp(w·skip, x, σ(g)) = σ(g)·x + (1 − σ(g))·w·skip; 0.5·x + 0.5·skip at init."""
+    return torch.lerp(weight.to(skip.dtype) * skip, x, torch.sigmoid(gate).to(x.dtype))
 
 
 class GPT(nn.Module):
@@ -930,19 +974,19 @@ class GPT(nn.Module):
         self.plain_layout = layer_order(h.num_layers, h.loop_start, h.loop_end, 0)
         self.looped_layout = layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops) if h.num_loops else None
         self.looping = h.num_loops > 0
-        # One set of skip gates serves both layouts: a row per encoder output of the longer (looped) one. Rows
-        # 0..p−1 (p = the plain encoder's length) are the plain layout's, row r for its r-th decoder layer, which
-        # reads encoder output p−1−r. In the looped layout encoder output i < p keeps that row, p−1−i, and later
-        # encoder outputs take rows i: with the spec's 11 layers and loops 3–5 × 2, rows 0..4 then join the same
-        # physical layers (4→5, 3→6, 2→7, 1→8, 0→9) in both layouts, so the switch keeps what they learned.
+        # One set of skip weights and gates serves both layouts: a row per encoder output of the longer (looped)
+        # one. Rows 0..p−1 (p = the plain encoder's length) are the plain layout's, row r for its r-th decoder
+        # layer, which reads encoder output p−1−r. In the looped layout encoder output i < p keeps that row, p−1−i,
+        # and later encoder outputs take rows i: with the spec's 11 layers and loops 3–5 × 2, rows 0..4 then join
+        # the same physical layers (4→5, 3→6, 2→7, 1→8, 0→9) in both layouts, so the switch keeps what they learned.
         plain_encoder = len(self.plain_layout[0])
         num_skips = len((self.looped_layout or self.plain_layout)[0])
         self.skip_rows = [plain_encoder - 1 - i if i < plain_encoder else i for i in range(num_skips)]
-        self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))  # sigmoid(0): half of each skip
-        if any(hasattr(b, "lane_mix") for b in self.blocks):
-            self.lane_out_mix = nn.Parameter(torch.full((h.model_dim,), 0.5))  # the lanes' mean at the output
-        if h.smear_gate_enabled:
-            self.smear_gate = nn.Parameter(torch.full((h.model_dim,), -3.0))  # per channel; sigmoid(−3) ≈ 0.047
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))  # w of join_skip
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))  # g of join_skip: sigmoid(0) = 0.5
+        if h.smear_gate_enabled:  # x_t += λ·σ(W·x_t[:12])·x_{t−1}: W and λ zero, so it starts transparent
+            self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_WIDTH))  # W
+            self.smear_lambda = nn.Parameter(torch.zeros(1))  # λ
         self.doc_attention, self.doc_segment_tokens = h.doc_attention, h.doc_segment_tokens
         if h.doc_attention:  # forward passes whose documents overflowed the varlen capacity (no sync to count them)
             self.register_buffer("doc_overflows", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -954,8 +998,8 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear):
                 if name.endswith(("attn.proj", "mlp.down")):
                     nn.init.zeros_(module.weight)  # every block starts as the identity
-                else:
-                    nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+                else:  # q, k, v and MLP-up: orthogonal (gain 1), every direction of the input kept at one scale
+                    nn.init.orthogonal_(module.weight)
 
     def layout(self) -> tuple[list[int], list[int]]:
         return self.looped_layout if self.looped_layout and (self.looping or not self.training) else self.plain_layout
@@ -971,28 +1015,36 @@ class GPT(nn.Module):
         self.doc_overflows += overflow_start < idx.numel()
         return cu_seqlens, overflow_start
 
+    def smear_strength(self, x: torch.Tensor) -> torch.Tensor:
+        """SmearGate's factor λ·σ(W·x_t[:12]) for positions 1.., one per token: (batch, time − 1, 1)."""
+        logit = F.linear(x[:, 1:, :SMEAR_GATE_WIDTH], self.smear_gate.to(x.dtype))
+        return self.smear_lambda.to(x.dtype) * torch.sigmoid(logit)
+
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(idx)
         if hasattr(self, "smear_gate"):
-            x = smear(x, idx, torch.sigmoid(self.smear_gate).to(x.dtype))  # on the raw embeddings, before the norm
+            x = smear(x, idx, self.smear_strength(x))  # on the raw embeddings, before the norm
         x = rms_norm(x)
         if self.residual_dtype is not None:
             # The elementwise work around the blocks (adds, norms, gates) is memory-bound; a float32 stream moves
             # twice the bytes. The blocks' outputs are bfloat16 under autocast, so the stream stays in this dtype.
             x = x.to(self.residual_dtype)
+        x0 = x  # every block mixes its input with the embedding output (resid_mix)
         docs = self.documents(idx) if self.doc_attention else None
         encoder, decoder = self.layout()
         skips = []
         for i in encoder:
-            x = self.blocks[i](x, docs)
+            x = self.blocks[i](x, x0, docs)
             skips.append(x)
         for i in decoder:
             if skips:  # the last encoder output feeds the first decoder layer, and so on outwards
-                skip = torch.sigmoid(self.skip_gates[self.skip_rows[len(skips) - 1]]).to(skips[-1].dtype) * skips.pop()
-                x = tuple(lane + skip for lane in x) if isinstance(x, tuple) else x + skip  # on both lanes: full weight
-            x = self.blocks[i](x, docs)
+                row = self.skip_rows[len(skips) - 1]
+                skip, weight, gate = skips.pop(), self.skip_weights[row], self.skip_gates[row]
+                x = tuple(join_skip(lane, skip, weight, gate) for lane in x) if isinstance(x, tuple) \
+                    else join_skip(x, skip, weight, gate)
+            x = self.blocks[i](x, x0, docs)
         if isinstance(x, tuple):
-            x = torch.lerp(x[1], x[0], self.lane_out_mix.to(x[0].dtype))
+            x = (x[0] + x[1]) / 2  # the two lanes' mean
         return rms_norm(x)
 
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
@@ -1353,14 +1405,14 @@ def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int,
 
 
 def lr_multiplier(step: int, progress: float, h: Hyperparameters) -> float:
-    """Linear warmup over steps, flat, then linear warmdown over the last WARMDOWN_FRAC of training to MIN_LR."""
+    """Flat, then over the last WARMDOWN_FRAC of training (1 − progress)/WARMDOWN_FRAC, floored at MIN_LR: the
+    floor comes at progress 1 − WARMDOWN_FRAC·MIN_LR (0.915 by default) and holds to the end. WARMUP_STEPS > 0
+    adds a linear ramp over the first steps (none by default: the compile warm-up's steps are rolled back)."""
     if step < h.warmup_steps:
         return (step + 1) / h.warmup_steps
-    warmdown_start = 1.0 - h.warmdown_frac
-    if progress <= warmdown_start or h.warmdown_frac <= 0:
+    if h.warmdown_frac <= 0 or progress <= 1.0 - h.warmdown_frac:
         return 1.0
-    t = min(1.0, (progress - warmdown_start) / h.warmdown_frac)
-    return 1.0 - t * (1.0 - h.min_lr)
+    return max((1.0 - progress) / h.warmdown_frac, h.min_lr)
 
 
 def muon_momentum(step: int, h: Hyperparameters) -> float:
@@ -1377,10 +1429,18 @@ ARTIFACT_HEADER = struct.Struct("<8sBQI")  # magic, compressor (index in COMPRES
 PAYLOAD_VERSION = 2
 COMPRESSORS = ("rans", "lzma", "brotli")
 LQER_GROUP = 64  # LQER factor values per int4 group, each group with its own float16 scale and zero
+# Gate matrices (the attention output gates, SmearGate's W) are stored int8 per row on the absmax grid whatever
+# their size, as published: a few bytes, and no clipping of the weights that switch whole heads.
+GATE_MATRICES = ("attn.gate", "smear_gate")
+GATE_BITS = 8
 
 
 class ArtifactError(ValueError):
     """An artifact that is truncated, corrupt, or not ours."""
+
+
+def is_gate_matrix(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.ndim == 2 and name.endswith(GATE_MATRICES)
 
 
 def tensor_class(name: str) -> str:
@@ -1500,7 +1560,8 @@ def dequantize_entry(e: dict) -> torch.Tensor:
 
 def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
                         hessians: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
-    """name → {"kind": "int", "bits", "q", "scale"[, "lqer"]} for large matrices, {"kind": "float16", "data"} else.
+    """name → {"kind": "int", "bits", "q", "scale"[, "lqer"]} for large matrices and gate matrices (GATE_BITS),
+    {"kind": "float16", "data"} else.
 
     A matrix with a Hessian in `hessians` (QUANT_METHOD=gptq) gets GPTQ's integers, the others round to
     nearest; both use QUANT_GRID's scales, so the two give artifacts of the same layout. With LQER_ENABLED, the
@@ -1509,7 +1570,10 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
     hessians = hessians or {}
     quantized = {}
     for name, tensor in state.items():
-        if tensor.ndim == 2 and tensor.numel() > h.float_max_numel:
+        if is_gate_matrix(name, tensor):
+            q, scale = quantize_per_row(tensor, GATE_BITS, 0.0, "absmax")
+            quantized[name] = {"kind": "int", "bits": GATE_BITS, "q": q, "scale": scale}
+        elif tensor.ndim == 2 and tensor.numel() > h.float_max_numel:
             cls = tensor_class(name)
             bits = h.embed_bits if cls == "embed" else h.matrix_bits
             q, scale = quantize_per_row(tensor, bits, clip[cls], h.quant_grid)
@@ -1520,7 +1584,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
             quantized[name] = {"kind": "float16", "data": tensor.detach().to(torch.float16)}
     if h.lqer_enabled:
         errors = {n: (state[n].detach().float() - dequantize_entry(e)).norm().item()
-                  for n, e in quantized.items() if e["kind"] == "int"}
+                  for n, e in quantized.items() if e["kind"] == "int" and not is_gate_matrix(n, state[n])}
         for name in sorted(errors, key=errors.get, reverse=True)[:h.lqer_top_k]:
             residual = state[name].detach().float() - dequantize_entry(quantized[name])
             quantized[name]["lqer"] = lqer_factors(residual, h.lqer_rank)
@@ -2627,17 +2691,16 @@ class Logger:
 
 
 class EMA:
-    """Float32 exponential moving average of the weights; the average is what gets evaluated and exported."""
+    """Float32 exponential moving average of the weights, with the same decay from the first update on (as published);
+    the average is what gets evaluated and exported."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.decay, self.updates = decay, 0
+        self.decay = decay
         self.params = [p.detach().float().clone() for p in model.parameters()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))  # early steps: do not drag the init along
-        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1.0 - decay)
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:

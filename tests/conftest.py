@@ -13,8 +13,11 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 SAMPLE_TOKENIZER = os.path.join(REPO, "tokenizers", "sample_1024_bpe.model")
-# The four architecture switches that are on by default, off: the plain core, for tests written against it
-ARCH_OFF = dict(xsa_enabled=False, smear_gate_enabled=False, attn_gate_enabled=False, parallel_residual_start=-1)
+# PRESET=proxy as fields: recurrence, document attention, two lanes and SmearGate off (the defaults before issue 16),
+# for tests of other parts that need neither (and for models of fewer layers than the default loops need)
+PROXY = dict(num_loops=0, doc_attention=False, parallel_residual_lanes=1, smear_gate_enabled=False)
+# Every architecture switch off: the plain core, for tests written against it
+ARCH_OFF = dict(PROXY, xsa_enabled=False, attn_gate_enabled=False, parallel_residual_start=-1)
 
 
 def run_script(args: list[str], env_overrides: dict[str, str], cwd: str, timeout: int = 600) -> str:

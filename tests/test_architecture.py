@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import REPO, assert_causal, run_script
+from conftest import ARCH_OFF, REPO, assert_causal, run_script
 
 FEATURES = {
     "xsa": dict(xsa_enabled=True),
@@ -24,7 +24,7 @@ ALL_ON = {k: v for f in FEATURES.values() for k, v in f.items()}
 
 def tiny_hparams(**overrides) -> tg.Hyperparameters:
     h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
-                           **{k: v for off in OFF.values() for k, v in off.items()})  # the baseline: all four off
+                           **ARCH_OFF)  # the baseline: every switch off
     for k, v in overrides.items():
         setattr(h, k, v)
     return h
@@ -44,15 +44,17 @@ def perturb(model: tg.GPT, seed: int = 1, scale: float = 0.05) -> None:
 
 
 def baseline_keys(num_layers: int) -> set[str]:
-    keys = {"tok_emb.weight", "skip_gates"}
+    keys = {"tok_emb.weight", "skip_weights", "skip_gates"}
     for i in range(num_layers):
         keys |= {f"blocks.{i}.attn.{n}" for n in ("q.weight", "k.weight", "v.weight", "proj.weight", "q_gain")}
         keys |= {f"blocks.{i}.mlp.up.weight", f"blocks.{i}.mlp.down.weight"}
+        keys |= {f"blocks.{i}.{n}" for n in ("resid_mix", "attn_scale", "mlp_scale")}
     return keys
 
 
 def baseline_logits(model: tg.GPT, idx: torch.Tensor) -> torch.Tensor:
-    """The pre-issue-3 model written out by hand from the state dict: sequential pre-norm blocks, U-Net skips."""
+    """The core model written out by hand from the state dict: sequential pre-norm blocks that read
+    mix[0]·x + mix[1]·x0 and scale their outputs per channel, U-Net skips joined by lerp(w·skip, x, σ(g))."""
     sd, h = model.state_dict(), tiny_hparams()
     heads, kv, hd = h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
     rotary = tg.PartialRotary(h.rope_dims, h.rope_base)
@@ -72,15 +74,17 @@ def baseline_logits(model: tg.GPT, idx: torch.Tensor) -> torch.Tensor:
         p = f"blocks.{i}.mlp."
         return F.leaky_relu(x @ sd[p + "up.weight"].T, 0.5).square() @ sd[p + "down.weight"].T
 
-    x = tg.rms_norm(sd["tok_emb.weight"][idx])
+    x0 = x = tg.rms_norm(sd["tok_emb.weight"][idx])
     n_enc = h.num_layers // 2
     skips = []
     for i in range(h.num_layers):
         if 0 <= i - n_enc < sd["skip_gates"].size(0):
-            x = x + torch.sigmoid(sd["skip_gates"][i - n_enc]) * skips.pop()
-        s = 1 / math.sqrt(i + 1)
-        x = x + attn(i, tg.rms_norm(x) * s)
-        x = x + mlp(i, tg.rms_norm(x) * s)
+            a = torch.sigmoid(sd["skip_gates"][i - n_enc])
+            x = a * x + (1 - a) * sd["skip_weights"][i - n_enc] * skips.pop()
+        s, p = 1 / math.sqrt(i + 1), f"blocks.{i}."
+        x = sd[p + "resid_mix"][0] * x + sd[p + "resid_mix"][1] * x0
+        x = x + sd[p + "attn_scale"] * attn(i, tg.rms_norm(x) * s)
+        x = x + sd[p + "mlp_scale"] * mlp(i, tg.rms_norm(x) * s)
         if i < n_enc:
             skips.append(x)
     logits = tg.rms_norm(x) @ sd["tok_emb.weight"].T
@@ -95,10 +99,9 @@ def tokens_with_bos(seed: int = 3, shape=(2, 24)) -> torch.Tensor:
     return idx
 
 
-def test_defaults_are_the_measured_choice():
-    """On by default: the features that paid on the proxy; SmearGate did not (README, Results and ablation)."""
+def test_defaults_are_the_published_choice():
     h = tg.Hyperparameters()
-    assert (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start) == (True, False, True, 8)
+    assert (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start) == (True, True, True, 8)
 
 
 def test_switches_are_read_from_the_environment(monkeypatch):
@@ -127,7 +130,7 @@ def test_each_feature_off_equals_the_baseline_and_on_changes_the_model(feature):
     for name, tensor in base.state_dict().items():  # same seed, same initial weights: new parameters use no RNG
         assert torch.equal(off.state_dict()[name], tensor) and torch.equal(on.state_dict()[name], tensor)
     extra = set(on.state_dict()) - baseline_keys(5)
-    expected_extra = {"smear": {"smear_gate"}, "attn_gate": {f"blocks.{i}.attn.gate" for i in range(5)}}
+    expected_extra = {"smear": {"smear_gate", "smear_lambda"}, "attn_gate": {f"blocks.{i}.attn.gate" for i in range(5)}}
     assert extra == expected_extra.get(feature, set())
     perturb(base)
     perturb(off)
@@ -142,17 +145,14 @@ def test_each_feature_off_equals_the_baseline_and_on_changes_the_model(feature):
     assert (a - c).abs().max() > 1e-3  # switched on, the feature does change the model
 
 
-def test_attention_gate_is_transparent_at_init():
-    base, gated = make_model(), make_model(attn_gate_enabled=True)
+def test_attention_gate_is_one_half_at_init():
+    gated = make_model(attn_gate_enabled=True)
     assert all(torch.equal(b.attn.gate, torch.zeros(4, tg.ATTN_GATE_WIDTH)) for b in gated.blocks)
-    perturb(base)
-    with torch.no_grad():  # the same (perturbed) other weights, the gates left at their zero init
-        for name, p in gated.named_parameters():
-            if name in base.state_dict():
-                p.copy_(base.state_dict()[name])
-    idx = tokens_with_bos()
+    h, plain = attention_with_identity_proj()
+    _, half = attention_with_identity_proj(attn_gate_enabled=True)  # the same weights, the gate at its zero init
+    x = torch.randn(2, 10, h.model_dim)
     with torch.no_grad():
-        assert torch.equal(gated.logits(idx), base.logits(idx))
+        assert torch.allclose(half(x), 0.5 * plain(x), atol=1e-7, rtol=0)
 
 
 def attention_with_identity_proj(**overrides):
@@ -164,14 +164,14 @@ def attention_with_identity_proj(**overrides):
     return h, attn
 
 
-def test_attention_gate_scales_each_head_by_two_sigmoid_half_logit():
+def test_attention_gate_scales_each_head_by_sigmoid_half_logit():
     h, plain = attention_with_identity_proj()
     _, gated = attention_with_identity_proj(attn_gate_enabled=True)
     gated.load_state_dict({**plain.state_dict(), "gate": torch.randn(4, tg.ATTN_GATE_WIDTH)})
     x = torch.randn(2, 10, h.model_dim)
     with torch.no_grad():
         y0, y1 = plain(x).view(2, 10, 4, 16), gated(x).view(2, 10, 4, 16)
-    expected_gate = 2 * torch.sigmoid(0.5 * x[..., :12] @ gated.gate.T)  # (2, 10, heads)
+    expected_gate = torch.sigmoid(0.5 * x[..., :12] @ gated.gate.T)  # (2, 10, heads): no factor 2
     assert torch.allclose(y1, y0 * expected_gate.unsqueeze(-1), atol=1e-6, rtol=1e-5)
 
 
@@ -227,9 +227,20 @@ def test_smear_does_not_cross_a_document_boundary():
     assert (tg.smear(x, plain, gate)[0, 9] - tg.smear(changed, plain, gate)[0, 9]).abs().max() > 1.0
 
 
-def test_smear_gate_in_the_model_starts_small_and_respects_bos():
-    model = make_model(smear_gate_enabled=True)
-    assert torch.allclose(torch.sigmoid(model.smear_gate), torch.full((64,), 1 / (1 + math.e ** 3)))
+def test_smear_gate_in_the_model_is_the_published_form():
+    """λ·σ(W·x_t[:12]) per token, W (1×12) and λ zero at init, so the model starts without it."""
+    model, plain = make_model(smear_gate_enabled=True), make_model()
+    assert torch.equal(model.smear_gate, torch.zeros(1, 12)) and torch.equal(model.smear_lambda, torch.zeros(1))
+    idx = tokens_with_bos()
+    with torch.no_grad():
+        assert torch.equal(model.logits(idx), plain.logits(idx))  # the identity at init
+        model.smear_gate.copy_(torch.randn(1, 12))
+        model.smear_lambda.fill_(0.7)
+        x = model.tok_emb(idx)
+        expected = 0.7 * torch.sigmoid(x[:, 1:, :12] @ model.smear_gate.T)  # one factor per token
+        assert torch.allclose(model.smear_strength(x), expected, atol=1e-7)
+        assert torch.allclose(tg.smear(x, idx, expected)[:, 1:][idx[:, 1:] != tg.BOS_ID],
+                              (x[:, 1:] + expected * x[:, :-1])[idx[:, 1:] != tg.BOS_ID], atol=1e-6)
     perturb(model)
     idx = tokens_with_bos()
     hidden_inputs = []
@@ -248,16 +259,17 @@ def test_parallel_residual_blocks_read_one_input():
     model = make_model(parallel_residual_start=2)
     perturb(model)
     assert [b.parallel for b in model.blocks] == [False, False, True, True, True]
-    x = torch.randn(2, 10, 64)
+    x, x0 = torch.randn(2, 10, 64), torch.randn(2, 10, 64)
     with torch.no_grad():
         for i, block in enumerate(model.blocks):
-            n = tg.rms_norm(x) * block.norm_scale
+            read = block.resid_mix[0] * x + block.resid_mix[1] * x0
+            n = tg.rms_norm(read) * block.norm_scale
             if i >= 2:
-                expected = x + block.attn(n) + block.mlp(n)
+                expected = read + block.attn_scale * block.attn(n) + block.mlp_scale * block.mlp(n)
             else:
-                x1 = x + block.attn(n)
-                expected = x1 + block.mlp(tg.rms_norm(x1) * block.norm_scale)
-            assert torch.allclose(block(x), expected, atol=1e-6)
+                x1 = read + block.attn_scale * block.attn(n)
+                expected = x1 + block.mlp_scale * block.mlp(tg.rms_norm(x1) * block.norm_scale)
+            assert torch.allclose(block(x, x0), expected, atol=1e-6)
 
 
 def test_causal_with_all_features_on():
@@ -266,18 +278,24 @@ def test_causal_with_all_features_on():
     assert_causal(model, tokens_with_bos(), t=11, vocab=97)
 
 
-def test_new_parameters_go_to_adam_and_stay_float16_in_the_artifact():
+def test_new_parameters_go_to_adam_and_gates_are_int8_per_row_in_the_artifact():
     model = make_model(**ALL_ON)
     matrices, embeddings, scalars = tg.split_parameters(model)
     assert len(matrices) == 5 * 6  # the Muon set is the baseline's
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in scalars} == ({"skip_gates", "smear_gate"} | {f"blocks.{i}.attn.q_gain" for i in range(5)}
-                                               | {f"blocks.{i}.attn.gate" for i in range(5)})
+    per_block = ("attn.q_gain", "attn.gate", "resid_mix", "attn_scale", "mlp_scale")
+    assert {names[id(p)] for p in scalars} == ({"skip_weights", "skip_gates", "smear_gate", "smear_lambda"}
+                                               | {f"blocks.{i}.{n}" for i in range(5) for n in per_block})
     perturb(model)
     quantized = tg.quantize_state_dict(model.state_dict(), tiny_hparams(float_max_numel=1000))
-    assert quantized["blocks.0.attn.gate"]["kind"] == "float16" and quantized["smear_gate"]["kind"] == "float16"
-    restored = tg.dequantize_state_dict(tg.deserialize_quantized(tg.serialize_quantized(quantized)))
-    assert torch.allclose(restored["blocks.3.attn.gate"].float(), model.blocks[3].attn.gate, atol=1e-3)
+    for name in ("blocks.0.attn.gate", "smear_gate"):
+        assert quantized[name]["kind"] == "int" and quantized[name]["bits"] == 8 and "lqer" not in quantized[name]
+    assert quantized["smear_lambda"]["kind"] == "float16" and quantized["blocks.0.resid_mix"]["kind"] == "float16"
+    blob = tg.compress_artifact(tg.serialize_quantized(quantized))
+    restored = tg.dequantize_state_dict(tg.deserialize_quantized(tg.decompress_artifact(blob)))
+    gate = model.blocks[3].attn.gate
+    step = gate.abs().amax(1, keepdim=True) / 127  # the absmax grid: every value within half a step
+    assert ((restored["blocks.3.attn.gate"] - gate).abs() <= step / 2 * (1 + 1e-2)).all()
 
 
 def test_attention_gate_needs_twelve_channels():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
+from conftest import PROXY
 
 DOCUMENTS = [
     "Cynic, n. A blackguard whose faulty vision sees things as they are.",
@@ -39,7 +40,7 @@ def test_evaluate_bpb_matches_a_direct_computation(sample_tokenizer):
     torch.manual_seed(0)
     vocab = sample_tokenizer.get_piece_size()
     h = tg.Hyperparameters(vocab_size=vocab, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=4,
-                           eval_seq_len=16, eval_stride=5, eval_batch_seqs=3)
+                           eval_seq_len=16, eval_stride=5, eval_batch_seqs=3, **PROXY)
     model = tg.GPT(h).eval()
     stream = []
     for text in DOCUMENTS:
@@ -86,7 +87,7 @@ def trained_like_state(seed: int = 0) -> dict[str, torch.Tensor]:
     """A small model's state with heavy-tailed weights, as training leaves them."""
     torch.manual_seed(seed)
     h = tg.Hyperparameters(vocab_size=300, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, rope_dims=8,
-                           float_max_numel=4096, embed_bits=7, lqer_enabled=False)
+                           float_max_numel=4096, embed_bits=7, lqer_enabled=False, **PROXY)
     state = tg.GPT(h).state_dict()
     for name, t in state.items():
         t.copy_(torch.distributions.StudentT(4.0).sample(t.shape) * 0.02)

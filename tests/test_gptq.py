@@ -158,10 +158,13 @@ def test_hessians_through_hooks_equal_direct_xtx_of_each_linear_input():
         for x in batches:
             hidden = model.hidden(x).reshape(-1, h.model_dim).double()
             direct["tok_emb.weight"] += hidden.T @ hidden
-    # by hand, without the model's forward: the first block's attention reads rms_norm(embedding), normed, scaled
+    # by hand, without the model's forward: the first block's attention reads its resid_mix of x = x0 =
+    # rms_norm(embedding), normed, scaled
+    mix = model.blocks[0].resid_mix.detach()
     with torch.no_grad():
-        attn_in = [(tg.rms_norm(tg.rms_norm(model.tok_emb(x))) * model.blocks[0].norm_scale).reshape(-1, h.model_dim)
-                   for x in batches]
+        x0 = [tg.rms_norm(model.tok_emb(x)) for x in batches]
+        attn_in = [(tg.rms_norm(mix[0] * x + mix[1] * x) * model.blocks[0].norm_scale).reshape(-1, h.model_dim)
+                   for x in x0]
     hand = sum(a.double().T @ a.double() for a in attn_in)
     for proj in ("q", "k", "v"):
         assert torch.allclose(hand, direct[f"blocks.0.attn.{proj}.weight"], rtol=1e-6, atol=1e-6)

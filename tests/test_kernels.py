@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO
+from conftest import PROXY, REPO
 
 pytestmark = pytest.mark.skipif(tg.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,7 +49,7 @@ def test_fused_softcap_ce_matches_float64(rows, vocab, dtype):
 
 def test_fused_and_plain_paths_agree_inside_the_model():
     torch.manual_seed(0)
-    h = tg.Hyperparameters(vocab_size=300, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, rope_dims=8)
+    h = tg.Hyperparameters(vocab_size=300, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, rope_dims=8, **PROXY)
     model = tg.GPT(h).to(DEVICE)
     idx = torch.randint(0, 300, (2, 16), device=DEVICE)
     targets = torch.randint(0, 300, (2, 16), device=DEVICE)

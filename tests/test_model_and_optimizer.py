@@ -187,13 +187,13 @@ def test_sharded_muon_and_global_clip_on_two_ranks_equal_one_process(tmp_path):
             assert torch.allclose(shard, expected, atol=1e-6)
 
 
-def test_lr_schedule_warmup_flat_warmdown():
+def test_lr_schedule_optional_warmup_flat_warmdown():
     h = tg.Hyperparameters(warmup_steps=10, warmdown_frac=0.5, min_lr=0.1)
     assert tg.lr_multiplier(0, 0.0, h) == pytest.approx(0.1)
     assert tg.lr_multiplier(9, 0.0, h) == pytest.approx(1.0)
     assert tg.lr_multiplier(50, 0.4, h) == 1.0
-    assert tg.lr_multiplier(50, 0.75, h) == pytest.approx(0.55)
-    assert tg.lr_multiplier(50, 1.0, h) == pytest.approx(0.1)
+    assert tg.lr_multiplier(50, 0.75, h) == pytest.approx(0.5)  # (1 − 0.75) / 0.5
+    assert tg.lr_multiplier(50, 0.95, h) == pytest.approx(0.1)  # floored from 1 − 0.5·0.1 on
     assert tg.lr_multiplier(50, 1.5, h) == pytest.approx(0.1)
     assert tg.muon_momentum(0, h) == pytest.approx(0.92)
     assert tg.muon_momentum(10**6, h) == pytest.approx(0.97)
@@ -205,7 +205,10 @@ def test_parameter_split_puts_block_matrices_in_muon():
     assert len(matrices) == 5 * 6 and all(p.ndim == 2 for p in matrices)
     assert embeddings == [model.tok_emb.weight]
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in scalars} == {"skip_gates"} | {f"blocks.{i}.attn.q_gain" for i in range(5)}
+    per_block = ("attn.q_gain", "resid_mix", "attn_scale", "mlp_scale")
+    assert {names[id(p)] for p in scalars} == {"skip_weights", "skip_gates"} | {f"blocks.{i}.{n}" for i in range(5)
+                                                                                for n in per_block}
+    assert all(p.dtype == torch.float32 for p in scalars)  # per-channel vectors: small float32 tensors for Adam
 
 
 @pytest.mark.parametrize("world,batch,expected", [(1, 786432, 8), (2, 786432, 4), (4, 786432, 2), (8, 786432, 1),
@@ -275,11 +278,11 @@ class _FixedBatches:
 
 
 def _two_rank_case(**features):
-    """A small model with the default features on (and the given ones), and 2 steps × 2 ranks × 2 micro-steps of
-    batches: step s, rank r, micro-step m takes batch 4s + 2r + m."""
+    """A small model with the default features on but recurrence (and the given ones), and 2 steps × 2 ranks × 2
+    micro-steps of batches: step s, rank r, micro-step m takes batch 4s + 2r + m."""
     h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
                            train_seq_len=16, train_batch_tokens=8 * 16, parallel_residual_start=3,
-                           grad_clip_norm=0.05, **features)
+                           grad_clip_norm=0.05, **{"num_loops": 0, **features})
     g = torch.Generator().manual_seed(7)
     tokens = [torch.randint(0, h.vocab_size, (2, h.train_seq_len + 1), generator=g) for _ in range(8)]
     return h, [(t[:, :-1], t[:, 1:]) for t in tokens]

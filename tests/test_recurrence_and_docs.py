@@ -66,9 +66,9 @@ def documents_of(row: torch.Tensor) -> list[tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------------- switches off
 
-def test_defaults_are_off_and_read_from_the_environment(monkeypatch):
+def test_defaults_are_the_published_ones_and_read_from_the_environment(monkeypatch):
     h = tg.Hyperparameters()
-    assert (h.num_loops, h.doc_attention, h.parallel_residual_lanes) == (0, False, 1)
+    assert (h.num_loops, h.doc_attention, h.parallel_residual_lanes, h.parallel_residual_start) == (2, True, 2, 8)
     assert (h.loop_start, h.loop_end, h.loop_enable_frac) == (3, 5, 0.35)
     for name, value in dict(NUM_LOOPS="2", LOOP_START="2", LOOP_END="4", LOOP_ENABLE_FRAC="0.5", DOC_ATTENTION="1",
                             DOC_SEGMENT_TOKENS="64", PARALLEL_RESIDUAL_LANES="2").items():
@@ -93,7 +93,8 @@ def test_each_switch_off_is_the_baseline_and_on_changes_the_model(feature):
         if on.state_dict()[name].shape == tensor.shape:  # new parameters use no RNG: the shared ones start equal
             assert torch.equal(on.state_dict()[name], tensor)
     extra = set(on.state_dict()) - baseline_keys(5)
-    assert extra == {"lanes": {"blocks.3.lane_mix", "blocks.4.lane_mix", "lane_out_mix"}}.get(feature, set())
+    lanes = {f"blocks.{i}.{n}" for i in (3, 4) for n in ("lane_residual", "lane_post")}
+    assert extra == {"lanes": lanes}.get(feature, set())
     perturb(base)
     perturb(off)
     shared = base.state_dict()
@@ -134,15 +135,16 @@ def test_looped_forward_equals_a_handwritten_one():
     idx = tokens_with_bos()
     rows = [4, 3, 2, 1, 0, 5, 6, 7]  # gate row of each encoder output (position in SPEC_ENCODER)
     with torch.no_grad():
-        x = tg.rms_norm(model.tok_emb(idx))
+        x0 = x = tg.rms_norm(model.tok_emb(idx))
         skips = []
         for i in SPEC_ENCODER:
-            x = model.blocks[i](x)
+            x = model.blocks[i](x, x0)
             skips.append(x)
         for j, i in enumerate(SPEC_DECODER):
             if j < 8:  # decoder position j reads encoder position 7 − j
-                x = x + torch.sigmoid(model.skip_gates[rows[7 - j]]) * skips[7 - j]
-            x = model.blocks[i](x)
+                row = rows[7 - j]
+                x = torch.lerp(model.skip_weights[row] * skips[7 - j], x, torch.sigmoid(model.skip_gates[row]))
+            x = model.blocks[i](x, x0)
         logits = tg.rms_norm(x) @ model.tok_emb.weight.T
         expected = 30 * torch.tanh(logits / 30)
         assert torch.allclose(model.logits(idx), expected, atol=1e-6, rtol=0)
@@ -171,37 +173,42 @@ def test_bad_loops_are_refused(bad):
 # ---------------------------------------------------------------------------------------------------- two lanes
 
 def test_two_lane_block_follows_its_definition():
+    """Attention reads mix(lane 0, x0), the MLP lane 1; lane_i ← r_i·lane_i + p_i,attn·attn_out + p_i,mlp·mlp_out."""
     torch.manual_seed(0)
     block = tg.Block(tiny_hparams(parallel_residual_start=0, parallel_residual_lanes=2), 2)
+    assert torch.equal(block.lane_residual, torch.full((2,), 1.1)) and torch.equal(block.lane_post, torch.ones(2, 2))
     perturb(block)
-    a, m = torch.randn(2, 7, 64), torch.randn(2, 7, 64)
+    a, m, x0 = torch.randn(2, 7, 64), torch.randn(2, 7, 64), torch.randn(2, 7, 64)
+    r, p = block.lane_residual, block.lane_post
     with torch.no_grad():
-        n = tg.rms_norm(block.lane_mix * a + (1 - block.lane_mix) * m) / math.sqrt(3)
-        out_a, out_m = block((a, m))
-        assert torch.allclose(out_a, a + block.attn(n), atol=1e-5) and torch.allclose(out_m, m + block.mlp(n), atol=1e-5)
-        split = block(a)  # the first two-lane layer: both lanes start from the stream
-        n = tg.rms_norm(a) / math.sqrt(3)
-        assert torch.allclose(split[0], a + block.attn(n), atol=1e-5) and torch.allclose(split[1], a + block.mlp(n), atol=1e-5)
+        for lane0, lane1, given in ((a, m, (a, m)), (a, a, a)):  # a single stream: the first layer splits it
+            attn_out = block.attn_scale * block.attn(tg.rms_norm(block.resid_mix[0] * lane0 + block.resid_mix[1] * x0)
+                                                     / math.sqrt(3))
+            mlp_out = block.mlp_scale * block.mlp(tg.rms_norm(lane1) / math.sqrt(3))
+            out0, out1 = block(given, x0)
+            assert torch.allclose(out0, r[0] * lane0 + p[0, 0] * attn_out + p[0, 1] * mlp_out, atol=1e-5)
+            assert torch.allclose(out1, r[1] * lane1 + p[1, 0] * attn_out + p[1, 1] * mlp_out, atol=1e-5)
 
 
 def test_two_lane_model_equals_a_handwritten_one():
     model = make_model(parallel_residual_start=3, parallel_residual_lanes=2)
-    assert torch.equal(model.lane_out_mix, torch.full((64,), 0.5)) and torch.equal(model.blocks[3].lane_mix, model.lane_out_mix)
     perturb(model)
     idx = tokens_with_bos()
-    b, g = model.blocks, torch.sigmoid(model.skip_gates)
+    b = model.blocks
+
+    def join(x, skip, row):
+        g = torch.sigmoid(model.skip_gates[row])
+        return g * x + (1 - g) * model.skip_weights[row] * skip
+
     with torch.no_grad():
-        s0 = b[0](tg.rms_norm(model.tok_emb(idx)))
-        s1 = b[1](s0)
-        x = b[2](s1 + g[0] * s1)
-        attn_lane = mlp_lane = x
-        attn_lane, mlp_lane = attn_lane + g[1] * s0, mlp_lane + g[1] * s0  # the skip reaches both lanes
+        x0 = tg.rms_norm(model.tok_emb(idx))
+        s0 = b[0](x0, x0)
+        s1 = b[1](s0, x0)
+        x = b[2](join(s1, s1, 0), x0)
+        lanes = (join(x, s0, 1), join(x, s0, 1))  # the skip reaches both lanes
         for i in (3, 4):
-            w = b[i].lane_mix
-            n = tg.rms_norm(w * attn_lane + (1 - w) * mlp_lane) * b[i].norm_scale
-            attn_lane, mlp_lane = attn_lane + b[i].attn(n), mlp_lane + b[i].mlp(n)
-        w = model.lane_out_mix
-        logits = tg.rms_norm(w * attn_lane + (1 - w) * mlp_lane) @ model.tok_emb.weight.T
+            lanes = b[i](lanes, x0)
+        logits = tg.rms_norm((lanes[0] + lanes[1]) / 2) @ model.tok_emb.weight.T  # the output: the lanes' mean
         assert torch.allclose(model.logits(idx), 30 * torch.tanh(logits / 30), atol=1e-5, rtol=0)
 
 
@@ -213,15 +220,18 @@ def test_two_lanes_must_run_last_in_the_decoder(overrides):
     tg.GPT(tiny_hparams(num_layers=11, num_loops=2, parallel_residual_start=8, parallel_residual_lanes=2))  # the spec
 
 
-def test_lane_mixes_go_to_adam_and_stay_float16():
+def test_lane_lambdas_go_to_adam_and_stay_float16():
     model = make_model(**ALL_ON)
     matrices, _, scalars = tg.split_parameters(model)
     assert len(matrices) == 5 * 6
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {"blocks.3.lane_mix", "blocks.4.lane_mix", "lane_out_mix"} <= {names[id(p)] for p in scalars}
+    lanes = {f"blocks.{i}.{n}" for i in (3, 4) for n in ("lane_residual", "lane_post")}
+    assert lanes <= {names[id(p)] for p in scalars}
     quantized = tg.quantize_state_dict(model.state_dict(), tiny_hparams(float_max_numel=1000))
     restored = tg.dequantize_state_dict(tg.deserialize_quantized(tg.serialize_quantized(quantized)))
-    assert quantized["lane_out_mix"]["kind"] == "float16" and torch.equal(restored["blocks.4.lane_mix"], model.blocks[4].lane_mix)
+    assert all(quantized[n]["kind"] == "float16" for n in lanes)
+    assert torch.equal(restored["blocks.4.lane_post"], model.blocks[4].lane_post)
+    assert torch.allclose(restored["blocks.4.lane_residual"], model.blocks[4].lane_residual, atol=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------------- documents
@@ -416,6 +426,8 @@ def test_training_switches_recurrence_on_at_the_fraction():
 
 
 def test_smoke_run_with_recurrence_documents_and_two_lanes(tmp_path):
+    """The published configuration at smoke size: the default features, with recurrence and document attention
+    (which PRESET=smoke leaves off), loops and lanes placed to fit 4 layers."""
     env = {"RUN_ID": "loops", "ITERATIONS": "2", "VAL_TOKENS_LIMIT": "2048", "BROTLI_QUALITY": "5", "NUM_LOOPS": "1",
            "LOOP_START": "1", "LOOP_END": "2", "LOOP_ENABLE_FRAC": "0.5", "DOC_ATTENTION": "1",
            "PARALLEL_RESIDUAL_START": "3", "PARALLEL_RESIDUAL_LANES": "2", "XSA_ENABLED": "1", "SMEAR_GATE_ENABLED": "1",
@@ -429,5 +441,5 @@ def test_smoke_run_with_recurrence_documents_and_two_lanes(tmp_path):
     assert match, last
     assert math.isfinite(float(match.group(2))) and abs(float(match.group(2)) - pre_quant) < 0.1
     state = torch.load(tmp_path / "final_model.pt")
-    assert state["skip_gates"].shape == (3, 128) and "lane_out_mix" in state
-    assert F.mse_loss(state["lane_out_mix"], torch.full((128,), 0.5)) > 0  # the mix did train
+    assert state["skip_gates"].shape == state["skip_weights"].shape == (3, 128)
+    assert F.mse_loss(state["blocks.3.lane_post"], torch.ones(2, 2)) > 0  # the lane lambdas did train

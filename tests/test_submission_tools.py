@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import PROXY, REPO
 
 TOOLS = os.path.join(REPO, "tools")
 if TOOLS not in sys.path:
@@ -78,7 +78,7 @@ def make_log(path, seed, val_bpb, model_bytes, code_bytes, finished=True, ratio=
 
 
 TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8, mlp_mult=2,
-            float_max_numel=512)
+            float_max_numel=512, **PROXY)
 
 
 def tiny_state(seed):
@@ -458,7 +458,7 @@ def test_size_audit_numbers_add_up(tmp_path, monkeypatch, packed_code_bytes, cap
     expected_emb = tg.quantize_state_dict({"tok_emb.weight": q_emb}, h)["tok_emb.weight"]["q"].numpy().astype("i1").tobytes()
     assert groups["embedding"]["raw_bytes"] == len(expected_emb)
     assert groups["embedding"]["compressed_bytes"] == len(brotli.compress(expected_emb, quality=11))
-    int_names = [n for n, t in state.items() if t.ndim == 2 and t.numel() > h.float_max_numel]
+    int_names = [n for n, t in state.items() if t.ndim == 2 and t.numel() > h.float_max_numel or tg.is_gate_matrix(n, t)]
     assert groups["scales"]["raw_bytes"] == 2 * sum(state[n].shape[0] for n in int_names)
     assert groups["float16"]["raw_bytes"] == 2 * sum(t.numel() for n, t in state.items() if n not in int_names)
     assert groups["attention"]["tensors"] > 0 and groups["mlp"]["tensors"] > 0

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import REPO, run_script
+from conftest import PROXY, REPO, run_script
 
 if os.path.join(REPO, "tools") not in sys.path:
     sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -25,7 +25,7 @@ SCRIPT = os.path.join(REPO, "train_gpt.py")
 TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=4, eval_seq_len=16,
             eval_stride=4, eval_batch_seqs=3, ttt_chunk_tokens=22, ttt_chunk=5, ttt_batch_docs=3, ttt_lora_rank=4,
             ttt_lora_alpha=8.0, ttt_phase_docs="3,6", ttt_lr=0.05, ttt_lora_lr=0.01, ttt_phase_lr=0.02, ttt_epochs=2,
-            compile=False, ttt_log_every=1000, ttt_width_step=4)
+            compile=False, ttt_log_every=1000, ttt_width_step=4, **PROXY)
 
 
 @pytest.fixture(autouse=True)
