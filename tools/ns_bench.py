@@ -13,7 +13,7 @@ closer to real momentum, where the bfloat16 error of the Gram form shows). Input
 updates, so the times include the conversion to bfloat16 that training does too.
 
 For each backend and step count this prints the milliseconds per optimizer step (all buckets, one rank's share),
-the time per bucket shape, and against float64 references: the largest elementwise deviation from the polar
+the matmul GFLOP it ran (counted by torch's FlopCounterMode), the time per bucket shape, and against float64 references: the largest elementwise deviation from the polar
 factor U·Vᵀ and from float64 Polar Express at the same step count (bfloat16 rounding alone), and
 the band [min, max] of the result's singular values. Gram and polar compute the same polynomial, so at equal
 steps they should agree up to rounding; the time decides the default.
@@ -27,6 +27,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
@@ -112,6 +113,9 @@ def bench_case(inputs: list[torch.Tensor], references: list[dict], backend: str,
         return tg.orthogonalise(x, steps, dtype, backend, args.gram_min_aspect)
 
     per_shape = [time_ms(lambda x=x: run(x), args.reps, args.warmup, device) for x in inputs]
+    with FlopCounterMode(display=False) as counter:  # the products actually run, to set against the time
+        for x in inputs:
+            run(x)
     dev_polar = dev_pe = 0.0
     low, high = math.inf, 0.0
     for x, ref in zip(inputs, references):
@@ -120,7 +124,8 @@ def bench_case(inputs: list[torch.Tensor], references: list[dict], backend: str,
         dev_pe = max(dev_pe, (y - ref[f"pe{steps}"]).abs().max().item())
         band = singular_band(y)
         low, high = min(low, band[0]), max(high, band[1])
-    return dict(ms=sum(per_shape), per_shape=per_shape, dev_polar=dev_polar, dev_pe=dev_pe, band=(low, high))
+    return dict(ms=sum(per_shape), per_shape=per_shape, gflop=counter.get_total_flops() / 1e9, dev_polar=dev_polar,
+                dev_pe=dev_pe, band=(low, high))
 
 
 def main() -> None:
@@ -157,7 +162,7 @@ def main() -> None:
             for steps in steps_list:
                 for backend in tg.MUON_BACKENDS:
                     res = bench_case(inputs, references, backend, steps, args, device)
-                    print(f"  backend:{backend:5s} steps:{steps} ms_per_step:{res['ms']:.3f} "
+                    print(f"  backend:{backend:5s} steps:{steps} ms_per_step:{res['ms']:.3f} gflop:{res['gflop']:.2f} "
                           f"per_shape_ms:{','.join(f'{t:.3f}' for t in res['per_shape'])} "
                           f"max_dev_polar_factor:{res['dev_polar']:.4f} max_dev_fp64_polar_express:{res['dev_pe']:.4f} "
                           f"sv_band:[{res['band'][0]:.3f},{res['band'][1]:.3f}]")
