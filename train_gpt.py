@@ -137,7 +137,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_weight_decay: float = 0.095
     muon_ns_steps: int = 5
-    muon_backend: str = "polar"  # polar | gram: Gram Newton–Schulz on the oblong matrices (PR #1809 ran it with 4 steps)
+    muon_backend: str = "polar"  # polar | gram: Gram Newton–Schulz on oblong matrices (PR #1809: with 4 steps)
     muon_gram_min_aspect: float = 1.5  # gram: matrices whose long side is at least this × the short side
     muon_weight_decay_mlp: float = -1.0  # Muon's decay on the MLP matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.115)
     muon_weight_decay_attn: float = -1.0  # on the attention matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.095)

@@ -13,10 +13,11 @@ closer to real momentum, where the bfloat16 error of the Gram form shows). Input
 updates, so the times include the conversion to bfloat16 that training does too.
 
 For each backend and step count this prints the milliseconds per optimizer step (all buckets, one rank's share),
-the matmul GFLOP it ran (counted by torch's FlopCounterMode), the time per bucket shape, and against float64 references: the largest elementwise deviation from the polar
-factor U·Vᵀ and from float64 Polar Express at the same step count (bfloat16 rounding alone), and
-the band [min, max] of the result's singular values. Gram and polar compute the same polynomial, so at equal
-steps they should agree up to rounding; the time decides the default.
+the matmul GFLOP it ran (counted by torch's FlopCounterMode), the time per bucket shape, and against float64
+references: the largest elementwise deviation from the polar factor U·Vᵀ and from float64 Polar Express at the
+same step count (bfloat16 rounding alone), and the band [min, max] of the result's singular values. Gram and
+polar compute the same polynomial, so at equal steps they should agree up to rounding; the time decides the
+default (MUON_BACKEND=gram only if it is faster at equal quality, i.e. at equal MUON_NS_STEPS).
 """
 from __future__ import annotations
 
