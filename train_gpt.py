@@ -264,6 +264,10 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_weight_decay: float = 0.095
     muon_ns_steps: int = 5
+    muon_backend: str = "polar"  # polar | gram: Gram Newton–Schulz on oblong matrices (PR #1809: with 4 steps)
+    muon_gram_min_aspect: float = 1.5  # gram: matrices whose long side is at least this × the short side
+    muon_weight_decay_mlp: float = -1.0  # Muon's decay on the MLP matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.115)
+    muon_weight_decay_attn: float = -1.0  # on the attention matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.095)
     embed_lr: float = 0.03
     embed_weight_decay: float = 0.085
     scalar_lr: float = 0.02
@@ -1272,17 +1276,75 @@ POLAR_EXPRESS_COEFFS = (
 )
 
 
-def polar_express(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximate the orthogonal polar factor U·Vᵀ of `update` (batched over leading dims)."""
+NORM_EPS = 1e-7  # keeps a zero update zero instead of dividing by zero
+MUON_BACKENDS = ("polar", "gram")  # MUON_BACKEND: plain Polar Express, or Gram Newton–Schulz on oblong matrices
+# Gram NS forms X = Q·X₀ explicitly and recomputes R = X·Xᵀ every this many steps (a restart): it carries the
+# iterate as Q (n×n) and A = Q·R·Qᵀ, whose bfloat16 errors grow with Q (Q's eigenvalues reach the product of the
+# steps' `a`, ≈ 1/s, for the small singular values s). PR #1809 restarts at step 2 of 4. With 5 steps a single
+# restart was not enough on bf16 inputs with singular values over three decades: at step 2 the top singular value
+# of the result reached 1.41 (polar_express: 1.14), at step 3 up to 17 on 32×64; at steps 2 and 4 it stayed ≤ 1.17
+# at 64×256 and within 0.01 of polar_express at the real shapes.
+GRAM_RESTART_EVERY = 2
+
+
+def wide_normalised(update: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """(`update` in `dtype`, in its wide orientation (rows ≤ cols), scaled to Frobenius norm 1; whether it was
+    wide already). Frobenius ≥ spectral norm, so the singular values land in (0, 1]."""
     x = update.to(dtype)
     wide = x.size(-2) <= x.size(-1)
     if not wide:  # iterate on the wide orientation so X·Xᵀ is the smaller Gram matrix
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius ≥ spectral norm: singular values in (0, 1]
+    return x / (x.norm(dim=(-2, -1), keepdim=True) + NORM_EPS), wide
+
+
+def polar_express(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U·Vᵀ of `update` (batched over leading dims)."""
+    x, wide = wide_normalised(update, dtype)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         gram = x @ x.mT
         x = a * x + (b * gram + c * (gram @ gram)) @ x
     return x if wide else x.mT
+
+
+def gram_newton_schulz(update: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
+                       restart_every: int = GRAM_RESTART_EVERY) -> torch.Tensor:
+    """polar_express computed on the n×n Gram matrix of the wide n×m orientation (n < m), for oblong matrices.
+
+    Every iterate is X_k = Q_k·X₀ with Q_k an n×n polynomial in R = X₀·X₀ᵀ, so Polar Express's step
+    X ← aX + (bA + cA²)X with A = X·Xᵀ becomes Q ← (aI + bA + cA²)·Q with A = Q·R·Qᵀ, and only the end,
+    X = Q·X₀, touches the wide matrix. Per step that is 4 n×n products instead of 2 n×n×m ones and 1 n×n;
+    the first step after a start is 1 (A = R, Q = I). (Q commutes with R, so A = Q²·R too: no cheaper, and
+    less accurate in bfloat16 than Q·R·Qᵀ, which recomputes A from R rather than letting it drift.)
+    Every `restart_every` steps (0: never) X = Q·X₀ is formed and R recomputed from it, Q ← I: algebraically a
+    no-op, it bounds the bfloat16 error growth (GRAM_RESTART_EVERY). Exact Polar Express up to rounding."""
+    x, wide = wide_normalised(update, dtype)
+    gram = x @ x.mT
+    q = None  # None stands for the identity: the first step after a (re)start needs no product with it
+    for step, (a, b, c) in enumerate(POLAR_EXPRESS_COEFFS[:steps]):
+        if restart_every and step % restart_every == 0 and q is not None:
+            x = q @ x
+            gram, q = x @ x.mT, None
+        a_mat = gram if q is None else (q @ gram) @ q.mT  # computed only where a step uses it: none after the last
+        poly = a_mat @ (c * a_mat) + b * a_mat
+        poly.diagonal(dim1=-2, dim2=-1).add_(a)  # + a·I
+        q = poly if q is None else poly @ q
+    x = x if q is None else q @ x
+    return x if wide else x.mT
+
+
+def uses_gram(shape: torch.Size, min_aspect: float) -> bool:
+    """Whether a matrix is oblong enough (long side ≥ min_aspect × short side) for Gram NS to pay."""
+    rows, cols = shape[-2:]
+    return max(rows, cols) >= min_aspect * min(rows, cols)
+
+
+def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype, backend: str = "polar",
+                  gram_min_aspect: float = 1.5) -> torch.Tensor:
+    """Muon's orthogonalisation of a stack of same-shaped updates: Gram NS for oblong ones with backend "gram",
+    plain Polar Express otherwise (square or near-square matrices gain nothing from the Gram form)."""
+    if backend == "gram" and uses_gram(update.shape, gram_min_aspect):
+        return gram_newton_schulz(update, steps, dtype)
+    return polar_express(update, steps, dtype)
 
 
 # PyTorch 2.13 renamed the single-tensor collectives (the old names warn); 2.11, on the device, has only the old.
@@ -1306,18 +1368,29 @@ class Muon(torch.optim.Optimizer):
     takes a contiguous share of every bucket: reduce_grads() reduce-scatters the gradients, so a rank receives
     the average of its share only (half an all-reduce's traffic), and step() all-gathers the updates, in the
     orthogonalisation's own dtype (bfloat16 on GPUs: half the bytes, nothing lost). step() calls reduce_grads()
-    itself unless optimizer_step already did (to clip the averaged gradients first)."""
+    itself unless optimizer_step already did (to clip the averaged gradients first).
+
+    `params` may be param groups (dicts), e.g. one per role with its own weight decay: buckets never mix groups.
+    `backend` picks the orthogonalisation (MUON_BACKENDS; see orthogonalise)."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int,
-                 ns_dtype: torch.dtype, rank: int = 0, world_size: int = 1):
-        params = list(params)
+                 ns_dtype: torch.dtype, rank: int = 0, world_size: int = 1, backend: str = "polar",
+                 gram_min_aspect: float = 1.5):
+        if backend not in MUON_BACKENDS:
+            raise ValueError(f"MUON_BACKEND={backend!r} must be one of {', '.join(MUON_BACKENDS)}")
+        if not gram_min_aspect >= 1.0:
+            raise ValueError(f"MUON_GRAM_MIN_ASPECT={gram_min_aspect} must be at least 1 (long side / short side)")
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
+        self.backend, self.gram_min_aspect = backend, gram_min_aspect
         self.rank, self.world_size = rank, world_size
-        by_shape: dict[tuple, list] = {}
-        for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-        self.buckets = list(by_shape.values())
+        self.buckets, self.bucket_groups = [], []  # bucket_groups: the index in param_groups of each bucket's group
+        for index, group in enumerate(self.param_groups):  # an index, not the dict: load_state_dict replaces those
+            by_shape: dict[tuple, list] = {}
+            for p in group["params"]:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            self.buckets += by_shape.values()
+            self.bucket_groups += [index] * len(by_shape)
         self.shards = None  # per bucket: this rank's share of the averaged gradients, [share, rows, cols]
 
     def _share(self, params: list) -> int:
@@ -1350,17 +1423,17 @@ class Muon(torch.optim.Optimizer):
         buf = state["momentum_buffer"]
         buf.mul_(group["momentum"]).add_(grads)
         update = grads.add_(buf, alpha=group["momentum"])  # Nesterov
-        update = update / (update.norm(dim=-1, keepdim=True) + 1e-7)  # MuonEq-R: equal-norm rows
-        return polar_express(update, self.ns_steps, self.ns_dtype)  # unscaled: step() applies the shape's scale
+        update = update / (update.norm(dim=-1, keepdim=True) + NORM_EPS)  # MuonEq-R: equal-norm rows
+        # unscaled: step() applies the shape's scale
+        return orthogonalise(update, self.ns_steps, self.ns_dtype, self.backend, self.gram_min_aspect)
 
     @torch.no_grad()
     def step(self):
-        group = self.param_groups[0]
-        lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
         shards = self.shards if self.shards is not None else self.reduce_grads()
         self.shards = None  # the next step reduces its own gradients
         pending = []
-        for params, shard in zip(self.buckets, shards):
+        for params, shard, index in zip(self.buckets, shards, self.bucket_groups):
+            group = self.param_groups[index]
             share = self._share(params)
             mine = params[self.rank * share:(self.rank + 1) * share]
             updates = torch.zeros(share, *params[0].shape, device=params[0].device, dtype=self.ns_dtype)
@@ -1371,10 +1444,11 @@ class Muon(torch.optim.Optimizer):
                 gathered = updates.new_empty(share * self.world_size, *params[0].shape)
                 handle = _all_gather(gathered, updates, async_op=True)  # overlaps the next bucket
                 updates = gathered
-            pending.append((params, updates, handle))
-        for params, updates, handle in pending:
+            pending.append((params, updates, handle, group))
+        for params, updates, handle, group in pending:
             if handle is not None:
                 handle.wait()
+            lr, decay = group["lr"], 1.0 - group["lr"] * group["weight_decay"]
             rows, cols = params[0].shape
             updates = updates[:len(params)].to(params[0].dtype)
             torch._foreach_mul_(params, decay)
@@ -1389,11 +1463,30 @@ def split_parameters(model: GPT) -> tuple[list, list, list]:
     return matrices, [model.tok_emb.weight], scalars
 
 
+def role_weight_decay(role: str, h: Hyperparameters) -> float:
+    """Muon's weight decay for a tensor_class role: the role's own setting where one is given (≥ 0)."""
+    own = {"mlp": h.muon_weight_decay_mlp, "attn": h.muon_weight_decay_attn}.get(role)
+    return own if own is not None and own >= 0 else h.muon_weight_decay
+
+
+def muon_param_groups(model: GPT, matrices: list, h: Hyperparameters) -> list[dict]:
+    """`matrices` in one param group per role (attention, MLP, any other), each with its role's weight decay."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_role: dict[str, list] = {}
+    for p in matrices:
+        by_role.setdefault(tensor_class(names[id(p)]), []).append(p)
+    return [dict(params=params, weight_decay=role_weight_decay(role, h), role=role) for role, params in by_role.items()]
+
+
 def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int, device: torch.device) -> list:
     matrices, embeddings, scalars = split_parameters(model)
     ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmuls are slow and lossy
-    muon = Muon(matrices, lr=h.matrix_lr, momentum=h.muon_momentum, weight_decay=h.muon_weight_decay,
-                ns_steps=h.muon_ns_steps, ns_dtype=ns_dtype, rank=rank, world_size=world_size)
+    try:
+        muon = Muon(muon_param_groups(model, matrices, h), lr=h.matrix_lr, momentum=h.muon_momentum,
+                    weight_decay=h.muon_weight_decay, ns_steps=h.muon_ns_steps, ns_dtype=ns_dtype, rank=rank,
+                    world_size=world_size, backend=h.muon_backend, gram_min_aspect=h.muon_gram_min_aspect)
+    except ValueError as exc:  # a setting out of range: say which, without a traceback
+        raise SystemExit(str(exc)) from None
     adam = torch.optim.AdamW(
         [dict(params=embeddings, lr=h.embed_lr, weight_decay=h.embed_weight_decay),
          dict(params=scalars, lr=h.scalar_lr, weight_decay=h.scalar_weight_decay)],
