@@ -4,8 +4,9 @@ Run: `torchrun --standalone --nproc_per_node=8 train_gpt.py` (or `python3 train_
 Every setting is an environment variable (see Hyperparameters); `PRESET=smoke` runs a tiny model on the
 bundled sample on a CPU.
 
-Sections, in order: hyperparameters, data, model, optimizer, quantization and serialization, evaluation,
-training loop, main.
+Sections, in the order a run uses them: configuration (the settings and every check), runtime (processes,
+devices, the log), data, kernels, model, optimizer, training, quantization, artifact (payload, coder, counted
+code, export, load), evaluation, test-time training, main.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------
-# Hyperparameters
+# Configuration: the settings (one dataclass), presets, aliases, and every check before a run starts
 # ----------------------------------------------------------------------------------------------------
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -442,6 +443,80 @@ def schedule_problems(h: Hyperparameters, world_size: int) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Runtime: processes, devices, the log
+# ----------------------------------------------------------------------------------------------------
+
+def launcher_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_distributed(timeout_seconds: float = 300.0) -> tuple[int, int, torch.device]:
+    """Rank, world size and device. A collective that waits more than timeout_seconds (a rank died or hangs)
+    raises on the ranks still waiting instead of hanging: gloo by its own timeout, NCCL by the watchdog that
+    TORCH_NCCL_ASYNC_ERROR_HANDLING turns on, which tears the process down."""
+    rank, world_size = int(os.environ.get("RANK", "0")), launcher_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1:
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_seconds))
+    return rank, world_size, device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Logger:
+    """Rank 0 writes each line to stdout and to logs/<RUN_ID>.txt (logs/<RUN_ID>_eval.txt with TTT_EVAL_ONLY, so
+    the training run's log is kept), flushed at once so a crash loses nothing. main() opens it only once the
+    inputs passed their checks, and an earlier log of the same name is kept as <name>.txt.1 (.2, ...), not
+    overwritten: a run that fails later never costs an earlier run its log."""
+
+    active = None  # the open log, where a failure that ends the run is written too
+
+    def __init__(self, h: Hyperparameters, rank: int):
+        name = f"{h.run_id}_eval" if h.ttt_eval_only else h.run_id
+        self.path = os.path.join(h.output_dir, "logs", f"{name}.txt") if rank == 0 else None
+        self.kept = None
+        if self.path:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            if os.path.exists(self.path):
+                self.kept = next(f"{self.path}.{n}" for n in range(1, 10**6) if not os.path.exists(f"{self.path}.{n}"))
+                os.replace(self.path, self.kept)
+            open(self.path, "x").close()
+        Logger.active = self
+
+    def __call__(self, line: str, echo: bool = True) -> None:
+        if self.path:
+            if echo:
+                print(line, flush=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Write the error that ends the run into the log (Python prints it to stderr itself)."""
+        if isinstance(exc, SystemExit):
+            if exc.code in (None, 0):
+                return
+            text = str(exc.code)
+        else:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        self(f"ERROR: {text}", echo=False)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Data: challenge shards, the training stream, the validation set and its byte counts
 # ----------------------------------------------------------------------------------------------------
 
@@ -696,6 +771,198 @@ def load_validation_byte_counts(data_path: str, num_tokens: int) -> np.ndarray:
     if counts.size < num_tokens:
         raise ShardError(f"the byte sidecars in {data_path!r} cover {counts.size} tokens, not {num_tokens}")
     return counts[:num_tokens]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Kernels: fused softcapped cross-entropy for training (evaluation keeps the plain path)
+# ----------------------------------------------------------------------------------------------------
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _softcap(z, cap):
+        # cap·tanh(z/cap) through exp, which saturates cleanly: exp overflow gives ±cap, not NaN
+        return cap - 2.0 * cap / (tl.exp(2.0 * z / cap) + 1.0)
+
+    @triton.jit
+    def _softcap_ce_forward(logits_ptr, targets_ptr, loss_ptr, lse_ptr, row_stride,
+                            CAP: tl.constexpr, VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
+        running_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+        running_sum = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, VOCAB, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(row_ptr + cols, mask=cols < VOCAB, other=0.0).to(tl.float32)
+            s = tl.where(cols < VOCAB, _softcap(z, CAP), float("-inf"))
+            new_max = tl.maximum(running_max, s)
+            # a lane that has seen only padding has max −inf: shift by 0 there, so its sum stays exp(−inf) = 0
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            running_sum = running_sum * tl.exp(running_max - shift) + tl.exp(s - shift)
+            running_max = new_max
+        row_max = tl.max(running_max, 0)
+        lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), 0))
+        target = tl.load(targets_ptr + row)
+        valid = target != IGNORE
+        target_logit = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - _softcap(target_logit, CAP), 0.0))
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _softcap_ce_backward(logits_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_logits_ptr, row_stride,
+                             grad_row_stride, CAP: tl.constexpr, VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
+        out_ptr = grad_logits_ptr + row.to(tl.int64) * grad_row_stride
+        target = tl.load(targets_ptr + row)
+        scale = tl.where(target != IGNORE, tl.load(grad_loss_ptr + row).to(tl.float32), 0.0)
+        lse = tl.load(lse_ptr + row)
+        for start in range(0, VOCAB, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < VOCAB
+            z = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            s = _softcap(z, CAP)
+            t = s / CAP
+            grad = (tl.exp(s - lse) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t) * scale
+            tl.store(out_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inside)
+
+
+def triton_description() -> str:
+    """For the log: which Triton the kernels were defined with ("interpreter": TRITON_INTERPRET=1, CPU tests)."""
+    if triton is None:
+        return "none"
+    return triton.__version__ + ("-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+
+
+CE_IGNORE_INDEX = -100
+CE_BLOCK = 1024
+
+
+class SoftcapCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy of cap·tanh(z/cap) in one streaming pass per row; only the row's log-sum-exp
+    is kept for the backward, never the softcapped logits. Rows whose target is -100 give 0 loss and 0 grad."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+        logits, targets = logits.contiguous(), targets.contiguous()
+        rows, vocab = logits.shape
+        loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
+        lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
+        _softcap_ce_forward[(rows,)](logits, targets, loss, lse, logits.stride(0),
+                                     CAP=cap, VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.cap = cap
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        rows, vocab = logits.shape
+        _softcap_ce_backward[(rows,)](logits, targets, lse, grad_loss.contiguous(), grad_logits, logits.stride(0),
+                                      grad_logits.stride(0), CAP=ctx.cap, VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
+        return grad_logits, None, None
+
+
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float, fused: bool) -> torch.Tensor:
+    """Per-row losses of softcapped logits (rows, vocab); the Triton kernel when `fused`, else plain PyTorch."""
+    if fused:
+        return SoftcapCrossEntropy.apply(logits, targets, cap)
+    capped = cap * torch.tanh(logits.float() / cap)
+    return F.cross_entropy(capped, targets, reduction="none", ignore_index=CE_IGNORE_INDEX)
+
+
+if triton is not None:
+    @triton.jit
+    def _mlp_matmul(a_ptr, b_ptr, h_ptr, out_ptr, M, N, stride_am, stride_ak, stride_bk, stride_bn,
+                    K: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, EVEN: tl.constexpr):
+        # C = A·B (M×K times K×N, any strides) with the MLP's activation in the epilogue, on the tile in registers.
+        #   forward:  A = x, B = W_upᵀ; store h = C and a = LeakyReLU(h, 0.5)² (both bfloat16, M×N contiguous)
+        #   backward: A = dL/d(out), B = W_down; C = dL/da; store dL/dh = C·(2h if h > 0 else 0.5h), reading h
+        pid = tl.program_id(0)
+        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        # GROUP_M row-blocks share each column block while it sits in L2
+        group_size = tl.minimum(blocks_m - (pid // (GROUP_M * blocks_n)) * GROUP_M, GROUP_M)
+        pid_m = (pid // (GROUP_M * blocks_n)) * GROUP_M + (pid % (GROUP_M * blocks_n)) % group_size
+        pid_n = (pid % (GROUP_M * blocks_n)) // group_size
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k in range(0, K, BLOCK_K):
+            a_at = a_ptr + rows[:, None].to(tl.int64) * stride_am + (k + ks)[None, :] * stride_ak
+            b_at = b_ptr + (k + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
+            if EVEN:  # every tile whole: loads without masks
+                a, b = tl.load(a_at), tl.load(b_at)
+            else:
+                a = tl.load(a_at, mask=(rows[:, None] < M) & (k + ks[None, :] < K), other=0.0)
+                b = tl.load(b_at, mask=(k + ks[:, None] < K) & (cols[None, :] < N), other=0.0)
+            if DOT_F32:  # Triton's CPU interpreter multiplies bfloat16 tiles wrongly: give it float32
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        if BACKWARD:
+            h = tl.load(h_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offsets, (acc * tl.where(h > 0, 2.0 * h, 0.5 * h)).to(out_ptr.dtype.element_ty), mask=inside)
+        else:
+            h = acc.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + offsets, h, mask=inside)
+            leaky = tl.where(h > 0, h.to(tl.float32), 0.5 * h.to(tl.float32))  # from the rounded h, as unfused
+            tl.store(out_ptr + offsets, (leaky * leaky).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, backward: bool,
+                       tiles: tuple | None = None) -> None:
+    M, K = a.shape
+    N = b.size(1)
+    # the interpreter (CPU tests) takes the smallest legal tiles
+    bm, bn, bk, warps, stages = tiles or ((16, 16, 16, 1, 1) if a.device.type == "cpu" else MLP_TILES)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _mlp_matmul[grid](a, b, h, out, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), K=K, BACKWARD=backward,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DOT_F32=a.device.type == "cpu",
+                      EVEN=M % bm == 0 and N % bn == 0 and K % bk == 0, num_warps=warps, num_stages=stages)
+
+
+# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of tools/mlp_tiles_bench.py's
+# set on the H100 at the MLP's shapes (fused forward + backward 0.82× the time of cuBLAS plus the activation).
+MLP_TILES = (128, 256, 64, 8, 3)
+
+
+class FusedLeakyReluSquareMLP(torch.autograd.Function):
+    """down(LeakyReLU(up(x), 0.5)²) with the activation and its derivative fused into the up-projection's matmul
+    (forward) and into the matmul that gives dL/da (backward): the hidden activations are written once each way
+    instead of being read back by separate elementwise kernels. Inputs in bfloat16; h and a are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.size(-1)).contiguous()
+        h = torch.empty(x2.size(0), w_up.size(0), device=x.device, dtype=x.dtype)
+        a = torch.empty_like(h)
+        _mlp_matmul_launch(x2, w_up.t(), h, a, backward=False)
+        ctx.save_for_backward(x2, w_up, w_down, h, a)
+        return (a @ w_down.t()).view(*x.shape[:-1], w_down.size(0))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, w_up, w_down, h, a = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.size(-1)).contiguous()
+        grad_h = torch.empty_like(h)
+        _mlp_matmul_launch(g, w_down, h, grad_h, backward=True)
+        grad_x = (grad_h @ w_up).view(*grad_out.shape[:-1], w_up.size(1))
+        return grad_x, grad_h.t() @ x2, g.t() @ a
+
+
+def fused_leaky_relu_square_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The MLP through FusedLeakyReluSquareMLP, in bfloat16 (the weights are cast as autocast would)."""
+    dtype = torch.bfloat16
+    return FusedLeakyReluSquareMLP.apply(x.to(dtype), w_up.to(dtype), w_down.to(dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1069,196 +1336,13 @@ class GPT(nn.Module):
                                      fused=self.fused_ce).mean()
 
 
-# ----------------------------------------------------------------------------------------------------
-# Kernels: fused softcapped cross-entropy for training (evaluation keeps the plain path)
-# ----------------------------------------------------------------------------------------------------
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-if triton is not None:
-    @triton.jit
-    def _softcap(z, cap):
-        # cap·tanh(z/cap) through exp, which saturates cleanly: exp overflow gives ±cap, not NaN
-        return cap - 2.0 * cap / (tl.exp(2.0 * z / cap) + 1.0)
-
-    @triton.jit
-    def _softcap_ce_forward(logits_ptr, targets_ptr, loss_ptr, lse_ptr, row_stride,
-                            CAP: tl.constexpr, VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
-        running_max = tl.full((BLOCK,), float("-inf"), tl.float32)
-        running_sum = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, VOCAB, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            z = tl.load(row_ptr + cols, mask=cols < VOCAB, other=0.0).to(tl.float32)
-            s = tl.where(cols < VOCAB, _softcap(z, CAP), float("-inf"))
-            new_max = tl.maximum(running_max, s)
-            # a lane that has seen only padding has max −inf: shift by 0 there, so its sum stays exp(−inf) = 0
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            running_sum = running_sum * tl.exp(running_max - shift) + tl.exp(s - shift)
-            running_max = new_max
-        row_max = tl.max(running_max, 0)
-        lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), 0))
-        target = tl.load(targets_ptr + row)
-        valid = target != IGNORE
-        target_logit = tl.load(row_ptr + tl.where(valid, target, 0)).to(tl.float32)
-        tl.store(loss_ptr + row, tl.where(valid, lse - _softcap(target_logit, CAP), 0.0))
-        tl.store(lse_ptr + row, lse)
-
-    @triton.jit
-    def _softcap_ce_backward(logits_ptr, targets_ptr, lse_ptr, grad_loss_ptr, grad_logits_ptr, row_stride,
-                             grad_row_stride, CAP: tl.constexpr, VOCAB: tl.constexpr, IGNORE: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
-        row_ptr = logits_ptr + row.to(tl.int64) * row_stride
-        out_ptr = grad_logits_ptr + row.to(tl.int64) * grad_row_stride
-        target = tl.load(targets_ptr + row)
-        scale = tl.where(target != IGNORE, tl.load(grad_loss_ptr + row).to(tl.float32), 0.0)
-        lse = tl.load(lse_ptr + row)
-        for start in range(0, VOCAB, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            inside = cols < VOCAB
-            z = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-            s = _softcap(z, CAP)
-            t = s / CAP
-            grad = (tl.exp(s - lse) - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t) * scale
-            tl.store(out_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inside)
-
-
-def triton_description() -> str:
-    """For the log: which Triton the kernels were defined with ("interpreter": TRITON_INTERPRET=1, CPU tests)."""
-    if triton is None:
-        return "none"
-    return triton.__version__ + ("-interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "")
-
-
-CE_IGNORE_INDEX = -100
-CE_BLOCK = 1024
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy of cap·tanh(z/cap) in one streaming pass per row; only the row's log-sum-exp
-    is kept for the backward, never the softcapped logits. Rows whose target is -100 give 0 loss and 0 grad."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-        logits, targets = logits.contiguous(), targets.contiguous()
-        rows, vocab = logits.shape
-        loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
-        lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
-        _softcap_ce_forward[(rows,)](logits, targets, loss, lse, logits.stride(0),
-                                     CAP=cap, VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.cap = cap
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        logits, targets, lse = ctx.saved_tensors
-        grad_logits = torch.empty_like(logits)
-        rows, vocab = logits.shape
-        _softcap_ce_backward[(rows,)](logits, targets, lse, grad_loss.contiguous(), grad_logits, logits.stride(0),
-                                      grad_logits.stride(0), CAP=ctx.cap, VOCAB=vocab, IGNORE=CE_IGNORE_INDEX, BLOCK=CE_BLOCK)
-        return grad_logits, None, None
-
-
-def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float, fused: bool) -> torch.Tensor:
-    """Per-row losses of softcapped logits (rows, vocab); the Triton kernel when `fused`, else plain PyTorch."""
-    if fused:
-        return SoftcapCrossEntropy.apply(logits, targets, cap)
-    capped = cap * torch.tanh(logits.float() / cap)
-    return F.cross_entropy(capped, targets, reduction="none", ignore_index=CE_IGNORE_INDEX)
-
-
-if triton is not None:
-    @triton.jit
-    def _mlp_matmul(a_ptr, b_ptr, h_ptr, out_ptr, M, N, stride_am, stride_ak, stride_bk, stride_bn,
-                    K: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr, EVEN: tl.constexpr):
-        # C = A·B (M×K times K×N, any strides) with the MLP's activation in the epilogue, on the tile in registers.
-        #   forward:  A = x, B = W_upᵀ; store h = C and a = LeakyReLU(h, 0.5)² (both bfloat16, M×N contiguous)
-        #   backward: A = dL/d(out), B = W_down; C = dL/da; store dL/dh = C·(2h if h > 0 else 0.5h), reading h
-        pid = tl.program_id(0)
-        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        # GROUP_M row-blocks share each column block while it sits in L2
-        group_size = tl.minimum(blocks_m - (pid // (GROUP_M * blocks_n)) * GROUP_M, GROUP_M)
-        pid_m = (pid // (GROUP_M * blocks_n)) * GROUP_M + (pid % (GROUP_M * blocks_n)) % group_size
-        pid_n = (pid % (GROUP_M * blocks_n)) // group_size
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k in range(0, K, BLOCK_K):
-            a_at = a_ptr + rows[:, None].to(tl.int64) * stride_am + (k + ks)[None, :] * stride_ak
-            b_at = b_ptr + (k + ks)[:, None] * stride_bk + cols[None, :] * stride_bn
-            if EVEN:  # every tile whole: loads without masks
-                a, b = tl.load(a_at), tl.load(b_at)
-            else:
-                a = tl.load(a_at, mask=(rows[:, None] < M) & (k + ks[None, :] < K), other=0.0)
-                b = tl.load(b_at, mask=(k + ks[:, None] < K) & (cols[None, :] < N), other=0.0)
-            if DOT_F32:  # Triton's CPU interpreter multiplies bfloat16 tiles wrongly: give it float32
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
-        inside = (rows[:, None] < M) & (cols[None, :] < N)
-        if BACKWARD:
-            h = tl.load(h_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offsets, (acc * tl.where(h > 0, 2.0 * h, 0.5 * h)).to(out_ptr.dtype.element_ty), mask=inside)
-        else:
-            h = acc.to(h_ptr.dtype.element_ty)
-            tl.store(h_ptr + offsets, h, mask=inside)
-            leaky = tl.where(h > 0, h.to(tl.float32), 0.5 * h.to(tl.float32))  # from the rounded h, as unfused
-            tl.store(out_ptr + offsets, (leaky * leaky).to(out_ptr.dtype.element_ty), mask=inside)
-
-
-def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, backward: bool,
-                       tiles: tuple | None = None) -> None:
-    M, K = a.shape
-    N = b.size(1)
-    # the interpreter (CPU tests) takes the smallest legal tiles
-    bm, bn, bk, warps, stages = tiles or ((16, 16, 16, 1, 1) if a.device.type == "cpu" else MLP_TILES)
-    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _mlp_matmul[grid](a, b, h, out, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), K=K, BACKWARD=backward,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DOT_F32=a.device.type == "cpu",
-                      EVEN=M % bm == 0 and N % bn == 0 and K % bk == 0, num_warps=warps, num_stages=stages)
-
-
-# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of tools/mlp_tiles_bench.py's
-# set on the H100 at the MLP's shapes (fused forward + backward 0.82× the time of cuBLAS plus the activation).
-MLP_TILES = (128, 256, 64, 8, 3)
-
-
-class FusedLeakyReluSquareMLP(torch.autograd.Function):
-    """down(LeakyReLU(up(x), 0.5)²) with the activation and its derivative fused into the up-projection's matmul
-    (forward) and into the matmul that gives dL/da (backward): the hidden activations are written once each way
-    instead of being read back by separate elementwise kernels. Inputs in bfloat16; h and a are kept for backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.size(-1)).contiguous()
-        h = torch.empty(x2.size(0), w_up.size(0), device=x.device, dtype=x.dtype)
-        a = torch.empty_like(h)
-        _mlp_matmul_launch(x2, w_up.t(), h, a, backward=False)
-        ctx.save_for_backward(x2, w_up, w_down, h, a)
-        return (a @ w_down.t()).view(*x.shape[:-1], w_down.size(0))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x2, w_up, w_down, h, a = ctx.saved_tensors
-        g = grad_out.reshape(-1, grad_out.size(-1)).contiguous()
-        grad_h = torch.empty_like(h)
-        _mlp_matmul_launch(g, w_down, h, grad_h, backward=True)
-        grad_x = (grad_h @ w_up).view(*grad_out.shape[:-1], w_up.size(1))
-        return grad_x, grad_h.t() @ x2, g.t() @ a
-
-
-def fused_leaky_relu_square_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
-    """The MLP through FusedLeakyReluSquareMLP, in bfloat16 (the weights are cast as autocast would)."""
-    dtype = torch.bfloat16
-    return FusedLeakyReluSquareMLP.apply(x.to(dtype), w_up.to(dtype), w_down.to(dtype))
+def use_device_paths(model: GPT, h: Hyperparameters, device: torch.device) -> None:
+    """The CUDA-only training paths: the Triton loss (FUSED_CE) and MLP (FUSED_MLP), the bfloat16 residual stream."""
+    model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
+    model.residual_dtype = torch.bfloat16 if h.residual_bf16 and device.type == "cuda" else None
+    for module in model.modules():
+        if isinstance(module, MLP):
+            module.fused = h.fused_mlp and triton is not None and device.type == "cuda"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1514,13 +1598,271 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Quantization and serialization: int6/int7 per-row matrices, LQER, float16 small tensors, rANS, packed code
+# Training: the loop, its clock, EMA, and the GPTQ calibration hand-off
 # ----------------------------------------------------------------------------------------------------
 
-ARTIFACT_MAGIC = b"PGOLF-A2"
-ARTIFACT_HEADER = struct.Struct("<8sBQI")  # magic, compressor (index in COMPRESSORS), raw payload length, its crc32
-PAYLOAD_VERSION = 2
-COMPRESSORS = ("rans", "lzma", "brotli")
+class EMA:
+    """Float32 exponential moving average of the weights, with the same decay from the first update on (as published);
+    the average is what gets evaluated and exported."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.params = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        for p, avg in zip(model.parameters(), self.params):
+            p.copy_(avg)
+
+
+def derive_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
+    """Micro-steps per optimizer step so the global batch is TRAIN_BATCH_TOKENS for any world size."""
+    per_rank_step = world_size * h.train_seq_len
+    if h.train_batch_tokens % per_rank_step:
+        raise SystemExit(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must be a multiple of world size {world_size} "
+                         f"× TRAIN_SEQ_LEN={h.train_seq_len}")
+    seqs_per_rank = h.train_batch_tokens // per_rank_step
+    if h.grad_accum_steps:
+        if seqs_per_rank % h.grad_accum_steps:
+            raise SystemExit(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must divide the {seqs_per_rank} sequences "
+                             f"each rank gets per step")
+        return h.grad_accum_steps
+    # split only as far as memory asks: small micro-steps are launch-bound and waste the GPU
+    max_seqs = max(1, h.micro_batch_tokens // h.train_seq_len)
+    return next(a for a in range(1, seqs_per_rank + 1) if seqs_per_rank % a == 0 and seqs_per_rank // a <= max_seqs)
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
+    if world_size == 1:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def forward_backward(loss_fn, loader: DistributedTokenLoader, h: Hyperparameters, accum_steps: int,
+                     world_size: int, device: torch.device) -> torch.Tensor:
+    """Accumulate one step's gradients over the micro-steps; return the mean loss (on the device, no sync)."""
+    local_tokens = h.train_batch_tokens // (world_size * accum_steps)
+    total = torch.zeros((), device=device)
+    for _ in range(accum_steps):
+        x, y = loader.next_batch(local_tokens, h.train_seq_len)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(x, y)
+        (loss / accum_steps).backward()
+        total += loss.detach()
+    return total / accum_steps
+
+
+@torch.no_grad()
+def clip_global_norm(replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float,
+                     world_size: int) -> None:
+    """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), as clip_grad_norm_ does, where ‖g‖ is the norm of
+    all gradients together: `replicated` ones are whole on every rank, `sharded` ones are split over the ranks
+    (their squared norms are summed across ranks). No host sync: the factor stays on the device."""
+    def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
+
+    squares = torch.zeros((), device=(replicated or sharded)[0].device)
+    if sharded:
+        squares = sum_of_squares(sharded)
+        if world_size > 1:
+            dist.all_reduce(squares)
+    if replicated:
+        squares = squares + sum_of_squares(replicated)
+    factor = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(replicated + sharded, factor)
+
+
+def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_size: int) -> None:
+    """Average the gradients across ranks, clip their global norm (0 = no clip), step every optimizer, clear them.
+    Muon's matrices are reduce-scattered (each rank gets the mean of the share it orthogonalises), the rest is
+    all-reduced. This starts after the backward: overlapping it with the backward through DDP measured slower
+    (README, Throughput: the split graph costs more than the 0.6 ms the reduction adds on 2 GPUs)."""
+    muons = [opt for opt in optimizers if isinstance(opt, Muon)]
+    in_muon = {id(p) for opt in muons for params in opt.buckets for p in params}
+    rest = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in in_muon]
+    shards = [shard for opt in muons for shard in opt.reduce_grads()]
+    all_reduce_mean(rest, world_size)
+    if clip_norm > 0:
+        clip_global_norm(rest, shards, clip_norm, world_size)
+    for opt in optimizers:
+        opt.step()
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+
+
+def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
+               accum_steps: int, world_size: int, device: torch.device) -> torch.Tensor:
+    loss = forward_backward(loss_fn, loader, h, accum_steps, world_size, device)
+    optimizer_step(model, optimizers, h.grad_clip_norm, world_size)
+    return loss
+
+
+def set_schedule(optimizers: list, step: int, progress: float, h: Hyperparameters) -> None:
+    multiplier = lr_multiplier(step, progress, h)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * multiplier
+            if isinstance(opt, Muon):
+                group["momentum"] = muon_momentum(step, h)
+
+
+class TrainingClock:
+    """Training time that every rank agrees on, without a device sync every step.
+
+    Every TIME_SYNC_EVERY steps (every step once the budget is near) the device is synchronised and rank 0's
+    elapsed time is shared; in between, time is extrapolated from the last measured step time. The LR schedule
+    and the stop decision read this clock, so all ranks take the same steps with the same learning rates."""
+
+    def __init__(self, budget_ms: float, sync_every: int, world_size: int, device: torch.device):
+        self.budget_ms, self.sync_every = budget_ms, max(1, sync_every)
+        self.world_size, self.device = world_size, device
+        self.measured_ms, self.measured_step, self.ms_per_step = 0.0, 0, 0.0
+        self.paused_ms, self.t0 = 0.0, None
+
+    def _host_ms(self) -> float:
+        return self.paused_ms + 1000.0 * (time.perf_counter() - self.t0)
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def pause(self) -> None:
+        synchronize(self.device)
+        self.paused_ms = self._host_ms()
+
+    def resume(self) -> None:
+        self.start()
+
+    def estimate(self, step: int) -> float:
+        return self.measured_ms + (step - self.measured_step) * self.ms_per_step
+
+    def due(self, step: int) -> bool:
+        return step - self.measured_step >= self.sync_every or self.estimate(step + self.sync_every) >= self.budget_ms
+
+    def measure(self, step: int) -> float:
+        synchronize(self.device)
+        elapsed = torch.tensor(self._host_ms(), dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(elapsed, src=0)
+        elapsed_ms = elapsed.item()
+        if step > self.measured_step:
+            self.ms_per_step = (elapsed_ms - self.measured_ms) / (step - self.measured_step)
+        self.measured_ms, self.measured_step = elapsed_ms, step
+        return elapsed_ms
+
+
+def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log) -> float:
+    """Run a few real steps so compilation happens before the timer, then restore the initial weights and
+    optimizer states: the timed run starts from step 0 with the graphs already built. With NUM_LOOPS > 0 the
+    first half of the steps (at least one) runs the plain layout and the rest the looped one, so the switch in
+    mid-training finds both graphs built (it flips `model.looping`, on which the compiled graph is guarded)."""
+    steps = max(h.compile_warmup_steps, 2) if h.num_loops and h.compile_warmup_steps > 0 else h.compile_warmup_steps
+    if steps <= 0:
+        return 0.0
+    start = time.perf_counter()
+    initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    initial_optimizers = [opt.state_dict() for opt in optimizers]
+    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
+    for step in range(steps):
+        model.looping = h.num_loops > 0 and step >= steps // 2
+        set_schedule(optimizers, step, 0.0, h)
+        train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
+    synchronize(device)
+    model.load_state_dict(initial_model)
+    for opt, state in zip(optimizers, initial_optimizers):
+        opt.load_state_dict(state)
+    seconds = time.perf_counter() - start
+    log(f"compile_warmup_steps:{steps} compile_warmup_time:{seconds:.1f}s")
+    return seconds
+
+
+def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate) -> tuple[int, float]:
+    """The timed loop: stops at ITERATIONS or when the training clock reaches the budget less the quantization
+    reserve. Returns (steps, training time in ms)."""
+    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
+    budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
+    clock = TrainingClock(budget_ms, h.time_sync_every, world_size, device)
+    step, stop, loss = 0, False, None
+    model.looping = h.num_loops > 0 and h.loop_enable_frac <= 0
+    clock.start()
+    while True:
+        last_step = step == h.iterations or stop
+        if h.val_loss_every > 0 and (last_step or step % h.val_loss_every == 0):
+            elapsed_ms = clock.measure(step)
+            clock.pause()
+            val_loss, val_bpb = evaluate()
+            log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
+                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / max(step, 1):.2f}ms")
+            clock.resume()
+        if last_step:
+            break
+        progress = max(step / h.iterations, clock.estimate(step) / budget_ms)
+        if h.num_loops and not model.looping and progress >= h.loop_enable_frac:
+            model.looping = True  # the looped graph was built in the warm-up
+            log(f"recurrence:on step:{step}")
+        set_schedule(optimizers, step, progress, h)
+        loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
+        ema.update(model)
+        step += 1
+        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
+        if log_now or clock.due(step) or step == h.iterations:
+            elapsed_ms = clock.measure(step)
+            stop = elapsed_ms >= budget_ms
+            if log_now:
+                all_reduce_mean([loss], world_size)
+                log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} "
+                    f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+            if stop and step < h.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+    model.looping = h.num_loops > 0
+    log_document_overflows(model, log)
+    return step, clock.measured_ms
+
+
+def log_document_overflows(model: GPT, log) -> None:
+    overflows = int(getattr(model, "doc_overflows", 0))
+    if overflows:
+        log(f"WARNING doc_attention: {overflows} forward passes so far held more documents than the varlen capacity; "
+            f"past it each token attended to itself alone (lower DOC_SEGMENT_TOKENS for a larger capacity)")
+
+
+def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, rank: int, world_size: int,
+                    device: torch.device, log) -> dict[str, torch.Tensor] | None:
+    """Load the EMA weights and, for QUANT_METHOD=gptq, collect the calibration Hessians (summed over ranks).
+
+    This runs right after the loop stops, inside QUANT_RESERVE_SECONDS: calibration reads training data, so it
+    counts in the training budget, and the log says whether training plus calibration fit MAX_WALLCLOCK_SECONDS."""
+    start = time.perf_counter()
+    ema.copy_to(model)
+    if h.quant_method != "gptq":
+        return None
+    hessians = collect_hessians(model, calibration_batches(h, rank, world_size, device), device)
+    all_reduce_sum(hessians, world_size)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    total_ms = train_ms + 1000 * seconds
+    log(f"gptq_hessians:{h.gptq_calibration_batches} batches time:{seconds:.2f}s")
+    log(f"train_plus_calibration_time:{total_ms:.0f}ms budget:{1000 * h.max_wallclock_seconds:.0f}ms")
+    if 0 < h.max_wallclock_seconds and total_ms > 1000 * h.max_wallclock_seconds:
+        log(f"WARNING: training plus GPTQ calibration took {total_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
+            f"raise QUANT_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
+    return hessians
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantization: per-row int6/int7 grids, GPTQ with calibration Hessians, LQER, int8 gates
+# ----------------------------------------------------------------------------------------------------
+
 LQER_GROUP = 64  # LQER factor values per int4 group, each group with its own float16 scale and zero
 # Gate matrices (the attention output gates, SmearGate's W) are stored int8 per row on the absmax grid whatever
 # their size, as published: a few bytes, and no clipping of the weights that switch whole heads.
@@ -1734,6 +2076,15 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor], world_size: int) -> None:
 def dequantize_state_dict(quantized: dict[str, dict]) -> dict[str, torch.Tensor]:
     return {name: dequantize_entry(e) for name, e in quantized.items()}
 
+
+# ----------------------------------------------------------------------------------------------------
+# Artifact: the payload, the rANS coder, compression, the counted code, export and load
+# ----------------------------------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"PGOLF-A2"
+ARTIFACT_HEADER = struct.Struct("<8sBQI")  # magic, compressor (index in COMPRESSORS), raw payload length, its crc32
+PAYLOAD_VERSION = 2
+COMPRESSORS = ("rans", "lzma", "brotli")
 
 def serialize_quantized(quantized: dict[str, dict]) -> bytes:
     """Versioned layout: u32 JSON length, JSON index, then three sections: "q" (every int8 array: each matrix's
@@ -2094,8 +2445,45 @@ def counted_code_bytes(script_path: str) -> tuple[int, str]:
         return len(packer.pack_source(source, minifier="ast")), "without python-minifier (pip install python-minifier)"
 
 
+def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, log,
+                    hessians: dict[str, torch.Tensor] | None = None) -> tuple[str, int]:
+    """Quantize (GPTQ where there are Hessians), serialize and compress on rank 0; every rank gets the path back."""
+    path = os.path.join(h.output_dir, "final_model.int6.ptz")
+    if rank == 0:
+        start = time.perf_counter()
+        quantized = quantize_state_dict(model.state_dict(), h, hessians)
+        if hessians is not None:
+            synchronize(next(model.parameters()).device)
+            log(f"gptq_quantize_time:{time.perf_counter() - start:.1f}s")
+        payload = serialize_quantized(quantized)
+        blob = compress_artifact(payload, h.compressor, h.brotli_quality)
+        with open(path + ".tmp", "wb") as f:
+            f.write(blob)
+        os.replace(path + ".tmp", path)
+        log(f"quantized payload:{len(payload)} bytes compressed:{len(blob)} bytes "
+            f"quantize_compress_time:{time.perf_counter() - start:.1f}s")
+    if world_size > 1:
+        dist.barrier()
+    return path, os.path.getsize(path)
+
+
+def load_artifact(path: str, model: GPT) -> None:
+    """Overwrite every tensor of `model` with the artifact's: what is scored comes from its bytes alone."""
+    with open(path, "rb") as f:
+        state = dequantize_state_dict(deserialize_quantized(decompress_artifact(f.read())))
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    mismatched = sorted(set(expected) ^ set(state)) or [f"{n} {tuple(t.shape)} != {expected[n]}" for n, t in state.items()
+                                                        if tuple(t.shape) != expected[n]]
+    if mismatched:
+        raise ArtifactError(f"artifact tensors do not match the model the hyperparameters describe: {mismatched[:5]}")
+    with torch.no_grad():
+        for p in model.state_dict().values():
+            p.fill_(float("nan"))  # anything the load missed would poison the score, not pass silently
+    model.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: val_bpb over sliding windows, every validation token scored exactly once; test-time training
+# Evaluation: val_bpb over sliding windows, every validation token scored exactly once
 # ----------------------------------------------------------------------------------------------------
 
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -2166,6 +2554,10 @@ def evaluate_bpb(loss_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: H
         sums.add(*score_windows(loss_fn, tokens, mine[i:i + h.eval_batch_seqs], device, pad_to))
     return sums.result(world_size)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Test-time training, score first: whole-model SGD or per-document LoRA with global phases
+# ----------------------------------------------------------------------------------------------------
 
 # Test-time training (TTT_MODE), "score first": every target is scored once, and trained on only after that.
 # Both modes take a `trace(kind, index, losses, lora)` for the tests, called with ("score", global target indices
@@ -2742,386 +3134,8 @@ def log_rank_finish(guard: EvalGuard, world_size: int, log) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training loop
-# ----------------------------------------------------------------------------------------------------
-
-class Logger:
-    """Rank 0 writes each line to stdout and to logs/<RUN_ID>.txt (logs/<RUN_ID>_eval.txt with TTT_EVAL_ONLY, so
-    the training run's log is kept), flushed at once so a crash loses nothing. main() opens it only once the
-    inputs passed their checks, and an earlier log of the same name is kept as <name>.txt.1 (.2, ...), not
-    overwritten: a run that fails later never costs an earlier run its log."""
-
-    active = None  # the open log, where a failure that ends the run is written too
-
-    def __init__(self, h: Hyperparameters, rank: int):
-        name = f"{h.run_id}_eval" if h.ttt_eval_only else h.run_id
-        self.path = os.path.join(h.output_dir, "logs", f"{name}.txt") if rank == 0 else None
-        self.kept = None
-        if self.path:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            if os.path.exists(self.path):
-                self.kept = next(f"{self.path}.{n}" for n in range(1, 10**6) if not os.path.exists(f"{self.path}.{n}"))
-                os.replace(self.path, self.kept)
-            open(self.path, "x").close()
-        Logger.active = self
-
-    def __call__(self, line: str, echo: bool = True) -> None:
-        if self.path:
-            if echo:
-                print(line, flush=True)
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-
-    def record_failure(self, exc: BaseException) -> None:
-        """Write the error that ends the run into the log (Python prints it to stderr itself)."""
-        if isinstance(exc, SystemExit):
-            if exc.code in (None, 0):
-                return
-            text = str(exc.code)
-        else:
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
-        self(f"ERROR: {text}", echo=False)
-
-
-class EMA:
-    """Float32 exponential moving average of the weights, with the same decay from the first update on (as published);
-    the average is what gets evaluated and exported."""
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.params = [p.detach().float().clone() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        torch._foreach_lerp_(self.params, [p.detach().float() for p in model.parameters()], 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        for p, avg in zip(model.parameters(), self.params):
-            p.copy_(avg)
-
-
-def derive_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
-    """Micro-steps per optimizer step so the global batch is TRAIN_BATCH_TOKENS for any world size."""
-    per_rank_step = world_size * h.train_seq_len
-    if h.train_batch_tokens % per_rank_step:
-        raise SystemExit(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must be a multiple of world size {world_size} "
-                         f"× TRAIN_SEQ_LEN={h.train_seq_len}")
-    seqs_per_rank = h.train_batch_tokens // per_rank_step
-    if h.grad_accum_steps:
-        if seqs_per_rank % h.grad_accum_steps:
-            raise SystemExit(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must divide the {seqs_per_rank} sequences "
-                             f"each rank gets per step")
-        return h.grad_accum_steps
-    # split only as far as memory asks: small micro-steps are launch-bound and waste the GPU
-    max_seqs = max(1, h.micro_batch_tokens // h.train_seq_len)
-    return next(a for a in range(1, seqs_per_rank + 1) if seqs_per_rank % a == 0 and seqs_per_rank // a <= max_seqs)
-
-
-def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
-    if world_size == 1:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
-
-
-def forward_backward(loss_fn, loader: DistributedTokenLoader, h: Hyperparameters, accum_steps: int,
-                     world_size: int, device: torch.device) -> torch.Tensor:
-    """Accumulate one step's gradients over the micro-steps; return the mean loss (on the device, no sync)."""
-    local_tokens = h.train_batch_tokens // (world_size * accum_steps)
-    total = torch.zeros((), device=device)
-    for _ in range(accum_steps):
-        x, y = loader.next_batch(local_tokens, h.train_seq_len)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(x, y)
-        (loss / accum_steps).backward()
-        total += loss.detach()
-    return total / accum_steps
-
-
-@torch.no_grad()
-def clip_global_norm(replicated: list[torch.Tensor], sharded: list[torch.Tensor], max_norm: float,
-                     world_size: int) -> None:
-    """Scale every gradient by min(1, max_norm / (‖g‖ + 1e-6)), as clip_grad_norm_ does, where ‖g‖ is the norm of
-    all gradients together: `replicated` ones are whole on every rank, `sharded` ones are split over the ranks
-    (their squared norms are summed across ranks). No host sync: the factor stays on the device."""
-    def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(torch._foreach_norm(tensors)).float().square().sum()
-
-    squares = torch.zeros((), device=(replicated or sharded)[0].device)
-    if sharded:
-        squares = sum_of_squares(sharded)
-        if world_size > 1:
-            dist.all_reduce(squares)
-    if replicated:
-        squares = squares + sum_of_squares(replicated)
-    factor = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_(replicated + sharded, factor)
-
-
-def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_size: int) -> None:
-    """Average the gradients across ranks, clip their global norm (0 = no clip), step every optimizer, clear them.
-    Muon's matrices are reduce-scattered (each rank gets the mean of the share it orthogonalises), the rest is
-    all-reduced. This starts after the backward: overlapping it with the backward through DDP measured slower
-    (README, Throughput: the split graph costs more than the 0.6 ms the reduction adds on 2 GPUs)."""
-    muons = [opt for opt in optimizers if isinstance(opt, Muon)]
-    in_muon = {id(p) for opt in muons for params in opt.buckets for p in params}
-    rest = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in in_muon]
-    shards = [shard for opt in muons for shard in opt.reduce_grads()]
-    all_reduce_mean(rest, world_size)
-    if clip_norm > 0:
-        clip_global_norm(rest, shards, clip_norm, world_size)
-    for opt in optimizers:
-        opt.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-
-
-def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
-               accum_steps: int, world_size: int, device: torch.device) -> torch.Tensor:
-    loss = forward_backward(loss_fn, loader, h, accum_steps, world_size, device)
-    optimizer_step(model, optimizers, h.grad_clip_norm, world_size)
-    return loss
-
-
-def set_schedule(optimizers: list, step: int, progress: float, h: Hyperparameters) -> None:
-    multiplier = lr_multiplier(step, progress, h)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * multiplier
-            if isinstance(opt, Muon):
-                group["momentum"] = muon_momentum(step, h)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class TrainingClock:
-    """Training time that every rank agrees on, without a device sync every step.
-
-    Every TIME_SYNC_EVERY steps (every step once the budget is near) the device is synchronised and rank 0's
-    elapsed time is shared; in between, time is extrapolated from the last measured step time. The LR schedule
-    and the stop decision read this clock, so all ranks take the same steps with the same learning rates."""
-
-    def __init__(self, budget_ms: float, sync_every: int, world_size: int, device: torch.device):
-        self.budget_ms, self.sync_every = budget_ms, max(1, sync_every)
-        self.world_size, self.device = world_size, device
-        self.measured_ms, self.measured_step, self.ms_per_step = 0.0, 0, 0.0
-        self.paused_ms, self.t0 = 0.0, None
-
-    def _host_ms(self) -> float:
-        return self.paused_ms + 1000.0 * (time.perf_counter() - self.t0)
-
-    def start(self) -> None:
-        synchronize(self.device)
-        self.t0 = time.perf_counter()
-
-    def pause(self) -> None:
-        synchronize(self.device)
-        self.paused_ms = self._host_ms()
-
-    def resume(self) -> None:
-        self.start()
-
-    def estimate(self, step: int) -> float:
-        return self.measured_ms + (step - self.measured_step) * self.ms_per_step
-
-    def due(self, step: int) -> bool:
-        return step - self.measured_step >= self.sync_every or self.estimate(step + self.sync_every) >= self.budget_ms
-
-    def measure(self, step: int) -> float:
-        synchronize(self.device)
-        elapsed = torch.tensor(self._host_ms(), dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.broadcast(elapsed, src=0)
-        elapsed_ms = elapsed.item()
-        if step > self.measured_step:
-            self.ms_per_step = (elapsed_ms - self.measured_ms) / (step - self.measured_step)
-        self.measured_ms, self.measured_step = elapsed_ms, step
-        return elapsed_ms
-
-
-def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log) -> float:
-    """Run a few real steps so compilation happens before the timer, then restore the initial weights and
-    optimizer states: the timed run starts from step 0 with the graphs already built. With NUM_LOOPS > 0 the
-    first half of the steps (at least one) runs the plain layout and the rest the looped one, so the switch in
-    mid-training finds both graphs built (it flips `model.looping`, on which the compiled graph is guarded)."""
-    steps = max(h.compile_warmup_steps, 2) if h.num_loops and h.compile_warmup_steps > 0 else h.compile_warmup_steps
-    if steps <= 0:
-        return 0.0
-    start = time.perf_counter()
-    initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    initial_optimizers = [opt.state_dict() for opt in optimizers]
-    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
-    for step in range(steps):
-        model.looping = h.num_loops > 0 and step >= steps // 2
-        set_schedule(optimizers, step, 0.0, h)
-        train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
-    synchronize(device)
-    model.load_state_dict(initial_model)
-    for opt, state in zip(optimizers, initial_optimizers):
-        opt.load_state_dict(state)
-    seconds = time.perf_counter() - start
-    log(f"compile_warmup_steps:{steps} compile_warmup_time:{seconds:.1f}s")
-    return seconds
-
-
-def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate) -> tuple[int, float]:
-    """The timed loop: stops at ITERATIONS or when the training clock reaches the budget less the quantization
-    reserve. Returns (steps, training time in ms)."""
-    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
-    budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
-    clock = TrainingClock(budget_ms, h.time_sync_every, world_size, device)
-    step, stop, loss = 0, False, None
-    model.looping = h.num_loops > 0 and h.loop_enable_frac <= 0
-    clock.start()
-    while True:
-        last_step = step == h.iterations or stop
-        if h.val_loss_every > 0 and (last_step or step % h.val_loss_every == 0):
-            elapsed_ms = clock.measure(step)
-            clock.pause()
-            val_loss, val_bpb = evaluate()
-            log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
-                f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / max(step, 1):.2f}ms")
-            clock.resume()
-        if last_step:
-            break
-        progress = max(step / h.iterations, clock.estimate(step) / budget_ms)
-        if h.num_loops and not model.looping and progress >= h.loop_enable_frac:
-            model.looping = True  # the looped graph was built in the warm-up
-            log(f"recurrence:on step:{step}")
-        set_schedule(optimizers, step, progress, h)
-        loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
-        ema.update(model)
-        step += 1
-        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
-        if log_now or clock.due(step) or step == h.iterations:
-            elapsed_ms = clock.measure(step)
-            stop = elapsed_ms >= budget_ms
-            if log_now:
-                all_reduce_mean([loss], world_size)
-                log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} "
-                    f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
-            if stop and step < h.iterations:
-                log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
-    model.looping = h.num_loops > 0
-    log_document_overflows(model, log)
-    return step, clock.measured_ms
-
-
-def log_document_overflows(model: GPT, log) -> None:
-    overflows = int(getattr(model, "doc_overflows", 0))
-    if overflows:
-        log(f"WARNING doc_attention: {overflows} forward passes so far held more documents than the varlen capacity; "
-            f"past it each token attended to itself alone (lower DOC_SEGMENT_TOKENS for a larger capacity)")
-
-
-def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, rank: int, world_size: int,
-                    device: torch.device, log) -> dict[str, torch.Tensor] | None:
-    """Load the EMA weights and, for QUANT_METHOD=gptq, collect the calibration Hessians (summed over ranks).
-
-    This runs right after the loop stops, inside QUANT_RESERVE_SECONDS: calibration reads training data, so it
-    counts in the training budget, and the log says whether training plus calibration fit MAX_WALLCLOCK_SECONDS."""
-    start = time.perf_counter()
-    ema.copy_to(model)
-    if h.quant_method != "gptq":
-        return None
-    hessians = collect_hessians(model, calibration_batches(h, rank, world_size, device), device)
-    all_reduce_sum(hessians, world_size)
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    total_ms = train_ms + 1000 * seconds
-    log(f"gptq_hessians:{h.gptq_calibration_batches} batches time:{seconds:.2f}s")
-    log(f"train_plus_calibration_time:{total_ms:.0f}ms budget:{1000 * h.max_wallclock_seconds:.0f}ms")
-    if 0 < h.max_wallclock_seconds and total_ms > 1000 * h.max_wallclock_seconds:
-        log(f"WARNING: training plus GPTQ calibration took {total_ms:.0f}ms, over MAX_WALLCLOCK_SECONDS: "
-            f"raise QUANT_RESERVE_SECONDS or lower GPTQ_CALIBRATION_BATCHES")
-    return hessians
-
-
-# ----------------------------------------------------------------------------------------------------
 # Main: set up, train, export the artifact, reload it from bytes and score it
 # ----------------------------------------------------------------------------------------------------
-
-def use_device_paths(model: GPT, h: Hyperparameters, device: torch.device) -> None:
-    """The CUDA-only training paths: the Triton loss (FUSED_CE) and MLP (FUSED_MLP), the bfloat16 residual stream."""
-    model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
-    model.residual_dtype = torch.bfloat16 if h.residual_bf16 and device.type == "cuda" else None
-    for module in model.modules():
-        if isinstance(module, MLP):
-            module.fused = h.fused_mlp and triton is not None and device.type == "cuda"
-
-
-def launcher_world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def setup_distributed(timeout_seconds: float = 300.0) -> tuple[int, int, torch.device]:
-    """Rank, world size and device. A collective that waits more than timeout_seconds (a rank died or hangs)
-    raises on the ranks still waiting instead of hanging: gloo by its own timeout, NCCL by the watchdog that
-    TORCH_NCCL_ASYNC_ERROR_HANDLING turns on, which tears the process down."""
-    rank, world_size = int(os.environ.get("RANK", "0")), launcher_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world_size > 1:
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None,
-                                timeout=datetime.timedelta(seconds=timeout_seconds))
-    return rank, world_size, device
-
-
-def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, log,
-                    hessians: dict[str, torch.Tensor] | None = None) -> tuple[str, int]:
-    """Quantize (GPTQ where there are Hessians), serialize and compress on rank 0; every rank gets the path back."""
-    path = os.path.join(h.output_dir, "final_model.int6.ptz")
-    if rank == 0:
-        start = time.perf_counter()
-        quantized = quantize_state_dict(model.state_dict(), h, hessians)
-        if hessians is not None:
-            synchronize(next(model.parameters()).device)
-            log(f"gptq_quantize_time:{time.perf_counter() - start:.1f}s")
-        payload = serialize_quantized(quantized)
-        blob = compress_artifact(payload, h.compressor, h.brotli_quality)
-        with open(path + ".tmp", "wb") as f:
-            f.write(blob)
-        os.replace(path + ".tmp", path)
-        log(f"quantized payload:{len(payload)} bytes compressed:{len(blob)} bytes "
-            f"quantize_compress_time:{time.perf_counter() - start:.1f}s")
-    if world_size > 1:
-        dist.barrier()
-    return path, os.path.getsize(path)
-
-
-def load_artifact(path: str, model: GPT) -> None:
-    """Overwrite every tensor of `model` with the artifact's: what is scored comes from its bytes alone."""
-    with open(path, "rb") as f:
-        state = dequantize_state_dict(deserialize_quantized(decompress_artifact(f.read())))
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    mismatched = sorted(set(expected) ^ set(state)) or [f"{n} {tuple(t.shape)} != {expected[n]}" for n, t in state.items()
-                                                        if tuple(t.shape) != expected[n]]
-    if mismatched:
-        raise ArtifactError(f"artifact tensors do not match the model the hyperparameters describe: {mismatched[:5]}")
-    with torch.no_grad():
-        for p in model.state_dict().values():
-            p.fill_(float("nan"))  # anything the load missed would poison the score, not pass silently
-    model.load_state_dict(state)
-
 
 def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, rank: int, world_size: int,
                      device: torch.device, log) -> tuple[str, int]:
