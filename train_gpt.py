@@ -2631,9 +2631,15 @@ def sgd_step(model: GPT, opt, lr: float, train_fn, tokens: torch.Tensor, first: 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = train_fn(x, y)
         (loss * (world_size * x.numel() / (end - first))).backward()  # a share of the sum; the reduction averages
+    apply_sgd_step(model, opt, lr, h, world_size)
+
+
+def apply_sgd_step(model: GPT, opt, lr: float, h: Hyperparameters, world_size: int) -> None:
+    """The step of TTT's SGD at `lr`, its gradients averaged over the ranks and clipped at TTT_GRAD_CLIP. A rank
+    that had nothing to train on gets zero gradients, so that it still joins the reduction."""
     for p in model.parameters():
         if p.grad is None:
-            p.grad = torch.zeros_like(p)  # a rank without a sequence still joins the reduction
+            p.grad = torch.zeros_like(p)
     for group in opt.param_groups:
         group["lr"] = lr
     optimizer_step(model, [opt], h.ttt_grad_clip, world_size)
@@ -3009,12 +3015,7 @@ def phase_step(model: GPT, opt, lr: float, loss_fn, tokens: torch.Tensor, pieces
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             losses = loss_fn(x, y)
         (torch.where(mask, losses, 0).sum() * (world_size / total)).backward()  # a share of the sum; averaged
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)  # a rank without a piece still joins the reduction
-    for group in opt.param_groups:
-        group["lr"] = lr
-    optimizer_step(model, [opt], h.ttt_grad_clip, world_size)
+    apply_sgd_step(model, opt, lr, h, world_size)
 
 
 def run_phase(model: GPT, loss_fn, tokens: torch.Tensor, pieces: list[tuple[int, int]], h: Hyperparameters,

@@ -141,24 +141,15 @@ def plain_losses(model, weights, tokens, start, end) -> torch.Tensor:
 def lora_reference_losses(model, weights, adapters, row, scale, tokens, start, end) -> torch.Tensor:
     """One document's losses under the base weights plus row `row` of each adapter, computed one layer at a time
     with plain matrices: no batching, no padding, no masks."""
-    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(tg.LORA_TARGETS)]
     half = len(adapters) // 2
     a, b = [t[row] for t in adapters[:half]], [t[row] for t in adapters[half:]]
-    hooks = [m.register_forward_hook(lambda _m, inputs, out, i=i: out + inputs[0] @ a[i].T @ b[i].T * scale)
-             for i, m in enumerate(linears)]
     saved = [p.detach().clone() for p in model.parameters()]
     try:
         with torch.no_grad():
             for p, w in zip(model.parameters(), weights):
                 p.copy_(w)
-            t = torch.from_numpy(tokens.astype(np.int64))
-            hidden = model.hidden(t[None, start:end])[0]
-            logits = hidden @ model.tok_emb.weight.T + hidden @ a[-1].T @ b[-1].T * scale
-            logits = model.logit_softcap * torch.tanh(logits / model.logit_softcap)
-            return F.cross_entropy(logits, t[start + 1:end + 1], reduction="none").double()
+            return lora_losses_with_grad(model, a, b, scale, tokens, start, end)
     finally:
-        for hook in hooks:
-            hook.remove()
         with torch.no_grad():
             for p, w in zip(model.parameters(), saved):
                 p.copy_(w)
