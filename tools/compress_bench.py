@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One table of compressors on the same quantized payload (issue 17): bytes, seconds, ratio to brotli-11.
 
-  nice -n 10 python3 tools/compress_bench.py final_model.int6.ptz [--skip-pipeline] [--json out.json]
+  nice -n 10 python3 tools/compress_bench.py final_model.int6.ptz [--rows simple,pipeline] [--json out.json]
 
 The payload is the artifact's, decompressed with train_gpt.decompress_artifact; every row compresses that
 same payload and checks that its own decompressor gives it back byte for byte.
@@ -19,6 +19,8 @@ Rows:
   permutation stored, u16 per row); each group goes through the external `lrzip -z -L 9 -T` (ZPAQ back end, the
   man page's highest level), and the rest (index, scales, float16 tensors, gates, LQER codes, permutations)
   through brotli-11. Its bytes are the lrzip files (headers included) plus the brotli part.
+- pipeline, rows unsorted (--rows pipeline-unsorted): the same without the row reordering, to see what the
+  sort and its stored permutations (u16 a row, then brotli) pay.
 Seconds are wall time on this machine (CPU) for one run each.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import math
 import os
 import shutil
 import struct
@@ -171,13 +174,17 @@ def unlrzip_bytes(data: bytes, workdir: str, name: str) -> bytes:
         return f.read()
 
 
-def pipeline_compress(payload: bytes, workdir: str) -> dict:
+def reordered(members: list[dict], min_symbols: float) -> bool:
+    return sum(t["shape"][0] * t["shape"][1] for t in members) >= min_symbols
+
+
+def pipeline_compress(payload: bytes, workdir: str, min_symbols: float) -> dict:
     """{"groups": {role: lrzip file bytes}, "rest": brotli bytes}; the rest holds the permutations first
     (u32 length, u16 each), then the payload stripped of the grouped matrices, whose index the decoder reads."""
     meta, starts = tg.payload_index(payload)
     groups, permutations = {}, []
     for role, members in role_groups(meta).items():
-        reorder = sum(t["shape"][0] * t["shape"][1] for t in members) >= LARGE_GROUP
+        reorder = reordered(members, min_symbols)
         parts = []
         for t in members:
             offset, length = t["q"]
@@ -194,7 +201,7 @@ def pipeline_compress(payload: bytes, workdir: str) -> dict:
     return {"groups": groups, "rest": rest}
 
 
-def pipeline_decompress(blob: dict, workdir: str) -> bytes:
+def pipeline_decompress(blob: dict, workdir: str, min_symbols: float) -> bytes:
     rest = brotli_decompress(blob["rest"])
     (perm_len,) = struct.unpack_from("<I", rest)
     permutations = np.frombuffer(rest, "<u2", perm_len // 2, 4).astype(np.int64)
@@ -202,7 +209,7 @@ def pipeline_decompress(blob: dict, workdir: str) -> bytes:
     meta, starts = tg.payload_index(stripped)
     filled, perm_cursor = {}, 0
     for role, members in role_groups(meta).items():
-        reorder = sum(t["shape"][0] * t["shape"][1] for t in members) >= LARGE_GROUP
+        reorder = reordered(members, min_symbols)
         data, cursor = unlrzip_bytes(blob["groups"][role], workdir, role), 0
         for t in members:
             rows = np.frombuffer(data, np.int8, t["q"][1], cursor).reshape(t["shape"])
@@ -217,14 +224,15 @@ def pipeline_decompress(blob: dict, workdir: str) -> bytes:
     return restore_spans(stripped, starts["q"], filled)
 
 
-def pipeline_row(payload: bytes) -> dict:
+def pipeline_row(payload: bytes, min_symbols: float = LARGE_GROUP) -> dict:
+    """min_symbols: the smallest group whose rows are reordered (math.inf: none)."""
     workdir = tempfile.mkdtemp(prefix="compress_bench_")
     try:
         start = time.perf_counter()
-        blob = pipeline_compress(payload, workdir)
+        blob = pipeline_compress(payload, workdir, min_symbols)
         compress_s = time.perf_counter() - start
         start = time.perf_counter()
-        back = pipeline_decompress(blob, workdir)
+        back = pipeline_decompress(blob, workdir, min_symbols)
         decompress_s = time.perf_counter() - start
     finally:
         shutil.rmtree(workdir)
@@ -239,13 +247,16 @@ def pipeline_row(payload: bytes) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 def print_table(payload_len: int, rows: dict[str, dict]) -> None:
-    reference = rows["brotli-11"]["bytes"]
+    reference = rows.get("brotli-11", {}).get("bytes")  # absent when --rows leaves out the simple rows
+
+    def versus(n: int) -> str:
+        return f"{n / reference:.4f} ({n - reference:+,})" if reference else "–"
+
     print(f"payload: {payload_len:,} bytes")
     print("| method | bytes | vs brotli-11 | compress s | decompress s |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['bytes']:,} | {r['bytes'] / reference:.4f} ({r['bytes'] - reference:+,}) "
-              f"| {r['compress_s']:.1f} | {r['decompress_s']:.1f} |")
+        print(f"| {name} | {r['bytes']:,} | {versus(r['bytes'])} | {r['compress_s']:.1f} | {r['decompress_s']:.1f} |")
     for name, r in rows.items():
         if "parts" in r:
             print(f"{name} parts: " + ", ".join(f"{k} {v:,}" for k, v in r["parts"].items()))
@@ -254,19 +265,23 @@ def print_table(payload_len: int, rows: dict[str, dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("artifact")
-    parser.add_argument("--skip-pipeline", action="store_true", help="no lrzip rows (lrzip not installed)")
+    parser.add_argument("--rows", default="simple,pipeline",
+                        help="comma-separated: simple (brotli, lzma, rANS), pipeline, pipeline-unsorted")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
+    wanted = set(args.rows.split(","))
     with open(args.artifact, "rb") as f:
         payload = tg.decompress_artifact(f.read())
     rows = {}
-    for name, (compress, decompress) in simple_rows().items():
+    for name, (compress, decompress) in simple_rows().items() if "simple" in wanted else ():
         rows[name] = time_round_trip(payload, compress, decompress)
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
-    if not args.skip_pipeline:
-        if shutil.which("lrzip") is None:
-            raise SystemExit("lrzip not found: apt-get install lrzip, or --skip-pipeline")
+    if wanted & {"pipeline", "pipeline-unsorted"} and shutil.which("lrzip") is None:
+        raise SystemExit("lrzip not found: apt-get install lrzip, or --rows simple")
+    if "pipeline" in wanted:
         rows["pipeline: role groups, L1 NN rows, lrzip -z -L 9 -T + brotli-11"] = pipeline_row(payload)
+    if "pipeline-unsorted" in wanted:
+        rows["pipeline, rows unsorted"] = pipeline_row(payload, math.inf)
     print_table(len(payload), rows)
     if args.json:
         with open(args.json, "w") as f:
