@@ -9,7 +9,9 @@ alphabet (2^bits − 1 values) and a symbol costs −log2 p under the counts so 
 on the order of the symbols within a context (Dirichlet-multinomial), so it is computed in closed form with
 log-gamma, and it includes the cost of learning each table (no tables are sent). The best alpha of a few is
 taken per model. Models that need side information (a class per column, a permutation of the rows) add
-its cost, stated with each. Contexts are always per matrix.
+its cost, stated with each. Each model is counted twice: with its count tables per matrix, and with one set
+of tables shared by the whole group (the same context value means the same table in every matrix), which
+learns each table once; contexts that only mean something inside one matrix (a column index) are per matrix.
 
 Reference rows: rANS as train_gpt codes each group alone (its tables and column classes included; row
 scales zeroed so that they cost nothing), and the static order-0 entropy per matrix (tables free).
@@ -130,12 +132,16 @@ def models(q: np.ndarray, scale: np.ndarray, order: np.ndarray | None) -> dict[s
         "row-local × column history": (row_local * 16 + col_hist, 0.0),
         "row-local × column class (sent)": (row_local * COLUMN_CLASSES + classes, class_bits),
         "row-local × column": (row_local * cols + col, 0.0),
+        "column class (sent) × column history": (classes * 16 + col_hist, class_bits),
     }
     if order is not None:
         permutation_bits = rows * math.log2(rows)
         reordered = q[order]
         out["symbol above after L1 NN row order"] = (symbol_above(reordered)[np.argsort(order)], permutation_bits)
     return out
+
+
+PER_MATRIX_ONLY = ("column (each its own table)", "row-local × column")
 
 
 def group_matrices(payload: bytes) -> dict[str, list[tuple[str, np.ndarray, np.ndarray, int]]]:
@@ -168,12 +174,22 @@ def main() -> None:
         start = time.perf_counter()
         table.setdefault("rANS alone (train_gpt)", {})[role] = rans_group_bytes(members)
         table.setdefault("static order-0 per matrix, tables free", {})[role] = sum(static_entropy_bits(q) for _, q, _, _ in members) / 8
+        table.setdefault("static order-0 of the group, tables free", {})[role] = static_entropy_bits(
+            np.concatenate([q.ravel() for _, q, _, _ in members])) / 8
+        shared: dict[str, list] = {}
         for name, q, scale, bits in members:
             order = None if args.no_reorder else l1_nearest_neighbour_order(q.astype(np.int8))
             for model, (context, side_bits) in models(q, scale, order).items():
-                cost = (adaptive_bits(np.ascontiguousarray(context).ravel(), q.ravel(), 2 ** bits - 1) + side_bits) / 8
-                table.setdefault(model, {}).setdefault(role, 0.0)
-                table[model][role] += cost
+                context = np.ascontiguousarray(context).ravel()
+                cost = (adaptive_bits(context, q.ravel(), 2 ** bits - 1) + side_bits) / 8
+                table.setdefault(model + ", per matrix", {}).setdefault(role, 0.0)
+                table[model + ", per matrix"][role] += cost
+                if model not in PER_MATRIX_ONLY:
+                    shared.setdefault(model, []).append((context, q.ravel(), side_bits))
+        for model, parts in shared.items():
+            contexts, values = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
+            bits = adaptive_bits(contexts, values, 2 ** members[0][3] - 1) + sum(p[2] for p in parts)
+            table.setdefault(model + ", shared in group", {})[role] = bits / 8
         print(f"{role}: {len(members)} matrices, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
     roles = list(groups)
     print("| model | " + " | ".join(roles) + " | total | vs rANS |")
