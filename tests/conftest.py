@@ -13,7 +13,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 SAMPLE_TOKENIZER = os.path.join(REPO, "tokenizers", "sample_1024_bpe.model")
-# PRESET=proxy as fields: recurrence, document attention, two lanes and SmearGate off (the defaults before issue 16),
+# PRESET=proxy as fields: recurrence, document attention, two lanes and SmearGate off (the fast proxy setting),
 # for tests of other parts that need neither (and for models of fewer layers than the default loops need)
 PROXY = dict(num_loops=0, doc_attention=False, parallel_residual_lanes=1, smear_gate_enabled=False)
 # Every architecture switch off: the plain core, for tests written against it

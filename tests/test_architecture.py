@@ -1,4 +1,4 @@
-"""Issue 3 model features (XSA, SmearGate, attention output gate, parallel residuals): each off is the baseline
+"""The top stack's model features (XSA, SmearGate, attention output gate, parallel residuals): each off is the baseline
 exactly, each on does what it says, and all four together stay causal and train end to end."""
 import math
 import re

@@ -414,7 +414,7 @@ def _train_gpt_with_sidecars():
     import train_gpt
 
     if not hasattr(train_gpt, "load_validation_byte_counts"):
-        pytest.skip("train_gpt.py has no byte-sidecar reader yet (issue 7 integration)")
+        pytest.skip("train_gpt.py has no byte-sidecar reader yet")
     return train_gpt
 
 

@@ -1,5 +1,5 @@
-"""Issue 16: the model and schedule are the published record's (shared/spec, "Model (top stack)" and "Optimizer and
-schedule"), and so are the defaults. Each difference the issue lists is pinned here by shapes, initial values or an
+"""The model and schedule are the published record's (the spec's "Model (top stack)" and "Optimizer and
+schedule"), and so are the defaults. Each published difference is pinned here by shapes, initial values or an
 identity at init."""
 import pytest
 import torch

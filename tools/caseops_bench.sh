@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CaseOps against a plain tokenizer on the proxy corpus (issue 7), from the repo root:
+# CaseOps against a plain tokenizer on the proxy corpus, from the repo root:
 #   tools/caseops_bench.sh prepare [CORPUS_DIR]  # two SP8192 tokenizers + two shard sets (default .bench/corpus)
 #   tools/caseops_bench.sh start [CORPUS_DIR]    # prepare, then both quality runs in the background (device)
 #   tools/caseops_bench.sh poll                  # progress; the two final lines once done
@@ -11,7 +11,7 @@
 # same validation documents; `prepare` checks that the two sidecar totals are equal. Without the plain set's
 # sidecars the comparison would be unfair: the piece-based count drops the whitespace SentencePiece's
 # normaliser collapses (5.2% of the proxy val bytes), which alone would move val_bpb by ~5%.
-# Needs train_gpt.py with CASEOPS_ENABLED (issue 7). Everything it writes goes under /tmp.
+# Needs train_gpt.py with CASEOPS_ENABLED. Everything it writes goes under /tmp.
 set -u
 source "$(dirname "$0")/device_job.sh"
 CORPUS=${2:-.bench/corpus}

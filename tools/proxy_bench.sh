@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The proxy benchmark on one GPU, as ../shared/bench/README.md (protocol v1) describes it.
+# The proxy benchmark on one GPU, as docs/benchmarking.md (protocol v1) describes it.
 #   tools/proxy_bench.sh start   # from the repo root on the device: shards, then the whole job in the background
 #   tools/proxy_bench.sh poll    # later calls: progress, then the logs and summary once it is done
 # Needs .bench/ (corpus, tokenizers, bench) and, on a machine without brotli, .whl/ with its wheel.

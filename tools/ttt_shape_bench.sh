@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# LoRA TTT at FineWeb's shape on one GPU (../shared/bench/README.md, "TTT at FineWeb's shape"): eval-only over
+# LoRA TTT at FineWeb's shape on one GPU (docs/benchmarking.md, "TTT at FineWeb's shape"): eval-only over
 # the FineWeb-shaped share (6,250 documents, ~6.04M tokens: one GPU's on 8), phases at 104,208,312 documents.
 #   tools/ttt_shape_bench.sh start   # from the repo root on the device: the data, an artifact, then the job detached
 #   tools/ttt_shape_bench.sh poll    # later calls: progress, then the summary once it is done
@@ -9,7 +9,7 @@
 #   ARTIFACT=/path/to/final_model.int6.ptz: that one.
 #   EVAL_RUNS: entries NAME or NAME:VAR=V,VAR=V, run one after the other (default: one run of the defaults),
 #   e.g. EVAL_RUNS="base docs128:TTT_BATCH_DOCS=128". EVAL_BUDGET_SECONDS defaults to 600 as in the real eval.
-#   NPROC=2 (on nvidia-h200-x2): torchrun on 2 GPUs over 2 GPUs' share (12,500 documents, phases at 208,416,624);
+#   NPROC=2 (on a machine with two GPUs): torchrun on 2 GPUs over 2 GPUs' share (12,500 documents, phases at 208,416,624);
 #   the log's ttt_rank_finish_seconds line gives each rank's finish.
 set -u
 source "$(dirname "$0")/device_job.sh"
