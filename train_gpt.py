@@ -225,8 +225,8 @@ class Hyperparameters:
     embed_init_std: float = 0.005
     # The top published stack's features, each behind its own switch (off, each leaves the model exactly the
     # baseline). All on by default, as published: each won on FineWeb at full scale. PRESET=proxy turns off
-    # recurrence, document attention, two lanes and SmearGate, which cost more in steps than they gained on the
-    # 180 s proxy (README, ablation).
+    # recurrence, document attention, two lanes and SmearGate, which cost more in steps than they gain on a short
+    # single-GPU run.
     xsa_enabled: bool = True  # XSA: drop each head's output component along its own normalised value vector
     smear_gate_enabled: bool = True  # SmearGate: x_t += λ·sigmoid(W·x_t[:12])·x_{t-1} on the embeddings, not at BOS
     attn_gate_enabled: bool = True  # per-head output gate sigmoid(0.5·W·x[:12]), W = 0 at init (gate = 0.5)
@@ -301,8 +301,8 @@ class Hyperparameters:
     compressor: str = "rans"  # "rans": our entropy coder; "lzma"/"brotli": the general-purpose ones
     brotli_quality: int = 11
     artifact_limit_bytes: int = 16_000_000
-    # evaluation with test-time training, score first. On the proxy (README, Results) lora gained 0.0148 bpb and sgd
-    # 0.0077, on the same kind of artifact; PRESET=smoke turns it off, so CPU runs end on the artifact's own score.
+    # evaluation with test-time training, score first (the top stack's is lora); PRESET=smoke turns it off, so CPU
+    # runs end on the artifact's own score.
     ttt_mode: str = "lora"  # none | sgd: whole model, chunk by chunk | lora: per-document LoRA and global phases
     ttt_eval_only: bool = False  # no training: load ARTIFACT_PATH, score it plain, then with TTT_MODE
     artifact_path: str = ""  # "" = OUTPUT_DIR/final_model.int6.ptz
@@ -471,6 +471,11 @@ def setup_distributed(timeout_seconds: float = 300.0) -> tuple[int, int, torch.d
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=timeout_seconds))
     return rank, world_size, device
+
+
+def compile_on_gpu(fn, h: Hyperparameters, device: torch.device, **options):
+    """torch.compile(fn) on CUDA with COMPILE on; elsewhere fn itself (the CPU and the tests run eagerly)."""
+    return torch.compile(fn, **options) if h.compile and device.type == "cuda" else fn
 
 
 def synchronize(device: torch.device) -> None:
@@ -869,12 +874,16 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap·tanh(z/cap): the logits' soft cap, in evaluation and in the unfused training loss."""
+    return cap * torch.tanh(logits / cap)
+
+
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float, fused: bool) -> torch.Tensor:
     """Per-row losses of softcapped logits (rows, vocab); the Triton kernel when `fused`, else plain PyTorch."""
     if fused:
         return SoftcapCrossEntropy.apply(logits, targets, cap)
-    capped = cap * torch.tanh(logits.float() / cap)
-    return F.cross_entropy(capped, targets, reduction="none", ignore_index=CE_IGNORE_INDEX)
+    return F.cross_entropy(softcap(logits.float(), cap), targets, reduction="none", ignore_index=CE_IGNORE_INDEX)
 
 
 if triton is not None:
@@ -931,7 +940,7 @@ def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: t
 
 
 # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of tools/mlp_tiles_bench.py's
-# set on the H100 at the MLP's shapes (fused forward + backward 0.82× the time of cuBLAS plus the activation).
+# set on Hopper at the MLP's shapes (RESULTS.md).
 MLP_TILES = (128, 256, 64, 8, 3)
 
 
@@ -1122,8 +1131,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(h.num_heads * self.head_dim, h.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((h.num_heads, 1), h.qk_gain_init))
         self.rotary = PartialRotary(h.rope_dims, h.rope_base)
-        self.xsa = h.xsa_enabled
-        if h.attn_gate_enabled:
+        self.xsa, self.gated = h.xsa_enabled, h.attn_gate_enabled
+        if self.gated:
             # A plain Parameter, not an nn.Linear: split_parameters gives it to Adam (Muon is for the big matrices;
             # orthogonalising a zero-initialised 8×12 gate would force its first steps to full size), GPTQ hooks
             # skip it, and the artifact stores it int8 per row (GATE_MATRICES).
@@ -1140,7 +1149,7 @@ class Attention(nn.Module):
         y = causal_attention(q, k, v, docs)
         if self.xsa:
             y = exclusive_self_attention(y, v)
-        if hasattr(self, "gate"):
+        if self.gated:
             gate = torch.sigmoid(ATTN_GATE_SCALE * F.linear(x[..., :ATTN_GATE_WIDTH], self.gate.to(x.dtype)))
             y = y * gate.unsqueeze(-1)  # (batch, time, heads, 1): one factor per head and position
         return self.proj(y.reshape(batch, seq_len, -1))
@@ -1244,7 +1253,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         self.plain_layout = layer_order(h.num_layers, h.loop_start, h.loop_end, 0)
         self.looped_layout = layer_order(h.num_layers, h.loop_start, h.loop_end, h.num_loops) if h.num_loops else None
-        self.looping = h.num_loops > 0
+        self.looping = h.num_loops > 0  # training switches it with set_recurrence; evaluation always loops
         # One set of skip weights and gates serves both layouts: a row per encoder output of the longer (looped)
         # one. Rows 0..p−1 (p = the plain encoder's length) are the plain layout's, row r for its r-th decoder
         # layer, which reads encoder output p−1−r. In the looped layout encoder output i < p keeps that row, p−1−i,
@@ -1255,7 +1264,8 @@ class GPT(nn.Module):
         self.skip_rows = [plain_encoder - 1 - i if i < plain_encoder else i for i in range(num_skips)]
         self.skip_weights = nn.Parameter(torch.ones(num_skips, h.model_dim))  # w of join_skip
         self.skip_gates = nn.Parameter(torch.zeros(num_skips, h.model_dim))  # g of join_skip: sigmoid(0) = 0.5
-        if h.smear_gate_enabled:  # x_t += λ·σ(W·x_t[:12])·x_{t−1}: W and λ zero, so it starts transparent
+        self.smeared = h.smear_gate_enabled
+        if self.smeared:  # x_t += λ·σ(W·x_t[:12])·x_{t−1}: W and λ zero, so it starts transparent
             self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_WIDTH))  # W
             self.smear_lambda = nn.Parameter(torch.zeros(1))  # λ
         self.doc_attention, self.doc_segment_tokens = h.doc_attention, h.doc_segment_tokens
@@ -1291,9 +1301,13 @@ class GPT(nn.Module):
         logit = F.linear(x[:, 1:, :SMEAR_GATE_WIDTH], self.smear_gate.to(x.dtype))
         return self.smear_lambda.to(x.dtype) * torch.sigmoid(logit)
 
+    def set_recurrence(self, on: bool) -> None:
+        """Training's layout: looped when `on` and NUM_LOOPS > 0 (the compiled graph is guarded on this flag)."""
+        self.looping = bool(on) and self.looped_layout is not None
+
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(idx)
-        if hasattr(self, "smear_gate"):
+        if self.smeared:
             x = smear(x, idx, self.smear_strength(x))  # on the raw embeddings, before the norm
         x = rms_norm(x)
         if self.residual_dtype is not None:
@@ -1318,10 +1332,12 @@ class GPT(nn.Module):
             x = (x[0] + x[1]) / 2  # the two lanes' mean
         return rms_norm(x)
 
+    def tied_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head: the tied embedding's logits of final hidden states, before the softcap."""
+        return F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.hidden(idx)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
-        return self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return softcap(self.tied_logits(self.hidden(idx)), self.logit_softcap)
 
     def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Evaluation: per-token losses through the plain, exact softcap and cross-entropy."""
@@ -1330,8 +1346,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Training: mean loss, through the fused kernel when `fused_ce` is set."""
-        x = self.hidden(idx)
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        logits = self.tied_logits(self.hidden(idx))
         return softcap_cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.logit_softcap,
                                      fused=self.fused_ce).mean()
 
@@ -1431,7 +1446,7 @@ def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype, backend:
     return polar_express(update, steps, dtype)
 
 
-# PyTorch 2.13 renamed the single-tensor collectives (the old names warn); 2.11, on the device, has only the old.
+# PyTorch 2.13 renamed the single-tensor collectives (the old names warn); older versions have only the old names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -1685,8 +1700,8 @@ def clip_global_norm(replicated: list[torch.Tensor], sharded: list[torch.Tensor]
 def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_size: int) -> None:
     """Average the gradients across ranks, clip their global norm (0 = no clip), step every optimizer, clear them.
     Muon's matrices are reduce-scattered (each rank gets the mean of the share it orthogonalises), the rest is
-    all-reduced. This starts after the backward: overlapping it with the backward through DDP measured slower
-    (README, Throughput: the split graph costs more than the 0.6 ms the reduction adds on 2 GPUs)."""
+    all-reduced. This starts after the backward, not overlapped with it: splitting the compiled graph at DDP's
+    buckets loses more fusion than the reduction costs (RESULTS.md, Throughput)."""
     muons = [opt for opt in optimizers if isinstance(opt, Muon)]
     in_muon = {id(p) for opt in muons for params in opt.buckets for p in params}
     rest = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in in_muon]
@@ -1774,7 +1789,7 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size
     initial_optimizers = [opt.state_dict() for opt in optimizers]
     loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
     for step in range(steps):
-        model.looping = h.num_loops > 0 and step >= steps // 2
+        model.set_recurrence(step >= steps // 2)
         set_schedule(optimizers, step, 0.0, h)
         train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
     synchronize(device)
@@ -1793,7 +1808,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
     budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
     clock = TrainingClock(budget_ms, h.time_sync_every, world_size, device)
     step, stop, loss = 0, False, None
-    model.looping = h.num_loops > 0 and h.loop_enable_frac <= 0
+    model.set_recurrence(h.loop_enable_frac <= 0)
     clock.start()
     while True:
         last_step = step == h.iterations or stop
@@ -1808,7 +1823,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
             break
         progress = max(step / h.iterations, clock.estimate(step) / budget_ms)
         if h.num_loops and not model.looping and progress >= h.loop_enable_frac:
-            model.looping = True  # the looped graph was built in the warm-up
+            model.set_recurrence(True)  # the looped graph was built in the warm-up
             log(f"recurrence:on step:{step}")
         set_schedule(optimizers, step, progress, h)
         loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
@@ -1824,7 +1839,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
                     f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
             if stop and step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
-    model.looping = h.num_loops > 0
+    model.set_recurrence(True)
     log_document_overflows(model, log)
     return step, clock.measured_ms
 
@@ -2169,6 +2184,7 @@ RANS_LANES = 1024  # most lanes stepping together: fewer would be slower, more w
 RANS_TABLE_COUNTS = (1, 2, 4, 8, 16)  # tables per group that the encoder tries
 RANS_LLOYD_STEPS = 6
 RANS_MIN_COPIES = 8  # fewest rows worth a prototype row
+RANS_PROJECTION_FREQUENCY = 2.4  # a fixed cosine projection whose sort puts near-copy rows side by side
 
 
 def rans_lanes(n: int) -> int:
@@ -2288,7 +2304,7 @@ def row_prototype(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     norms, proto = np.abs(rows).sum(1), np.zeros(rows.shape[1], np.int16)
     if len(rows) < RANS_MIN_COPIES:
         return proto, norms < 0
-    order = np.argsort(rows @ np.cos(np.arange(rows.shape[1]) * 2.4), kind="stable")
+    order = np.argsort(rows @ np.cos(np.arange(rows.shape[1]) * RANS_PROJECTION_FREQUENCY), kind="stable")
     seed = rows[order[np.abs(np.diff(rows[order], axis=0)).sum(1).argmin()]]
     near = np.abs(rows - seed).sum(1) * 2 < norms
     if near.any():
@@ -2845,8 +2861,7 @@ class BatchedLoRA:
         whole window runs through the blocks, but only the scored positions through the head (the logits of a
         64 × 2048 window in float32 would take 4 GiB, and their gradient as much again)."""
         hidden = self.model.hidden(x).index_select(1, positions)
-        logits = F.linear(hidden, self.model.tok_emb.weight.to(hidden.dtype)) + self.delta(-1, hidden)
-        logits = self.model.logit_softcap * torch.tanh(logits.float() / self.model.logit_softcap)
+        logits = softcap((self.model.tied_logits(hidden) + self.delta(-1, hidden)).float(), self.model.logit_softcap)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
 
@@ -3072,12 +3087,11 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
                       clock, start)
     tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(device)
     sums, lora, timer = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
-    # the rows and the window's width are dynamic (lora_score_batch marks them); with dynamic=True, every size
-    # symbolic, the compile took 312 s on the H100, and on the CPU 229 s against 125 s for the width alone
-    compiled = h.compile and device.type == "cuda"
-    loss_fn = (torch.compile(lora.token_losses, mode=h.ttt_compile_mode) if compiled and h.ttt_compile_mode != "eager"
+    # only the rows and the window's width are dynamic (lora_score_batch marks them): making every size symbolic
+    # (dynamic=True) compiles far longer
+    loss_fn = (compile_on_gpu(lora.token_losses, h, device, mode=h.ttt_compile_mode) if h.ttt_compile_mode != "eager"
                else lora.token_losses)
-    phase_compiled = compiled and h.ttt_phase_compile
+    phase_compiled = h.compile and device.type == "cuda" and h.ttt_phase_compile
     phase_fn = score_fn if phase_compiled else model.token_losses
     units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, segments)), 0, 0, 0.0, 0.0, 0.0
     if device.type == "cuda":
@@ -3232,8 +3246,8 @@ def main() -> None:
     model = GPT(h).to(device)
     use_device_paths(model, h, device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} fused_ce:{model.fused_ce}")
-    train_loss_fn = torch.compile(model) if h.compile and device.type == "cuda" else model
-    eval_loss_fn = torch.compile(model.token_losses) if h.compile and device.type == "cuda" else model.token_losses
+    train_loss_fn = compile_on_gpu(model, h, device)
+    eval_loss_fn = compile_on_gpu(model.token_losses, h, device)
 
     def evaluate() -> tuple[float, float]:
         model.eval()
