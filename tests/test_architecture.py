@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import ARCH_OFF, REPO, assert_causal, run_script
+from conftest import (ARCH_OFF, REPO, assert_causal, baseline_keys, baseline_logits, make_model, perturb, run_script,
+                      tiny_hparams, tokens_with_bos)
 
 FEATURES = {
     "xsa": dict(xsa_enabled=True),
@@ -20,83 +21,6 @@ FEATURES = {
 OFF = {"xsa": dict(xsa_enabled=False), "smear": dict(smear_gate_enabled=False),
        "attn_gate": dict(attn_gate_enabled=False), "parallel": dict(parallel_residual_start=-1)}
 ALL_ON = {k: v for f in FEATURES.values() for k, v in f.items()}
-
-
-def tiny_hparams(**overrides) -> tg.Hyperparameters:
-    h = tg.Hyperparameters(vocab_size=97, num_layers=5, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8,
-                           **ARCH_OFF)  # the baseline: every switch off
-    for k, v in overrides.items():
-        setattr(h, k, v)
-    return h
-
-
-def make_model(seed: int = 0, **overrides) -> tg.GPT:
-    torch.manual_seed(seed)
-    return tg.GPT(tiny_hparams(**overrides)).eval()
-
-
-def perturb(model: tg.GPT, seed: int = 1, scale: float = 0.05) -> None:
-    """Zero-initialised projections and gates would hide the features: move every weight a little."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
-def baseline_keys(num_layers: int) -> set[str]:
-    keys = {"tok_emb.weight", "skip_weights", "skip_gates"}
-    for i in range(num_layers):
-        keys |= {f"blocks.{i}.attn.{n}" for n in ("q.weight", "k.weight", "v.weight", "proj.weight", "q_gain")}
-        keys |= {f"blocks.{i}.mlp.up.weight", f"blocks.{i}.mlp.down.weight"}
-        keys |= {f"blocks.{i}.{n}" for n in ("resid_mix", "attn_scale", "mlp_scale")}
-    return keys
-
-
-def baseline_logits(model: tg.GPT, idx: torch.Tensor) -> torch.Tensor:
-    """The core model written out by hand from the state dict: sequential pre-norm blocks that read
-    mix[0]·x + mix[1]·x0 and scale their outputs per channel, U-Net skips joined by lerp(w·skip, x, σ(g))."""
-    sd, h = model.state_dict(), tiny_hparams()
-    heads, kv, hd = h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
-    rotary = tg.PartialRotary(h.rope_dims, h.rope_base)
-    B, T = idx.shape
-
-    def attn(i, x):
-        p = f"blocks.{i}.attn."
-        q = (x @ sd[p + "q.weight"].T).view(B, T, heads, hd)
-        k = (x @ sd[p + "k.weight"].T).view(B, T, kv, hd)
-        v = (x @ sd[p + "v.weight"].T).view(B, T, kv, hd)
-        q = rotary(tg.rms_norm(q)) * sd[p + "q_gain"]
-        k = rotary(tg.rms_norm(k))
-        y = tg.causal_attention(q, k, v).reshape(B, T, -1)
-        return y @ sd[p + "proj.weight"].T
-
-    def mlp(i, x):
-        p = f"blocks.{i}.mlp."
-        return F.leaky_relu(x @ sd[p + "up.weight"].T, 0.5).square() @ sd[p + "down.weight"].T
-
-    x0 = x = tg.rms_norm(sd["tok_emb.weight"][idx])
-    n_enc = h.num_layers // 2
-    skips = []
-    for i in range(h.num_layers):
-        if 0 <= i - n_enc < sd["skip_gates"].size(0):
-            a = torch.sigmoid(sd["skip_gates"][i - n_enc])
-            x = a * x + (1 - a) * sd["skip_weights"][i - n_enc] * skips.pop()
-        s, p = 1 / math.sqrt(i + 1), f"blocks.{i}."
-        x = sd[p + "resid_mix"][0] * x + sd[p + "resid_mix"][1] * x0
-        x = x + sd[p + "attn_scale"] * attn(i, tg.rms_norm(x) * s)
-        x = x + sd[p + "mlp_scale"] * mlp(i, tg.rms_norm(x) * s)
-        if i < n_enc:
-            skips.append(x)
-    logits = tg.rms_norm(x) @ sd["tok_emb.weight"].T
-    return h.logit_softcap * torch.tanh(logits / h.logit_softcap)
-
-
-def tokens_with_bos(seed: int = 3, shape=(2, 24)) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(2, 97, shape, generator=g)
-    idx[:, 0] = tg.BOS_ID
-    idx[0, 9] = idx[1, 14] = tg.BOS_ID  # a document boundary inside each sequence
-    return idx
 
 
 def test_defaults_are_the_published_choice():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import REPO, run_script
-from test_architecture import baseline_keys, baseline_logits, make_model, perturb, tiny_hparams, tokens_with_bos
+from conftest import baseline_keys, baseline_logits, make_model, perturb, tiny_hparams, tokens_with_bos
 
 SPEC_ENCODER = [0, 1, 2, 3, 4, 5, 3, 4]
 SPEC_DECODER = [5, 3, 4, 5, 6, 7, 8, 9, 10]
