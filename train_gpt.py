@@ -349,9 +349,9 @@ class Hyperparameters:
             raise SystemExit("\n".join(problems))
 
 
-# Allowed ranges, by field: (lowest, highest), None for no bound. Bit widths stop at 8: the payload stores int8.
 TTT_COMPILE_MODES = ("default", "reduce-overhead", "eager")  # eager: LoRA TTT's scoring graph is not compiled
 
+# Allowed ranges, by field: (lowest, highest), None for no bound. Bit widths stop at 8: the payload stores int8.
 SETTING_RANGES = {
     **dict.fromkeys(("iterations", "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                      "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_seq_len", "eval_batch_seqs",
@@ -372,6 +372,7 @@ SETTING_RANGES = {
     **dict.fromkeys(("matrix_bits", "embed_bits"), (2, 8)),
     "brotli_quality": (0, 11),
     "parallel_residual_start": (-1, None),
+    "muon_gram_min_aspect": (1, None),
 }
 
 
@@ -388,7 +389,8 @@ def range_problems(h: Hyperparameters) -> list[str]:
 
 def choice_problems(h: Hyperparameters) -> list[str]:
     choices = {"quant_method": ("rtn", "gptq"), "quant_grid": ("sdclip", "absmax"), "compressor": COMPRESSORS,
-               "ttt_mode": ("none", "sgd", "lora"), "ttt_compile_mode": TTT_COMPILE_MODES}
+               "ttt_mode": ("none", "sgd", "lora"), "ttt_compile_mode": TTT_COMPILE_MODES,
+               "muon_backend": MUON_BACKENDS}
     out = [f"{name.upper()}={getattr(h, name)!r} is unknown: use one of {', '.join(options)}"
            for name, options in choices.items() if getattr(h, name) not in options]
     if not 0 < h.eval_stride <= h.eval_seq_len:
