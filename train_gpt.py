@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration: the settings (one dataclass), presets, aliases, and every check before a run starts
@@ -238,6 +239,7 @@ class Hyperparameters:
     loop_enable_frac: float = 0.35  # training runs the plain layout until this fraction of training has passed
     doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
     doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
+    attn_cudnn: bool = True  # on CUDA, causal attention without document bounds (TTT) tries cuDNN's kernel first
     # training
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -326,7 +328,8 @@ class Hyperparameters:
     ttt_warmup: bool = True  # compile TTT's graphs on random tokens first, so the time guard paces real work
     ttt_width_step: int = 64  # lora: window widths rounded up to a multiple of this (the compiled graph's width is
     # dynamic, so finer costs no compilation: 64 computes 7% fewer positions than 256 at FineWeb's shape)
-    ttt_step_cost_tokens: int = 8192  # lora: a step's fixed cost (launches, optimizer) in token positions, to deal batches
+    ttt_step_cost_tokens: int = 32768  # lora: a step's fixed cost (launches, optimizer) in token positions, for the
+    # guard and to deal batches: a step of 2 rows × 64 tokens takes a quarter of one of 64 × 2048
     ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs;
     # eager: not compiled)
     ttt_phase_compile: bool = False  # lora: compile the global phases' graph (off: at FineWeb's shape the phases train
@@ -1005,12 +1008,18 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=Non
     if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         out = _flash_attn_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
-    group = q.size(2) // k.size(2)
-    if group > 1:
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    # grouped queries in the kernel (enable_gqa) rather than repeated keys and values: less memory moved
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
-                                         is_causal=docs is None)
+                                         is_causal=docs is None, enable_gqa=q.size(2) != k.size(2))
     return out.transpose(1, 2)
+
+
+def prefer_cudnn_attention() -> None:
+    """Make SDPA try cuDNN's attention kernel first (process-wide; CUDA only). On Hopper it runs causal attention
+    with grouped queries in about two thirds of FlashAttention-2's time, forward and backward
+    (tools/attention_bench.py); where it refuses a case, SDPA falls back to the next kernel."""
+    order = [b for b in torch._C._get_sdp_priority_order() if b != int(SDPBackend.CUDNN_ATTENTION)]
+    torch._C._set_sdp_priority_order([int(SDPBackend.CUDNN_ATTENTION)] + order)
 
 
 def document_starts(idx: torch.Tensor) -> torch.Tensor:
@@ -1307,7 +1316,11 @@ class GPT(nn.Module):
         """Training's layout: looped when `on` and NUM_LOOPS > 0 (the compiled graph is guarded on this flag)."""
         self.looping = bool(on) and self.looped_layout is not None
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, one_document: bool = False) -> torch.Tensor:
+        """Final hidden states of idx. `one_document`: each row is one document from its first position on, up to
+        where its targets end (TTT's windows and phase rows): causal attention alone then keeps every scored
+        position inside its document, so the document bounds (varlen segments: slower kernels, more launches) are
+        skipped, with the same result."""
         x = self.tok_emb(idx)
         if self.smeared:
             x = smear(x, idx, self.smear_strength(x))  # on the raw embeddings, before the norm
@@ -1317,7 +1330,7 @@ class GPT(nn.Module):
             # twice the bytes. The blocks' outputs are bfloat16 under autocast, so the stream stays in this dtype.
             x = x.to(self.residual_dtype)
         x0 = x  # every block mixes its input with the embedding output (resid_mix)
-        docs = self.documents(idx) if self.doc_attention else None
+        docs = self.documents(idx) if self.doc_attention and not one_document else None
         encoder, decoder = self.layout()
         skips = []
         for i in encoder:
@@ -1341,9 +1354,9 @@ class GPT(nn.Module):
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         return softcap(self.tied_logits(self.hidden(idx)), self.logit_softcap)
 
-    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Evaluation: per-token losses through the plain, exact softcap and cross-entropy."""
-        logits = self.logits(idx).float()
+    def token_losses(self, idx: torch.Tensor, targets: torch.Tensor, one_document: bool = False) -> torch.Tensor:
+        """Evaluation: per-token losses through the plain, exact softcap and cross-entropy (one_document: hidden's)."""
+        logits = softcap(self.tied_logits(self.hidden(idx, one_document)), self.logit_softcap).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1354,9 +1367,12 @@ class GPT(nn.Module):
 
 
 def use_device_paths(model: GPT, h: Hyperparameters, device: torch.device) -> None:
-    """The CUDA-only training paths: the Triton loss (FUSED_CE) and MLP (FUSED_MLP), the bfloat16 residual stream."""
+    """The CUDA-only paths: the Triton loss (FUSED_CE) and MLP (FUSED_MLP) in training, the bfloat16 residual stream,
+    cuDNN's attention first (ATTN_CUDNN)."""
     model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
     model.residual_dtype = torch.bfloat16 if h.residual_bf16 and device.type == "cuda" else None
+    if h.attn_cudnn and device.type == "cuda":
+        prefer_cudnn_attention()
     for module in model.modules():
         if isinstance(module, MLP):
             module.fused = h.fused_mlp and triton is not None and device.type == "cuda"
@@ -2583,16 +2599,19 @@ def evaluate_bpb(loss_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: H
 # loss it follows, None) just before every step; `lora` is the BatchedLoRA in use, or None.
 
 class EvalGuard:
-    """When TTT stops adapting. It stops for good once the elapsed eval time, plus the last adaptation's duration,
-    plus twice the time that scoring the remaining targets takes at the measured pace, would reach
-    EVAL_BUDGET_SECONDS; what is left is then scored with the weights of that moment, so every target is still
-    scored inside the budget. Twice, because the pace comes from earlier units and later ones may be slower; the
-    first unit (a chunk, or a batch of documents) is not measured, since it includes compilation."""
+    """When TTT stops adapting. Work is counted in units that cost about the same time each: targets for the SGD
+    mode, modelled token positions (batch_cost) for LoRA, whose documents cost very different amounts per target.
+    Adaptation stops for good once the elapsed eval time, plus the adaptation about to start (`upcoming_s`), plus
+    twice the time that scoring the remaining work takes at the measured pace, would reach EVAL_BUDGET_SECONDS;
+    what is left is then scored with the weights of that moment, so every target is still scored inside the
+    budget. Twice, because the pace is an average and later units may run slower; the first unit (a chunk, or a
+    batch of documents) is not measured, since it includes compilation."""
 
-    def __init__(self, h: Hyperparameters, targets: int, device: torch.device, world_size: int, clock, start: float):
-        self.budget, self.targets, self.device, self.world_size = h.eval_budget_seconds, targets, device, world_size
+    def __init__(self, h: Hyperparameters, work: float, device: torch.device, world_size: int, clock, start: float):
+        self.budget, self.work, self.device, self.world_size = h.eval_budget_seconds, work, device, world_size
         self.clock, self.start = clock, start
-        self.scored, self.measured, self.score_s, self.adapt_s, self.stopped = 0, 0, 0.0, 0.0, False
+        self.done, self.measured, self.score_s, self.stopped = 0.0, 0.0, 0.0, False
+        self.adapt_s, self.adapted_work = 0.0, 0.0
 
     def now(self) -> float:
         synchronize(self.device)
@@ -2601,22 +2620,35 @@ class EvalGuard:
     def elapsed(self) -> float:
         return self.now() - self.start
 
-    def scored_unit(self, seconds: float, targets: int) -> None:
-        if self.scored:
-            self.score_s, self.measured = self.score_s + seconds, self.measured + targets
-        self.scored += targets
+    def scored_unit(self, seconds: float, work: float) -> None:
+        if self.done:
+            self.score_s, self.measured = self.score_s + seconds, self.measured + work
+        self.done += work
 
-    def allows(self, log, collective: bool) -> bool:
-        """Whether to adapt on what was just scored; `collective` when every rank asks at the same point."""
-        pace = self.score_s / self.measured if self.measured else 0.0
-        needed = self.elapsed() + self.adapt_s + 2 * pace * (self.targets - self.scored)
+    def adapted_unit(self, seconds: float, work: float) -> None:
+        """An adaptation's seconds beyond scoring (backward, optimizer) on `work` units, for adapt_pace."""
+        if self.adapted_work or self.done > work:  # not the first unit's, which compiles
+            self.adapt_s, self.adapted_work = self.adapt_s + seconds, self.adapted_work + work
+
+    def score_pace(self) -> float:
+        """Seconds of scoring per unit of work, as measured so far (0 before any)."""
+        return self.score_s / self.measured if self.measured else 0.0
+
+    def adapt_pace(self) -> float:
+        """Seconds of adaptation per unit of work, as measured so far (0 before any)."""
+        return self.adapt_s / self.adapted_work if self.adapted_work else 0.0
+
+    def allows(self, log, collective: bool, upcoming_s: float) -> bool:
+        """Whether to adapt next, an adaptation expected to take `upcoming_s` beyond its scoring; `collective` when
+        every rank asks at the same point."""
+        needed = self.elapsed() + upcoming_s + 2 * self.score_pace() * (self.work - self.done)
         stop = torch.tensor(float(self.stopped or needed >= self.budget), device=self.device)
         if collective and self.world_size > 1:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item() and not self.stopped:
             self.stopped = True
             log(f"ttt_time_guard:adaptation_stopped elapsed:{self.elapsed():.1f}s budget:{self.budget:.0f}s "
-                f"rank0_targets_left:{self.targets - self.scored}")
+                f"rank0_work_left:{1 - self.done / max(self.work, 1):.3f}")
         return not self.stopped
 
 
@@ -2701,7 +2733,7 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes
     if h.ttt_warmup and len(chunks) > 1:
         warm_up_sgd(model, train_fn, chunks[0][-1][2] - chunks[0][0][1], h, rank, world_size, device, log)
     sums, guard = ScoreSums(target_bytes, device), EvalGuard(h, num_targets, device, world_size, clock, start)
-    opt = torch.optim.SGD(model.parameters(), lr=h.ttt_lr, momentum=h.ttt_momentum)
+    opt, last_adapt_s = torch.optim.SGD(model.parameters(), lr=h.ttt_lr, momentum=h.ttt_momentum), 0.0
     for i, chunk in enumerate(chunks):
         t0, mine = guard.now(), chunk[rank::world_size]
         with torch.no_grad():
@@ -2712,12 +2744,12 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes
                     trace("score", index, losses, None)
         first, end = chunk[0][1], chunk[-1][2]
         guard.scored_unit(guard.now() - t0, end - first)
-        if i + 1 < len(chunks) and guard.allows(log, collective=True):
+        if i + 1 < len(chunks) and guard.allows(log, collective=True, upcoming_s=last_adapt_s):
             t0 = guard.now()
             for _ in range(h.ttt_epochs):
                 sgd_step(model, opt, cosine_lr(h.ttt_lr, i, len(chunks) - 1), train_fn, tokens, first, end, h,
                          rank, world_size, device, trace)
-            guard.adapt_s = guard.now() - t0
+            last_adapt_s = guard.now() - t0  # the chunks are of one size: the next adaptation takes about as long
         if (i + 1) % h.ttt_log_every == 0 or i + 1 == len(chunks):
             log_progress(log, sums, guard, i + 1, len(chunks))
     return sums.result(world_size)
@@ -2862,7 +2894,7 @@ class BatchedLoRA:
         """Losses of targets y (rows × len(positions)) at the window `positions` of inputs x (rows × window): the
         whole window runs through the blocks, but only the scored positions through the head (the logits of a
         64 × 2048 window in float32 would take 4 GiB, and their gradient as much again)."""
-        hidden = self.model.hidden(x).index_select(1, positions)
+        hidden = self.model.hidden(x, one_document=True).index_select(1, positions)
         logits = softcap((self.model.tied_logits(hidden) + self.delta(-1, hidden)).float(), self.model.logit_softcap)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
 
@@ -3030,7 +3062,7 @@ def phase_step(model: GPT, opt, lr: float, loss_fn, tokens: torch.Tensor, pieces
         for t, dim in ((x, 0), (x, 1), (y, 0), (y, 1)):
             torch._dynamo.maybe_mark_dynamic(t, dim)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = loss_fn(x, y)
+            losses = loss_fn(x, y, one_document=True)  # a row holds its piece's document up to the piece's end
         (torch.where(mask, losses, 0).sum() * (world_size / total)).backward()  # a share of the sum; averaged
     apply_sgd_step(model, opt, lr, h, world_size)
 
@@ -3085,8 +3117,9 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     train_fn is not used (the same signature as ttt_sgd)."""
     starts, lengths = document_spans(val_tokens)
     all_batches, segments = dealt_batches(lengths, h, rank, world_size)
-    guard = EvalGuard(h, int(sum(lengths[b].sum() for batches in segments for b in batches)), device, world_size,
-                      clock, start)
+    costs = [[batch_cost(lengths[b].tolist(), h) for b in batches] for batches in segments]
+    guard = EvalGuard(h, sum(map(sum, costs)), device, world_size, clock, start)
+    my_targets = int(sum(lengths[b].sum() for batches in segments for b in batches))
     tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(device)
     sums, lora, timer = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
     # only the rows and the window's width are dynamic (lora_score_batch marks them): making every size symbolic
@@ -3096,6 +3129,7 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     phase_compiled = h.compile and device.type == "cuda" and h.ttt_phase_compile
     phase_fn = score_fn if phase_compiled else model.token_losses
     units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, segments)), 0, 0, 0.0, 0.0, 0.0
+    phase_pace = None  # seconds per target of the last global phase
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the closing line's peak is TTT's own
     try:
@@ -3106,34 +3140,41 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
                 warm_up_phase(model, phase_fn, h, rank, world_size, device, log)
             warm_s = time.perf_counter() - t0
         for k, batches in enumerate(segments):
-            for batch in batches:
-                adapt = guard.allows(log, collective=False)
+            for batch, work in zip(batches, costs[k]):
+                adapt = guard.allows(log, collective=False, upcoming_s=guard.adapt_pace() * work)
                 t0 = guard.now()
                 lora_score_batch(lora, loss_fn, tokens, starts[batch].tolist(), lengths[batch].tolist(), h, sums,
                                  timer, adapt, trace)
                 parts, targets = timer.collect(), int(lengths[batch].sum())
                 host_s += guard.now() - t0 - sum(parts.values())
-                guard.scored_unit(parts["forward"], targets)
+                guard.scored_unit(parts["forward"], work)
                 if adapt:
-                    guard.adapt_s, adapted = parts["backward"] + parts["optimizer"], adapted + targets
+                    guard.adapted_unit(parts["backward"] + parts["optimizer"], work)
+                    adapted += targets
                 unit += 1
                 if unit % h.ttt_log_every == 0 or unit == units:
                     log_progress(log, sums, guard, unit, units, time_parts(timer.totals, host_s))
-            if k + 1 < len(segments) and guard.allows(log, collective=True):
-                t0, scored_docs = guard.now(), [d for batches in all_batches[:k + 1] for b in batches for d in b]
+            if k + 1 == len(segments):
+                break
+            scored_docs = [d for batches in all_batches[:k + 1] for b in batches for d in b]
+            phase_targets = int(lengths[scored_docs].sum())
+            # a phase trains on each scored target once, forward and backward with the weights' gradients: before
+            # one is measured, twice a LoRA position's work is the guess
+            pace = phase_pace if phase_pace is not None else 2 * (guard.score_pace() + guard.adapt_pace())
+            if guard.allows(log, collective=True, upcoming_s=pace * phase_targets):
+                t0 = guard.now()
                 run_phase(model, phase_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h, rank,
                           world_size, device, trace)
                 lora.restart()
-                guard.adapt_s = guard.now() - t0
-                phase_s += guard.adapt_s
-                log(f"ttt_phase:{k + 1} docs:{len(scored_docs)} targets:{int(lengths[scored_docs].sum())} "
-                    f"time:{guard.adapt_s:.1f}s")
+                seconds = guard.now() - t0
+                phase_s, phase_pace = phase_s + seconds, seconds / phase_targets
+                log(f"ttt_phase:{k + 1} docs:{len(scored_docs)} targets:{phase_targets} time:{seconds:.1f}s")
     finally:
         for handle in lora.handles:
             handle.remove()
         model.requires_grad_(True)
     peak = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
-    log(f"ttt_lora_rank0_targets:{guard.targets} adapted:{adapted} warmup:{warm_s:.1f}s phases:{phase_s:.1f}s "
+    log(f"ttt_lora_rank0_targets:{my_targets} adapted:{adapted} warmup:{warm_s:.1f}s phases:{phase_s:.1f}s "
         f"{time_parts(timer.totals, host_s)} peak_mem:{peak}MiB")
     log_rank_finish(guard, world_size, log)
     return sums.result(world_size)

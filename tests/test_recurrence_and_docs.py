@@ -350,6 +350,19 @@ def test_model_on_packed_documents_equals_the_model_on_each_document(packed_path
                     assert torch.allclose(packed[b, s:e], model.hidden(idx[b:b + 1, s:e])[0], atol=1e-5)
 
 
+def test_one_document_rows_skip_the_bounds_with_the_same_result():
+    """hidden(one_document=True), as TTT calls it: on a row that is one document up to a position, the same hidden
+    states there as with document bounds; and it does skip them (a row with a second document differs there)."""
+    idx = tokens_with_bos()
+    model = isolated_model().eval()
+    with torch.no_grad():
+        bounded, skipped = model.hidden(idx), model.hidden(idx, one_document=True)
+        for b in range(idx.size(0)):
+            first, end = documents_of(idx[b])[0]
+            assert torch.allclose(bounded[b, :end], skipped[b, :end], atol=1e-6)  # one document up to end
+            assert (bounded[b, end:] - skipped[b, end:]).abs().max() > 1e-4  # later documents see the earlier here
+
+
 def test_packed_path_equals_the_mask_path(monkeypatch):
     idx = tokens_with_bos()
     model = isolated_model(doc_segment_tokens=1)

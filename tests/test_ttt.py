@@ -340,6 +340,29 @@ def test_time_guard_stops_adapting_and_still_scores_everything(mode, budget):
     assert any(e[0] == "score" for e in rec.events[stops[0]:])
 
 
+def test_guard_projects_the_remaining_work_at_the_measured_paces():
+    """Adapting goes on while elapsed + the upcoming adaptation + 2 × (scoring pace per unit of work) × the work
+    left fits the budget; the first unit (compilation) is left out of both paces."""
+    now = [0.0]
+    guard = tg.EvalGuard(tiny_h(eval_budget_seconds=100.0), 1000, CPU, 1, lambda: now[0], 0.0)
+    guard.scored_unit(50.0, 100)  # the first unit: not measured
+    guard.adapted_unit(50.0, 100)
+    assert guard.score_pace() == 0 and guard.adapt_pace() == 0
+    guard.scored_unit(10.0, 100)  # 0.1 s a unit
+    guard.adapted_unit(30.0, 100)  # 0.3 s a unit
+    assert guard.score_pace() == pytest.approx(0.1) and guard.adapt_pace() == pytest.approx(0.3)
+    now[0] = 20.0  # 20 + 2·0.1·800 = 180 s for the rest alone
+    assert not guard.allows(lambda line: None, collective=False, upcoming_s=0.0)
+    lines = []
+    guard = tg.EvalGuard(tiny_h(eval_budget_seconds=200.0), 1000, CPU, 1, lambda: now[0], 0.0)
+    for seconds, work in ((50.0, 100), (10.0, 100)):
+        guard.scored_unit(seconds, work)
+    assert guard.allows(lines.append, collective=False, upcoming_s=19.0)  # 20 + 19 + 160 < 200
+    assert not guard.allows(lines.append, collective=False, upcoming_s=20.0)  # = 200: stops, for good
+    assert not guard.allows(lines.append, collective=False, upcoming_s=0.0)
+    assert len(lines) == 1 and "rank0_work_left:0.800" in lines[0]
+
+
 def _rank_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     torch.set_num_threads(1)
@@ -490,12 +513,14 @@ def lora_losses_with_grad(model, a, b, scale, tokens, start, end) -> torch.Tenso
             hook.remove()
 
 
-@pytest.mark.parametrize("width_step,beta1", [(4, 0.0), (256, 0.0), (4, 0.9)])
-def test_lora_equals_a_per_document_reference(width_step, beta1):
+@pytest.mark.parametrize("width_step,beta1,doc_attention", [(4, 0.0, False), (256, 0.0, False), (4, 0.9, False),
+                                                              (4, 0.0, True)])
+def test_lora_equals_a_per_document_reference(width_step, beta1, doc_attention):
     """With every document in one batch and no phase, LoRA TTT's score of every target equals the per-document
     reference (torch's AdamW, one document at a time, no batching, no padding, no shrinking rows or windows),
-    with the spec's β1 = 0 and with a first moment."""
-    h = tiny_h(ttt_batch_docs=16, ttt_phase_docs="", ttt_width_step=width_step, ttt_lora_lr=0.003, ttt_lora_beta1=beta1)
+    with the spec's β1 = 0 and with a first moment; with document attention too, which TTT's rows skip."""
+    h = tiny_h(ttt_batch_docs=16, ttt_phase_docs="", ttt_width_step=width_step, ttt_lora_lr=0.003, ttt_lora_beta1=beta1,
+               doc_attention=doc_attention)
     tokens, target_bytes = tiny_stream("docs")
     starts, lengths = tg.document_spans(tokens)
     model = tiny_model(h)
@@ -529,10 +554,12 @@ def test_phase_pieces_tile_the_documents_without_crossing_a_boundary():
     assert sum(steps, []) == pieces and all(sum(n for _, n in step) >= 22 for step in steps[:-1])
 
 
-def test_phase_step_equals_a_per_piece_reference():
+@pytest.mark.parametrize("doc_attention", [False, True])
+def test_phase_step_equals_a_per_piece_reference(doc_attention):
     """A phase step (rows of a width side by side, padded and masked) moves the weights as plain SGD on the mean
-    loss of the pieces, each computed alone from its own tokens: no padding and no other document in context."""
-    h = tiny_h(ttt_grad_clip=0.0)
+    loss of the pieces, each computed alone from its own tokens: no padding and no other document in context,
+    also where the rows run on into the next document and document attention is skipped (one_document)."""
+    h = tiny_h(ttt_grad_clip=0.0, doc_attention=doc_attention)
     tokens, _ = tiny_stream("docs")
     starts, lengths = tg.document_spans(tokens)
     pieces = tg.phase_pieces(starts, lengths, range(len(starts)), h.eval_seq_len)

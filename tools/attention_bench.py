@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Time causal attention kernels, forward and backward, at train_gpt.py's shapes on one GPU.
+
+  python3 tools/attention_bench.py            # BENCH_SHAPES=48x2048 (training micro-step), 64x2048 (a TTT step)
+
+For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat16) it times:
+  - sdpa_<backend>: F.scaled_dot_product_attention, causal, each backend alone (flash, cudnn, efficient),
+    key/value heads repeated to the query heads, and with enable_gqa where the backend takes it;
+  - varlen: torch's packed variable-length kernel (what DOCUMENT attention runs today), on documents of
+    FineWeb's lengths (median ~570 tokens) and on one document per row;
+  - flex_docs: flex_attention (compiled) with a block mask of the same FineWeb-length documents;
+  - sdpa_mask_docs: SDPA with the explicit (rows, 1, T, T) document mask.
+Milliseconds are medians over BENCH_REPS runs (CUDA events) after warm-up; a kernel that refuses a shape says why.
+"""
+import os
+import statistics
+
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
+
+
+def timed(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def fineweb_lengths(total: int, rng) -> list[int]:
+    """Document lengths of a packed batch: log-normal around FineWeb's median (~570 tokens, mean ~950)."""
+    out = []
+    while sum(out) < total:
+        out.append(int(max(2, rng.lognormal(np.log(570), 1.0))))
+    out[-1] -= sum(out) - total
+    return [n for n in out if n > 0]
+
+
+def row_cut_segments(rows: int, seq: int, lengths: list[int]) -> list[int]:
+    """cu_seqlens of the packed batch: every document cut also at row ends (a row never spans two)."""
+    bounds, pos = {0, rows * seq}, 0
+    for n in lengths:
+        pos += n
+        bounds.add(min(pos, rows * seq))
+    bounds |= {r * seq for r in range(rows)}
+    return sorted(bounds)
+
+
+def fwd_bwd(attn, q, k, v):
+    def run():
+        q.grad = k.grad = v.grad = None
+        out = attn(q, k, v)
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def fwd_only(attn, q, k, v):
+    def run():
+        with torch.no_grad():
+            attn(q, k, v)
+    return run
+
+
+def max_difference(attn, reference, q, k, v) -> str:
+    """The largest absolute differences of the output and of the three gradients between two kernels."""
+    results = []
+    for fn in (attn, reference):
+        q.grad = k.grad = v.grad = None
+        out = fn(q, k, v)
+        out.backward(torch.randn_like(out, generator=torch.Generator("cuda").manual_seed(0)))
+        results.append([out.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()])
+    return " ".join(f"{name}:{(a.float() - b.float()).abs().max().item():.2e}"
+                    for name, a, b in zip(("out", "dq", "dk", "dv"), *results))
+
+
+def main() -> None:
+    reps = int(os.environ.get("BENCH_REPS", 20))
+    shapes = [tuple(map(int, s.split("x"))) for s in os.environ.get("BENCH_SHAPES", "48x2048,64x2048").split(",")]
+    rng = np.random.default_rng(0)
+    print(f"torch {torch.__version__} {torch.cuda.get_device_name()}")
+    for rows, seq in shapes:
+        q = torch.randn(rows, seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(rows, seq, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        v = torch.randn(rows, seq, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        cases = {}
+
+        def sdpa(backend, gqa):
+            def attn(q, k, v):
+                if not gqa:
+                    k, v = k.repeat_interleave(HEADS // KV_HEADS, 2), v.repeat_interleave(HEADS // KV_HEADS, 2)
+                with sdpa_kernel(backend):
+                    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=True, enable_gqa=gqa)
+                return out.transpose(1, 2)
+            return attn
+
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            cases[f"sdpa_{name}"] = sdpa(backend, False)
+            cases[f"sdpa_{name}_gqa"] = sdpa(backend, True)
+
+        lengths = fineweb_lengths(rows * seq, rng)
+        cu_docs = torch.tensor(row_cut_segments(rows, seq, lengths), device="cuda", dtype=torch.int32)
+        cu_rows = torch.arange(0, rows * seq + 1, seq, device="cuda", dtype=torch.int32)
+        try:
+            import train_gpt as tg
+
+            def varlen(cu):
+                def attn(q, k, v):
+                    out = tg.varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, seq)
+                    return out.view(rows, seq, HEADS, HEAD_DIM)
+                return attn
+            cases["varlen_fineweb_docs"] = varlen(cu_docs)
+            cases["varlen_one_doc_per_row"] = varlen(cu_rows)
+        except ImportError as exc:
+            print(f"varlen: {exc}")
+
+        doc_id = torch.zeros(rows * seq, dtype=torch.int32, device="cuda")
+        doc_id[cu_docs[1:-1].long()] = 1
+        doc_id = doc_id.cumsum(0).view(rows, seq)
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            flex = torch.compile(flex_attention, dynamic=False)
+
+            def same_doc(b, h, qi, ki):
+                return (qi >= ki) & (doc_id[b, qi] == doc_id[b, ki])
+            block_mask = create_block_mask(same_doc, rows, None, seq, seq, device="cuda")
+
+            def flex_docs(q, k, v):
+                out = flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                           enable_gqa=True)
+                return out.transpose(1, 2)
+            cases["flex_fineweb_docs"] = flex_docs
+        except Exception as exc:  # noqa: BLE001 - a bench reports what it cannot run
+            print(f"flex_attention: {type(exc).__name__}: {exc}")
+
+        mask = ((doc_id[:, :, None] == doc_id[:, None, :])
+                & torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril())[:, None]
+
+        def sdpa_mask(q, k, v):
+            k, v = k.repeat_interleave(2, 2), v.repeat_interleave(2, 2)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+            return out.transpose(1, 2)
+        cases["sdpa_mask_fineweb_docs"] = sdpa_mask
+
+        print(f"== {rows}x{seq}: {len(lengths)} FineWeb-length documents")
+        print(f"cudnn_gqa against flash: {max_difference(cases['sdpa_cudnn_gqa'], cases['sdpa_flash'], q, k, v)}")
+        for name, attn in cases.items():
+            try:
+                fb, f = timed(fwd_bwd(attn, q, k, v), reps), timed(fwd_only(attn, q, k, v), reps)
+                print(f"{name:28s} fwd+bwd {fb:7.2f} ms   fwd {f:6.2f} ms", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{name:28s} refused: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)
+        del mask
+
+
+if __name__ == "__main__":
+    main()
