@@ -7,8 +7,8 @@ The model is the default one with random weights (the time does not depend on th
 warm-up (warm_up_lora: compilation of the scoring graph and its backward), then for each BENCH_SHAPES entry
 ROWSxWIDTH (default 64x2048,64x1024,64x512,64x256,16x128) the median forward / backward / optimizer milliseconds
 over BENCH_REPS steps and the positions (rows × width) per second of the whole step. BENCH_BOUNDED=1 makes the
-windows go through document-bounded attention anyway (as before TTT skipped it), to compare. BENCH_PROFILE=1 adds
-the profiler's top kernels of the first shape.
+windows go through document-bounded attention anyway (as before TTT skipped it), to compare.
+BENCH_PROFILE=ROWSxWIDTH adds the profiler's top operations at that shape, by GPU time and by host time.
 """
 import os
 import statistics
@@ -77,13 +77,15 @@ def main() -> None:
         total = sum(med.values())
         print(f"shape {rows}x{width}: forward {med['forward']:.2f} backward {med['backward']:.2f} "
               f"optimizer {med['optimizer']:.2f} ms; {rows * width / total:.0f}K positions/s", flush=True)
-    if os.environ.get("BENCH_PROFILE") == "1":
-        rows, width = shapes[0]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    if os.environ.get("BENCH_PROFILE"):
+        rows, width = map(int, os.environ["BENCH_PROFILE"].split("x"))
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(3):
                 step(lora, loss_fn, tokens, rows, width, h, tg.PartTimes(device, time.perf_counter))
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+        for key in ("cuda_time_total", "self_cpu_time_total"):
+            print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
     lora.active = False
 
 
