@@ -238,6 +238,10 @@ class Hyperparameters:
     loop_enable_frac: float = 0.35  # training runs the plain layout until this fraction of training has passed
     doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
     doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
+    attn_window: int = 0  # sliding-window attention: a query sees itself and the ATTN_WINDOW tokens before it; 0 = all
+    attn_window_layers: str = ""  # the physical layers ATTN_WINDOW applies to, e.g. "0-7" or "0,2,4-6"; "" = every layer
+    key_offset_dims: int = 0  # partial key offset: this many channels of each key head (from those without RoPE) hold
+    # the previous token's key, never across a BOS or a row start; 0 = off
     # training
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -363,7 +367,8 @@ SETTING_RANGES = {
                      "ttt_epochs", "max_wallclock_seconds", "quant_reserve_seconds", "grad_clip_norm", "matrix_lr",
                      "muon_weight_decay", "embed_lr", "embed_weight_decay", "scalar_lr", "scalar_weight_decay",
                      "embed_init_std", "gptq_damp", "eval_budget_seconds", "ttt_lr", "ttt_grad_clip", "ttt_lora_lr",
-                     "ttt_lora_wd", "ttt_phase_lr", "ttt_step_cost_tokens"), (0, None)),
+                     "ttt_lora_wd", "ttt_phase_lr", "ttt_step_cost_tokens", "attn_window",
+                     "key_offset_dims"), (0, None)),
     **dict.fromkeys(("warmdown_frac", "min_lr", "ema_decay", "loop_enable_frac", "muon_momentum",
                      "muon_momentum_warmup_start", "ttt_momentum"), (0, 1)),
     **dict.fromkeys(("adam_beta1", "adam_beta2", "ttt_lora_beta1", "ttt_lora_beta2"), (0, 0.999999)),
@@ -413,8 +418,15 @@ def model_problems(h: Hyperparameters) -> list[str]:
     head_dim = h.model_dim // h.num_heads
     if h.rope_dims % 2 or not 0 < h.rope_dims <= head_dim:
         out.append(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
+    elif h.key_offset_dims > head_dim - h.rope_dims:
+        out.append(f"KEY_OFFSET_DIMS={h.key_offset_dims} must be at most the {head_dim - h.rope_dims} channels of a "
+                   f"head without RoPE (head dim {head_dim} − ROPE_DIMS={h.rope_dims}): lower it, or ROPE_DIMS")
     if h.attn_gate_enabled and h.model_dim < ATTN_GATE_WIDTH:
         out.append(f"ATTN_GATE_ENABLED needs MODEL_DIM={h.model_dim} of at least {ATTN_GATE_WIDTH}")
+    try:
+        windowed_layers(h)
+    except SystemExit as exc:
+        out.append(str(exc))
     if h.num_loops < 0 or h.num_loops and not 0 <= h.loop_start <= h.loop_end < h.num_layers:
         return out + [f"NUM_LOOPS={h.num_loops} must be ≥ 0, and with loops 0 ≤ LOOP_START={h.loop_start} "
                       f"≤ LOOP_END={h.loop_end} < NUM_LAYERS={h.num_layers}"]
@@ -432,6 +444,33 @@ def model_problems(h: Hyperparameters) -> list[str]:
                        f"{h.parallel_residual_start} to run last and in the decoder half: order {encoder + decoder}")
             break
     return out
+
+
+def windowed_layers(h: Hyperparameters) -> set[int]:
+    """The physical layers ATTN_WINDOW applies to, from ATTN_WINDOW_LAYERS: ranges and single layers separated by
+    commas ("0-7", "0,2,4-6"); empty: every layer. A looped layer's every pass is its physical layer's."""
+    spec = h.attn_window_layers.strip()
+    if not spec:
+        return set(range(h.num_layers))
+    advice = (f"set it to layers and ranges of 0..{h.num_layers - 1} (NUM_LAYERS={h.num_layers}) separated by commas, "
+              f"like 0-7 or 0,2,4-6, or empty for every layer")
+    layers = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise SystemExit(f"ATTN_WINDOW_LAYERS={h.attn_window_layers!r} is not a list of layers: {advice}") from None
+        if not 0 <= low <= high < h.num_layers:
+            raise SystemExit(f"ATTN_WINDOW_LAYERS={h.attn_window_layers!r} names {part.strip()!r}, not layers of this "
+                             f"model: {advice}")
+        layers.update(range(low, high + 1))
+    return layers
+
+
+def layer_window(h: Hyperparameters, layer_index: int) -> int:
+    """The attention window of a physical layer: ATTN_WINDOW where it applies, else 0 (the whole causal context)."""
+    return h.attn_window if h.attn_window and layer_index in windowed_layers(h) else 0
 
 
 def schedule_problems(h: Hyperparameters, world_size: int) -> list[str]:
@@ -989,28 +1028,44 @@ try:  # PyTorch's packed variable-length attention (FlashAttention-2 kernels); i
     _VARLEN_ARGS = inspect.signature(_torch_varlen).parameters
     _TORCH_VARLEN_GQA = "enable_gqa" in _VARLEN_ARGS
     _TORCH_VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _VARLEN_ARGS else {"window_size": (-1, 0)}
+    _TORCH_VARLEN_WINDOW = "window_size" in _VARLEN_ARGS  # sliding windows as window_size=(left, 0)
 except ImportError:
-    _torch_varlen = None
+    _torch_varlen, _TORCH_VARLEN_WINDOW = None, False
 # device types on which document-bounded attention runs packed through a varlen kernel; elsewhere an explicit mask
 VARLEN_DEVICES = ("cuda",) if _flash_attn_3_varlen is not None or _torch_varlen is not None else ()
+# whether that kernel also takes a sliding window; if not, a model with windows bounds documents by the mask
+VARLEN_WINDOWS = _flash_attn_3_varlen is not None or _TORCH_VARLEN_WINDOW
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None, window: int = 0) -> torch.Tensor:
     """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries).
 
     `docs` bounds it by documents: a boolean mask from document_mask, or (cu_seqlens, overflow start) from
-    document_segments for the packed varlen kernels."""
+    document_segments for the packed varlen kernels. `window` > 0 bounds it by distance too: query t sees keys
+    t − window..t only (FlashAttention's window_size=(window, 0)). Every path applies both the same way:
+    training, evaluation and TTT all come here."""
     if isinstance(docs, tuple):
-        return packed_document_attention(q, k, v, *docs)
+        return packed_document_attention(q, k, v, *docs, window=window)
     if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out = _flash_attn_3(q, k, v, causal=True)
+        out = _flash_attn_3(q, k, v, causal=True, **({"window_size": (window, 0)} if window else {}))
         return out[0] if isinstance(out, tuple) else out
     group = q.size(2) // k.size(2)
     if group > 1:
         k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
-                                         is_causal=docs is None)
+    mask = docs
+    if window:  # a band even where it covers the whole row: no branch on the length, which TTT's graph has dynamic
+        band = window_mask(q.size(1), window, q.device)
+        mask = band if docs is None else docs & band
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None)
     return out.transpose(1, 2)
+
+
+def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """(time, time), True where query t may attend key s: t − window ≤ s ≤ t."""
+    pos = torch.arange(seq_len, device=device)
+    back = pos[:, None] - pos[None, :]
+    return (back >= 0) & (back <= window)
 
 
 def document_starts(idx: torch.Tensor) -> torch.Tensor:
@@ -1047,28 +1102,31 @@ def document_segments(starts: torch.Tensor, max_cuts: int) -> tuple[torch.Tensor
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_len: int) -> torch.Tensor:
+                            max_len: int, window: int = 0) -> torch.Tensor:
     """Causal attention inside each segment [cu[i], cu[i+1]) of packed (tokens, heads, head_dim) tensors, on
-    FlashAttention-3 or PyTorch's varlen kernel (half precision only: float32 inputs go through bfloat16)."""
+    FlashAttention-3 or PyTorch's varlen kernel (half precision only: float32 inputs go through bfloat16);
+    `window` > 0: each query sees only the `window` keys before it and itself (see causal_attention)."""
     dtype = q.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     if _flash_attn_3_varlen is not None:
-        out = _flash_attn_3_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
-        out = out[0] if isinstance(out, tuple) else out
-    elif _TORCH_VARLEN_GQA:
-        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, enable_gqa=True, **_TORCH_VARLEN_CAUSAL)
+        out = _flash_attn_3_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True,
+                                   **({"window_size": (window, 0)} if window else {}))
+        return (out[0] if isinstance(out, tuple) else out).to(dtype)
+    causal = {"window_size": (window, 0)} if window else _TORCH_VARLEN_CAUSAL
+    if _TORCH_VARLEN_GQA:
+        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, enable_gqa=True, **causal)
     else:
         group = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **_TORCH_VARLEN_CAUSAL)
+        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
     return out.to(dtype)
 
 
 def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                              overflow_start: torch.Tensor) -> torch.Tensor:
+                              overflow_start: torch.Tensor, window: int = 0) -> torch.Tensor:
     batch, seq_len, heads, head_dim = q.shape
-    y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len)
+    y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len, window)
     # Past the first BOS left out, segments may span several documents: there each token attends to itself alone
     # (its output is its own value), so attention never crosses a boundary; GPT counts such batches, train() logs them.
     past = torch.arange(y.size(0), device=y.device)[:, None, None] >= overflow_start
@@ -1122,9 +1180,22 @@ class PartialRotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
+def offset_keys(k: torch.Tensor, starts: torch.Tensor | None, dims: int) -> torch.Tensor:
+    """Partial key offset: the last `dims` channels of each key head at position t take position t − 1's, so a head
+    can match on the token before the key's. They are zero where t starts a segment (`starts`: True at every BOS and
+    row start, as document_starts gives; None: at row starts only), so nothing crosses a document boundary. k is
+    (batch, time, heads, head_dim), after RoPE, which leaves those channels alone (it turns the first ones)."""
+    previous = F.pad(k[:, :-1, :, -dims:], (0, 0, 0, 0, 1, 0))  # row start: zeros
+    if starts is not None:
+        previous = torch.where(starts[:, :, None, None], 0.0, previous)
+    return torch.cat((k[..., :-dims], previous), dim=-1)
+
+
 class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, window: int = 0):
         super().__init__()
+        self.window = window  # sliding window of this layer (layer_window); 0: the whole causal context
+        self.key_offset_dims = h.key_offset_dims
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
         self.q = nn.Linear(h.model_dim, h.num_heads * self.head_dim, bias=False)
@@ -1140,7 +1211,8 @@ class Attention(nn.Module):
             # skip it, and the artifact stores it int8 per row (GATE_MATRICES).
             self.gate = nn.Parameter(torch.zeros(h.num_heads, ATTN_GATE_WIDTH))  # sigmoid(0): every head starts at 0.5
 
-    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """`docs` as causal_attention takes it; `starts` (document_starts) for the key offset."""
         batch, seq_len, _ = x.shape
         q = self.q(x).view(batch, seq_len, self.num_heads, self.head_dim)
         k = self.k(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
@@ -1148,7 +1220,9 @@ class Attention(nn.Module):
         # q and k are unit-RMS per head, so the learned gain alone sets how sharp attention can get
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, docs)
+        if self.key_offset_dims:
+            k = offset_keys(k, starts, self.key_offset_dims)
+        y = causal_attention(q, k, v, docs, self.window)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gated:
@@ -1192,7 +1266,7 @@ class Block(nn.Module):
         # layer's later passes: the block then computes one function in both layouts (recurrence switches on in
         # mid-training, over weights trained without it), and the scale stays a constant of the block.
         self.norm_scale = 1.0 / math.sqrt(layer_index + 1)
-        self.attn = Attention(h)
+        self.attn = Attention(h, layer_window(h, layer_index))  # a looped layer's every pass: its physical window
         self.mlp = MLP(h)
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
@@ -1210,24 +1284,25 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def attn_out(self, x: torch.Tensor, docs) -> torch.Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, docs)
+    def attn_out(self, x: torch.Tensor, docs, starts) -> torch.Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, docs, starts)
 
     def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def forward(self, x, x0: torch.Tensor, docs=None):
-        """x: the residual stream, or (lane 0, lane 1) inside the two-lane layers (the first one splits the stream)."""
+    def forward(self, x, x0: torch.Tensor, docs=None, starts=None):
+        """x: the residual stream, or (lane 0, lane 1) inside the two-lane layers (the first one splits the stream);
+        docs and starts: what attention needs from the tokens (Attention.forward)."""
         if self.two_lanes:
             lane0, lane1 = x if isinstance(x, tuple) else (x, x)
-            attn_out, mlp_out = self.attn_out(self.read(lane0, x0), docs), self.mlp_out(lane1)
+            attn_out, mlp_out = self.attn_out(self.read(lane0, x0), docs, starts), self.mlp_out(lane1)
             r, p = self.lane_residual.to(lane0.dtype), self.lane_post.to(lane0.dtype)
             return (r[0] * lane0 + p[0, 0] * attn_out + p[0, 1] * mlp_out,
                     r[1] * lane1 + p[1, 0] * attn_out + p[1, 1] * mlp_out)
         x = self.read(x, x0)
         if self.parallel:
-            return x + self.attn_out(x, docs) + self.mlp_out(x)
-        x = x + self.attn_out(x, docs)
+            return x + self.attn_out(x, docs, starts) + self.mlp_out(x)
+        x = x + self.attn_out(x, docs, starts)
         return x + self.mlp_out(x)
 
 
@@ -1271,6 +1346,7 @@ class GPT(nn.Module):
             self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_WIDTH))  # W
             self.smear_lambda = nn.Parameter(torch.zeros(1))  # λ
         self.doc_attention, self.doc_segment_tokens = h.doc_attention, h.doc_segment_tokens
+        self.windowed, self.key_offset = h.attn_window > 0, h.key_offset_dims > 0
         if h.doc_attention:  # forward passes whose documents overflowed the varlen capacity (no sync to count them)
             self.register_buffer("doc_overflows", torch.zeros((), dtype=torch.int64), persistent=False)
         self._init_weights(h)
@@ -1290,7 +1366,7 @@ class GPT(nn.Module):
     def documents(self, idx: torch.Tensor):
         """What causal_attention needs to keep each token inside its document (found from BOS)."""
         starts = document_starts(idx)
-        if idx.device.type not in VARLEN_DEVICES:
+        if idx.device.type not in VARLEN_DEVICES or self.windowed and not VARLEN_WINDOWS:
             return document_mask(starts)
         # A fixed capacity keeps the graph static; FlashAttention launches blocks for every segment, empty or not,
         # so it is sized for documents of DOC_SEGMENT_TOKENS on average, far below FineWeb's (≈ 1,000 tokens).
@@ -1318,10 +1394,11 @@ class GPT(nn.Module):
             x = x.to(self.residual_dtype)
         x0 = x  # every block mixes its input with the embedding output (resid_mix)
         docs = self.documents(idx) if self.doc_attention else None
+        starts = document_starts(idx) if self.key_offset else None
         encoder, decoder = self.layout()
         skips = []
         for i in encoder:
-            x = self.blocks[i](x, x0, docs)
+            x = self.blocks[i](x, x0, docs, starts)
             skips.append(x)
         for i in decoder:
             if skips:  # the last encoder output feeds the first decoder layer, and so on outwards
@@ -1329,7 +1406,7 @@ class GPT(nn.Module):
                 skip, weight, gate = skips.pop(), self.skip_weights[row], self.skip_gates[row]
                 x = tuple(join_skip(lane, skip, weight, gate) for lane in x) if isinstance(x, tuple) \
                     else join_skip(x, skip, weight, gate)
-            x = self.blocks[i](x, x0, docs)
+            x = self.blocks[i](x, x0, docs, starts)
         if isinstance(x, tuple):
             x = (x[0] + x[1]) / 2  # the two lanes' mean
         return rms_norm(x)

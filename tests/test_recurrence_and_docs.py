@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import train_gpt as tg
 from conftest import REPO, run_script
 from conftest import baseline_keys, baseline_logits, make_model, perturb, tiny_hparams, tokens_with_bos
+from conftest import documents_of, reference_varlen
 
 SPEC_ENCODER = [0, 1, 2, 3, 4, 5, 3, 4]
 SPEC_DECODER = [5, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -39,29 +40,6 @@ def record_block_order(model: tg.GPT, run) -> list[int]:
         for handle in handles:
             handle.remove()
     return calls
-
-
-def reference_varlen(q, k, v, cu_seqlens, max_len):
-    """What a varlen kernel computes: causal attention inside each packed segment, nothing across them."""
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens[0] == 0 and cu_seqlens[-1] == q.size(0)
-    assert max_len >= int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    out = torch.zeros_like(q)
-    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        if e > s:
-            out[s:e] = tg.causal_attention(q[None, s:e], k[None, s:e], v[None, s:e])[0]
-    return out
-
-
-@pytest.fixture
-def packed_path(monkeypatch):
-    """The varlen branch on the CPU: the reference kernel in place of FlashAttention's."""
-    monkeypatch.setattr(tg, "VARLEN_DEVICES", ("cpu",))
-    monkeypatch.setattr(tg, "varlen_causal_attention", reference_varlen)
-
-
-def documents_of(row: torch.Tensor) -> list[tuple[int, int]]:
-    starts = [0] + [t for t in range(1, row.numel()) if row[t] == tg.BOS_ID]
-    return list(zip(starts, starts[1:] + [row.numel()]))
 
 
 # ---------------------------------------------------------------------------------------------------- switches off
