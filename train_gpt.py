@@ -250,6 +250,8 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = derived: the fewest micro-steps whose share fits MICRO_BATCH_TOKENS
     micro_batch_tokens: int = 98304  # most tokens per rank per micro-step: the 8-GPU record's per-GPU batch
+    qat_start_frac: float = 1.0  # QAT: from this fraction of training on, the block matrices train through fake
+    # quantization on the artifact's grid (QuantAwareLinear); 1 = off, 0 = from the first step
     warmup_steps: int = 0  # steps of linear LR ramp; none as published (COMPILE_WARMUP_STEPS only builds graphs)
     warmdown_frac: float = 0.85
     min_lr: float = 0.10
@@ -369,7 +371,7 @@ SETTING_RANGES = {
                      "embed_init_std", "gptq_damp", "eval_budget_seconds", "ttt_lr", "ttt_grad_clip", "ttt_lora_lr",
                      "ttt_lora_wd", "ttt_phase_lr", "ttt_step_cost_tokens", "attn_window",
                      "key_offset_dims"), (0, None)),
-    **dict.fromkeys(("warmdown_frac", "min_lr", "ema_decay", "loop_enable_frac", "muon_momentum",
+    **dict.fromkeys(("warmdown_frac", "min_lr", "ema_decay", "loop_enable_frac", "qat_start_frac", "muon_momentum",
                      "muon_momentum_warmup_start", "ttt_momentum"), (0, 1)),
     **dict.fromkeys(("adam_beta1", "adam_beta2", "ttt_lora_beta1", "ttt_lora_beta2"), (0, 0.999999)),
     **dict.fromkeys(("rope_base", "logit_softcap", "adam_eps", "clip_sigmas_mlp", "clip_sigmas_attn",
@@ -1180,6 +1182,32 @@ class PartialRotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
+def fake_quantize(weight: torch.Tensor, bits: int, clip_sigmas: float, grid: str) -> torch.Tensor:
+    """QAT's weight: in the forward exactly dequantize_per_row(quantize_per_row(weight, ...)), what the exporter's
+    round to nearest stores; in the backward the identity (straight-through), so the gradient reaches the latent
+    float weight. (weight − weight.detach()) is exactly 0, so the sum is the grid's value to the bit."""
+    q, scale = quantize_per_row(weight, bits, clip_sigmas, grid)
+    return (weight - weight.detach()) + dequantize_per_row(q, scale).to(weight.dtype)
+
+
+class QuantAwareLinear(nn.Linear):
+    """A bias-free nn.Linear that, while `fake_quant` is on (QAT, GPT.set_qat), computes with its weight on the grid the
+    artifact stores it on (`grid`: (bits, clip sigmas, QUANT_GRID) from export_grid; None for a weight stored as
+    float16, which QAT leaves alone). The parameter stays the latent float weight: the optimizer steps it, the EMA
+    averages it and the exporter quantizes that average on the same grid. Off, it is nn.Linear to the bit."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.grid = None
+        self.fake_quant = False  # a flag the compiled training graph is guarded on, as GPT.looping
+
+    def effective_weight(self) -> torch.Tensor:
+        return fake_quantize(self.weight, *self.grid) if self.fake_quant else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight())
+
+
 def offset_keys(k: torch.Tensor, starts: torch.Tensor | None, dims: int) -> torch.Tensor:
     """Partial key offset: the last `dims` channels of each key head at position t take position t − 1's, so a head
     can match on the token before the key's. They are zero where t starts a segment (`starts`: True at every BOS and
@@ -1198,10 +1226,10 @@ class Attention(nn.Module):
         self.key_offset_dims = h.key_offset_dims
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
-        self.q = nn.Linear(h.model_dim, h.num_heads * self.head_dim, bias=False)
-        self.k = nn.Linear(h.model_dim, h.num_kv_heads * self.head_dim, bias=False)
-        self.v = nn.Linear(h.model_dim, h.num_kv_heads * self.head_dim, bias=False)
-        self.proj = nn.Linear(h.num_heads * self.head_dim, h.model_dim, bias=False)
+        self.q = QuantAwareLinear(h.model_dim, h.num_heads * self.head_dim)
+        self.k = QuantAwareLinear(h.model_dim, h.num_kv_heads * self.head_dim)
+        self.v = QuantAwareLinear(h.model_dim, h.num_kv_heads * self.head_dim)
+        self.proj = QuantAwareLinear(h.num_heads * self.head_dim, h.model_dim)
         self.q_gain = nn.Parameter(torch.full((h.num_heads, 1), h.qk_gain_init))
         self.rotary = PartialRotary(h.rope_dims, h.rope_base)
         self.xsa, self.gated = h.xsa_enabled, h.attn_gate_enabled
@@ -1234,8 +1262,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        self.up = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
-        self.down = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
+        self.up = QuantAwareLinear(h.model_dim, h.mlp_mult * h.model_dim)
+        self.down = QuantAwareLinear(h.mlp_mult * h.model_dim, h.model_dim)
 
         self.fused = False  # use_device_paths sets FUSED_MLP on CUDA
 
@@ -1243,7 +1271,7 @@ class MLP(nn.Module):
         # The Triton path only in training and with no hooks on the Linears: GPTQ's Hessian hooks and evaluation
         # go through the plain modules, which are what the artifact stores.
         if self.fused and self.training and not (self.up._forward_hooks or self.down._forward_hooks):
-            return fused_leaky_relu_square_mlp(x, self.up.weight, self.down.weight)
+            return fused_leaky_relu_square_mlp(x, self.up.effective_weight(), self.down.effective_weight())
         return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
 
 
@@ -1347,6 +1375,10 @@ class GPT(nn.Module):
             self.smear_lambda = nn.Parameter(torch.zeros(1))  # λ
         self.doc_attention, self.doc_segment_tokens = h.doc_attention, h.doc_segment_tokens
         self.windowed, self.key_offset = h.attn_window > 0, h.key_offset_dims > 0
+        self.qat = False  # set_qat: the block matrices train through fake quantization
+        for name, module in self.blocks.named_modules():
+            if isinstance(module, QuantAwareLinear):
+                module.grid = export_grid(f"blocks.{name}.weight", module.weight, h)
         if h.doc_attention:  # forward passes whose documents overflowed the varlen capacity (no sync to count them)
             self.register_buffer("doc_overflows", torch.zeros((), dtype=torch.int64), persistent=False)
         self._init_weights(h)
@@ -1382,6 +1414,15 @@ class GPT(nn.Module):
     def set_recurrence(self, on: bool) -> None:
         """Training's layout: looped when `on` and NUM_LOOPS > 0 (the compiled graph is guarded on this flag)."""
         self.looping = bool(on) and self.looped_layout is not None
+
+    def set_qat(self, on: bool) -> int:
+        """QAT on or off for every block matrix that the artifact stores as integers; returns how many those are.
+        The compiled training graph is guarded on each one's flag."""
+        matrices = [m for m in self.modules() if isinstance(m, QuantAwareLinear) and m.grid is not None]
+        for m in matrices:
+            m.fake_quant = bool(on)
+        self.qat = bool(on)
+        return len(matrices)
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(idx)
@@ -1855,12 +1896,27 @@ class TrainingClock:
         return elapsed_ms
 
 
+def qat_due(h: Hyperparameters, progress: float) -> bool:
+    """Whether training runs through fake quantization at this progress: QAT_START_FRAC < 1 has been reached."""
+    return h.qat_start_frac < 1 and progress >= h.qat_start_frac
+
+
+def training_graphs(h: Hyperparameters) -> list[tuple[bool, bool]]:
+    """(recurrence, QAT) of every training graph the timed run can switch to, in the order the compile warm-up
+    builds them: the plain layout first, and without QAT first."""
+    loops = (False, True) if h.num_loops else (False,)
+    qat = (False, True) if h.qat_start_frac < 1 else (False,)
+    return [(looping, fake_quant) for looping in loops for fake_quant in qat]
+
+
 def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log) -> float:
     """Run a few real steps so compilation happens before the timer, then restore the initial weights and
-    optimizer states: the timed run starts from step 0 with the graphs already built. With NUM_LOOPS > 0 the
-    first half of the steps (at least one) runs the plain layout and the rest the looped one, so the switch in
-    mid-training finds both graphs built (it flips `model.looping`, on which the compiled graph is guarded)."""
-    steps = max(h.compile_warmup_steps, 2) if h.num_loops and h.compile_warmup_steps > 0 else h.compile_warmup_steps
+    optimizer states: the timed run starts from step 0 with the graphs already built. The steps are shared out
+    among the training graphs (training_graphs, at least one step each): with NUM_LOOPS > 0 the first half runs
+    the plain layout and the rest the looped one, and with QAT each layout runs without, then with it, so the
+    switches in mid-training find every graph built (they flip flags on which the compiled graph is guarded)."""
+    graphs = training_graphs(h)
+    steps = max(h.compile_warmup_steps, len(graphs)) if h.compile_warmup_steps > 0 else 0
     if steps <= 0:
         return 0.0
     start = time.perf_counter()
@@ -1868,10 +1924,13 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size
     initial_optimizers = [opt.state_dict() for opt in optimizers]
     loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
     for step in range(steps):
-        model.set_recurrence(step >= steps // 2)
+        looping, fake_quant = graphs[sum(step >= i * steps // len(graphs) for i in range(1, len(graphs)))]
+        model.set_recurrence(looping)
+        model.set_qat(fake_quant)
         set_schedule(optimizers, step, 0.0, h)
         train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
     synchronize(device)
+    model.set_qat(False)
     model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_optimizers):
         opt.load_state_dict(state)
@@ -1904,6 +1963,8 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
         if h.num_loops and not model.looping and progress >= h.loop_enable_frac:
             model.set_recurrence(True)  # the looped graph was built in the warm-up
             log(f"recurrence:on step:{step}")
+        if not model.qat and qat_due(h, progress):
+            log(f"qat:on step:{step} matrices:{model.set_qat(True)}")  # its graph was built in the warm-up too
         set_schedule(optimizers, step, progress, h)
         loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
         ema.update(model)
@@ -1919,6 +1980,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
             if stop and step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
     model.set_recurrence(True)
+    model.set_qat(False)  # the EMA's latent weights are what is evaluated, exported and adapted by TTT
     log_document_overflows(model, log)
     return step, clock.measured_ms
 
@@ -2087,6 +2149,18 @@ def dequantize_entry(e: dict) -> torch.Tensor:
     return w
 
 
+def export_grid(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[int, float, str] | None:
+    """(bits, clip sigmas, QUANT_GRID) of the per-row grid on which the artifact stores a tensor as integers, or None
+    for a tensor it stores as float16. Gate matrices: GATE_BITS on the absmax grid. QAT trains on these grids too."""
+    if is_gate_matrix(name, tensor):
+        return GATE_BITS, 0.0, "absmax"
+    if tensor.ndim != 2 or tensor.numel() <= h.float_max_numel:
+        return None
+    role = tensor_class(name)
+    clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn, "other": h.clip_sigmas_other}
+    return h.embed_bits if role == "embed" else h.matrix_bits, clip[role], h.quant_grid
+
+
 def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
                         hessians: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """name → {"kind": "int", "bits", "q", "scale"[, "lqer"]} for large matrices and gate matrices (GATE_BITS),
@@ -2095,22 +2169,18 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
     A matrix with a Hessian in `hessians` (QUANT_METHOD=gptq) gets GPTQ's integers, the others round to
     nearest; both use QUANT_GRID's scales, so the two give artifacts of the same layout. With LQER_ENABLED, the
     LQER_TOP_K matrices whose error ‖W − Q(W)‖_F is largest also get "lqer" factors of that error."""
-    clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn, "other": h.clip_sigmas_other}
     hessians = hessians or {}
     quantized = {}
     for name, tensor in state.items():
-        if is_gate_matrix(name, tensor):
-            q, scale = quantize_per_row(tensor, GATE_BITS, 0.0, "absmax")
-            quantized[name] = {"kind": "int", "bits": GATE_BITS, "q": q, "scale": scale}
-        elif tensor.ndim == 2 and tensor.numel() > h.float_max_numel:
-            cls = tensor_class(name)
-            bits = h.embed_bits if cls == "embed" else h.matrix_bits
-            q, scale = quantize_per_row(tensor, bits, clip[cls], h.quant_grid)
-            if name in hessians:
-                q = gptq_quantize(tensor, hessians[name], scale, 2 ** (bits - 1) - 1, h.gptq_damp, h.gptq_block)
-            quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
-        else:
+        grid = export_grid(name, tensor, h)
+        if grid is None:
             quantized[name] = {"kind": "float16", "data": tensor.detach().to(torch.float16)}
+            continue
+        bits = grid[0]
+        q, scale = quantize_per_row(tensor, *grid)
+        if name in hessians:  # never a gate matrix: the Hessians are the Linears' and the embedding's
+            q = gptq_quantize(tensor, hessians[name], scale, 2 ** (bits - 1) - 1, h.gptq_damp, h.gptq_block)
+        quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
     if h.lqer_enabled:
         errors = {n: (state[n].detach().float() - dequantize_entry(e)).norm().item()
                   for n, e in quantized.items() if e["kind"] == "int" and not is_gate_matrix(n, state[n])}

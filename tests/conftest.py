@@ -89,6 +89,12 @@ def tiny_hparams(**overrides) -> tg.Hyperparameters:
     return h
 
 
+def sample_hparams(**overrides) -> tg.Hyperparameters:
+    """tiny_hparams that train on the bundled sample: batches of 4 sequences of 64 tokens, no wall-clock stop."""
+    return tiny_hparams(data_path=os.path.join(REPO, "data", "sample"), vocab_size=1024, train_seq_len=64,
+                        train_batch_tokens=256, grad_accum_steps=1, max_wallclock_seconds=0, **overrides)
+
+
 def make_model(seed: int = 0, **overrides) -> tg.GPT:
     torch.manual_seed(seed)
     return tg.GPT(tiny_hparams(**overrides)).eval()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import train_gpt as tg
 from conftest import REPO, run_script
 from conftest import baseline_keys, baseline_logits, make_model, perturb, tiny_hparams, tokens_with_bos
-from conftest import documents_of, reference_varlen
+from conftest import documents_of, reference_varlen, sample_hparams
 
 SPEC_ENCODER = [0, 1, 2, 3, 4, 5, 3, 4]
 SPEC_DECODER = [5, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -367,11 +367,6 @@ def test_varlen_kernel_on_the_gpu_matches_the_mask_path_compiled(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- training loop
-
-def sample_hparams(**overrides) -> tg.Hyperparameters:
-    return tiny_hparams(data_path=os.path.join(REPO, "data", "sample"), vocab_size=1024, train_seq_len=64,
-                        train_batch_tokens=256, grad_accum_steps=1, max_wallclock_seconds=0, **overrides)
-
 
 def test_warm_up_runs_both_layouts_and_restores_the_initial_state():
     h = sample_hparams(**ALL_ON, compile_warmup_steps=1)  # one step asked for: both layouts still get one
