@@ -79,8 +79,46 @@ PROXY_PRESET = {
     "SMEAR_GATE_ENABLED": "0",
 }
 
-# PRESET=<name> sets these defaults; a variable set in the environment still wins over its preset's value.
-PRESETS = {"smoke": SMOKE_PRESET, "proxy": PROXY_PRESET}
+# Published stacks as settings over the defaults, which are the top record's configuration. Where a record did a
+# thing our code has no switch for, the preset keeps ours; docs/method.md lists each difference and assumption.
+# PR #1787 (1.06335): the defaults' core, without what the top record added to it.
+PR1787_PRESET = {
+    "LQER_ENABLED": "0",
+    "COMPRESSOR": "brotli",
+    "EMBED_BITS": "6",  # assumed: an int7 embedding fits the cap with rANS, not with brotli
+    "ATTN_GATE_ENABLED": "0",  # SmearGate stays on, with its BOS fix, which has no switch
+}
+# PR #1812 (1.0729): whole-model score-first SGD TTT, Muon's weight decay by role.
+PR1812_PRESET = {
+    "TTT_MODE": "sgd",
+    "TTT_EPOCHS": "4",
+    "MUON_WEIGHT_DECAY_MLP": "0.115",
+    "MUON_WEIGHT_DECAY_ATTN": "0.095",
+    "QK_GAIN_INIT": "5.25",
+    "PARALLEL_RESIDUAL_LANES": "1",  # assumed: parallel residuals on one stream
+    "LQER_ENABLED": "0",
+    "COMPRESSOR": "brotli",
+    "EMBED_BITS": "6",
+}
+# PR #1809 (1.0800, over the size cap): Gram Newton–Schulz with 4 steps.
+PR1809_PRESET = {"MUON_BACKEND": "gram", "MUON_NS_STEPS": "4"}
+# PR #1512 (1.1117): 4096-token sequences, sliding windows on layers 0–7, QAT, a partial key offset.
+PR1512_PRESET = {
+    "TRAIN_SEQ_LEN": "4096",
+    "EVAL_SEQ_LEN": "4096",
+    "EVAL_STRIDE": "128",  # as many positions computed per target as the defaults' 2048/64
+    "ATTN_WINDOW": "256",
+    "ATTN_WINDOW_LAYERS": "0-7",
+    "QAT_START_FRAC": "0.85",  # assumed: the record's start is not known
+    "QK_GAIN_INIT": "2.5",
+    "KEY_OFFSET_DIMS": "16",  # assumed: a third of the 48 channels without RoPE
+    "TTT_MODE": "none",  # the record's key offset broke its TTT (ours works with TTT: set TTT_MODE to use it)
+}
+
+# PRESET=<name>, or names separated by commas applied left to right (a later one wins: PRESET=smoke,pr1512 is the
+# smoke model with pr1512's settings), sets these defaults; a variable set in the environment still wins.
+PRESETS = {"smoke": SMOKE_PRESET, "proxy": PROXY_PRESET, "pr1787": PR1787_PRESET, "pr1812": PR1812_PRESET,
+           "pr1809": PR1809_PRESET, "pr1512": PR1512_PRESET}
 
 # The published record's environment names, read as ours (a name the record shares with us needs no entry).
 ENV_ALIASES = {
@@ -166,13 +204,22 @@ def record_settings(environ, kinds: dict[str, str]) -> dict[str, str]:
     return translated
 
 
+def preset_settings(preset: str) -> dict[str, str]:
+    """The settings of PRESET: of each name it lists (separated by commas), left to right, a later one winning."""
+    settings = {}
+    for name in preset.split(",") if preset else []:
+        if name.strip() not in PRESETS:
+            raise SystemExit(f"PRESET={preset!r}" + (f" names {name.strip()!r}, which" if "," in preset else "") +
+                             f" is unknown: use one of {', '.join(sorted(PRESETS))}, several separated by commas "
+                             f"(a later one wins: smoke,pr1512), or unset PRESET")
+        settings.update(PRESETS[name.strip()])
+    return settings
+
+
 def env_settings(environ) -> dict[str, str]:
-    """The raw text of every setting given: the preset's, then the record's names, then ours."""
-    preset = environ.get("PRESET", "")
-    if preset and preset not in PRESETS:
-        raise SystemExit(f"PRESET={preset!r} is unknown: use one of {', '.join(sorted(PRESETS))}, or unset PRESET")
+    """The raw text of every setting given: the presets', then the record's names, then ours."""
     kinds = field_kinds()
-    settings = dict(PRESETS.get(preset, {}))
+    settings = preset_settings(environ.get("PRESET", ""))
     settings.update(record_settings(environ, kinds))
     settings.update({name: environ[name] for name in kinds if name in environ})
     return settings
