@@ -286,7 +286,7 @@ class Hyperparameters:
     doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
     doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
     attn_window: int = 0  # sliding-window attention: a query sees itself and the ATTN_WINDOW tokens before it; 0 = all
-    attn_window_layers: str = ""  # the physical layers ATTN_WINDOW applies to, e.g. "0-7" or "0,2,4-6"; "" = every layer
+    attn_window_layers: str = ""  # the physical layers ATTN_WINDOW applies to ("0-7", "0,2,4-6"); "" = every layer
     key_offset_dims: int = 0  # partial key offset: this many channels of each key head (from those without RoPE) hold
     # the previous token's key, never across a BOS or a row start; 0 = off
     # training
@@ -2204,7 +2204,8 @@ def export_grid(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[in
     if tensor.ndim != 2 or tensor.numel() <= h.float_max_numel:
         return None
     role = tensor_class(name)
-    clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn, "other": h.clip_sigmas_other}
+    clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn,
+            "other": h.clip_sigmas_other}
     return h.embed_bits if role == "embed" else h.matrix_bits, clip[role], h.quant_grid
 
 

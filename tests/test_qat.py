@@ -48,7 +48,8 @@ def test_every_block_matrix_trains_on_the_grid_its_artifact_entry_uses():
     # the default size limit keeps the tiny model's matrices float16: QAT then has nothing to round
     plain = make_model()
     assert plain.set_qat(True) == 0
-    assert all(torch.equal(m.effective_weight(), m.weight) for m in plain.modules() if isinstance(m, tg.QuantAwareLinear))
+    linears = [m for m in plain.modules() if isinstance(m, tg.QuantAwareLinear)]
+    assert linears and all(torch.equal(m.effective_weight(), m.weight) for m in linears)
 
 
 def test_gradients_pass_straight_through():

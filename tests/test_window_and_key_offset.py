@@ -47,9 +47,13 @@ def test_windowed_attention_equals_a_float64_band_reference(window, bounds, requ
     starts, doc = tg.document_starts(idx), document_ids(idx)
     if bounds == "packed":
         request.getfixturevalue("packed_path")  # the reference varlen kernel, which must receive the window
-    docs = None if bounds == "none" else tg.document_mask(starts) if bounds == "mask" else tg.document_segments(starts, 4)
+    docs = {"none": None, "mask": tg.document_mask(starts), "packed": tg.document_segments(starts, 4)}[bounds]
     out = tg.causal_attention(q, k, v, docs, window)
-    ref = reference_attention(q, k, v, lambda b, t, s: 0 <= t - s <= window and (bounds == "none" or doc[b][t] == doc[b][s]))
+
+    def in_band(b, t, s):
+        return 0 <= t - s <= window and (bounds == "none" or doc[b][t] == doc[b][s])
+
+    ref = reference_attention(q, k, v, in_band)
     assert (out.double() - ref).abs().max().item() < 1e-5
 
 
