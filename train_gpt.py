@@ -80,8 +80,46 @@ PROXY_PRESET = {
     "SMEAR_GATE_ENABLED": "0",
 }
 
-# PRESET=<name> sets these defaults; a variable set in the environment still wins over its preset's value.
-PRESETS = {"smoke": SMOKE_PRESET, "proxy": PROXY_PRESET}
+# Published stacks as settings over the defaults, which are the top record's configuration. Where a record did a
+# thing our code has no switch for, the preset keeps ours; docs/method.md lists each difference and assumption.
+# PR #1787 (1.06335): the defaults' core, without what the top record added to it.
+PR1787_PRESET = {
+    "LQER_ENABLED": "0",
+    "COMPRESSOR": "brotli",
+    "EMBED_BITS": "6",  # assumed: an int7 embedding fits the cap with rANS, not with brotli
+    "ATTN_GATE_ENABLED": "0",  # SmearGate stays on, with its BOS fix, which has no switch
+}
+# PR #1812 (1.0729): whole-model score-first SGD TTT, Muon's weight decay by role.
+PR1812_PRESET = {
+    "TTT_MODE": "sgd",
+    "TTT_EPOCHS": "4",
+    "MUON_WEIGHT_DECAY_MLP": "0.115",
+    "MUON_WEIGHT_DECAY_ATTN": "0.095",
+    "QK_GAIN_INIT": "5.25",
+    "PARALLEL_RESIDUAL_LANES": "1",  # assumed: parallel residuals on one stream
+    "LQER_ENABLED": "0",
+    "COMPRESSOR": "brotli",
+    "EMBED_BITS": "6",
+}
+# PR #1809 (1.0800, over the size cap): Gram Newton–Schulz with 4 steps.
+PR1809_PRESET = {"MUON_BACKEND": "gram", "MUON_NS_STEPS": "4"}
+# PR #1512 (1.1117): 4096-token sequences, sliding windows on layers 0–7, QAT, a partial key offset.
+PR1512_PRESET = {
+    "TRAIN_SEQ_LEN": "4096",
+    "EVAL_SEQ_LEN": "4096",
+    "EVAL_STRIDE": "128",  # as many positions computed per target as the defaults' 2048/64
+    "ATTN_WINDOW": "256",
+    "ATTN_WINDOW_LAYERS": "0-7",
+    "QAT_START_FRAC": "0.85",  # assumed: the record's start is not known
+    "QK_GAIN_INIT": "2.5",
+    "KEY_OFFSET_DIMS": "16",  # assumed: a third of the 48 channels without RoPE
+    "TTT_MODE": "none",  # the record's key offset broke its TTT (ours works with TTT: set TTT_MODE to use it)
+}
+
+# PRESET=<name>, or names separated by commas applied left to right (a later one wins: PRESET=smoke,pr1512 is the
+# smoke model with pr1512's settings), sets these defaults; a variable set in the environment still wins.
+PRESETS = {"smoke": SMOKE_PRESET, "proxy": PROXY_PRESET, "pr1787": PR1787_PRESET, "pr1812": PR1812_PRESET,
+           "pr1809": PR1809_PRESET, "pr1512": PR1512_PRESET}
 
 # The published record's environment names, read as ours (a name the record shares with us needs no entry).
 ENV_ALIASES = {
@@ -167,13 +205,22 @@ def record_settings(environ, kinds: dict[str, str]) -> dict[str, str]:
     return translated
 
 
+def preset_settings(preset: str) -> dict[str, str]:
+    """The settings of PRESET: of each name it lists (separated by commas), left to right, a later one winning."""
+    settings = {}
+    for name in preset.split(",") if preset else []:
+        if name.strip() not in PRESETS:
+            raise SystemExit(f"PRESET={preset!r}" + (f" names {name.strip()!r}, which" if "," in preset else "") +
+                             f" is unknown: use one of {', '.join(sorted(PRESETS))}, several separated by commas "
+                             f"(a later one wins: smoke,pr1512), or unset PRESET")
+        settings.update(PRESETS[name.strip()])
+    return settings
+
+
 def env_settings(environ) -> dict[str, str]:
-    """The raw text of every setting given: the preset's, then the record's names, then ours."""
-    preset = environ.get("PRESET", "")
-    if preset and preset not in PRESETS:
-        raise SystemExit(f"PRESET={preset!r} is unknown: use one of {', '.join(sorted(PRESETS))}, or unset PRESET")
+    """The raw text of every setting given: the presets', then the record's names, then ours."""
     kinds = field_kinds()
-    settings = dict(PRESETS.get(preset, {}))
+    settings = preset_settings(environ.get("PRESET", ""))
     settings.update(record_settings(environ, kinds))
     settings.update({name: environ[name] for name in kinds if name in environ})
     return settings
@@ -240,6 +287,10 @@ class Hyperparameters:
     doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
     doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
     attn_cudnn: bool = True  # on CUDA, causal attention without document bounds (TTT) tries cuDNN's kernel first
+    attn_window: int = 0  # sliding-window attention: a query sees itself and the ATTN_WINDOW tokens before it; 0 = all
+    attn_window_layers: str = ""  # the physical layers ATTN_WINDOW applies to ("0-7", "0,2,4-6"); "" = every layer
+    key_offset_dims: int = 0  # partial key offset: this many channels of each key head (from those without RoPE) hold
+    # the previous token's key, never across a BOS or a row start; 0 = off
     # training
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -248,6 +299,8 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 = derived: the fewest micro-steps whose share fits MICRO_BATCH_TOKENS
     micro_batch_tokens: int = 98304  # most tokens per rank per micro-step: the 8-GPU record's per-GPU batch
+    qat_start_frac: float = 1.0  # QAT: from this fraction of training on, the block matrices train through fake
+    # quantization on the artifact's grid (QuantAwareLinear); 1 = off, 0 = from the first step
     warmup_steps: int = 0  # steps of linear LR ramp; none as published (COMPILE_WARMUP_STEPS only builds graphs)
     warmdown_frac: float = 0.85
     min_lr: float = 0.10
@@ -366,8 +419,9 @@ SETTING_RANGES = {
                      "ttt_epochs", "max_wallclock_seconds", "quant_reserve_seconds", "grad_clip_norm", "matrix_lr",
                      "muon_weight_decay", "embed_lr", "embed_weight_decay", "scalar_lr", "scalar_weight_decay",
                      "embed_init_std", "gptq_damp", "eval_budget_seconds", "ttt_lr", "ttt_grad_clip", "ttt_lora_lr",
-                     "ttt_lora_wd", "ttt_phase_lr", "ttt_step_cost_tokens"), (0, None)),
-    **dict.fromkeys(("warmdown_frac", "min_lr", "ema_decay", "loop_enable_frac", "muon_momentum",
+                     "ttt_lora_wd", "ttt_phase_lr", "ttt_step_cost_tokens", "attn_window",
+                     "key_offset_dims"), (0, None)),
+    **dict.fromkeys(("warmdown_frac", "min_lr", "ema_decay", "loop_enable_frac", "qat_start_frac", "muon_momentum",
                      "muon_momentum_warmup_start", "ttt_momentum"), (0, 1)),
     **dict.fromkeys(("adam_beta1", "adam_beta2", "ttt_lora_beta1", "ttt_lora_beta2"), (0, 0.999999)),
     **dict.fromkeys(("rope_base", "logit_softcap", "adam_eps", "clip_sigmas_mlp", "clip_sigmas_attn",
@@ -416,8 +470,15 @@ def model_problems(h: Hyperparameters) -> list[str]:
     head_dim = h.model_dim // h.num_heads
     if h.rope_dims % 2 or not 0 < h.rope_dims <= head_dim:
         out.append(f"ROPE_DIMS={h.rope_dims} must be even and at most the head dim {head_dim}")
+    elif h.key_offset_dims > head_dim - h.rope_dims:
+        out.append(f"KEY_OFFSET_DIMS={h.key_offset_dims} must be at most the {head_dim - h.rope_dims} channels of a "
+                   f"head without RoPE (head dim {head_dim} − ROPE_DIMS={h.rope_dims}): lower it, or ROPE_DIMS")
     if h.attn_gate_enabled and h.model_dim < ATTN_GATE_WIDTH:
         out.append(f"ATTN_GATE_ENABLED needs MODEL_DIM={h.model_dim} of at least {ATTN_GATE_WIDTH}")
+    try:
+        windowed_layers(h)
+    except SystemExit as exc:
+        out.append(str(exc))
     if h.num_loops < 0 or h.num_loops and not 0 <= h.loop_start <= h.loop_end < h.num_layers:
         return out + [f"NUM_LOOPS={h.num_loops} must be ≥ 0, and with loops 0 ≤ LOOP_START={h.loop_start} "
                       f"≤ LOOP_END={h.loop_end} < NUM_LAYERS={h.num_layers}"]
@@ -435,6 +496,33 @@ def model_problems(h: Hyperparameters) -> list[str]:
                        f"{h.parallel_residual_start} to run last and in the decoder half: order {encoder + decoder}")
             break
     return out
+
+
+def windowed_layers(h: Hyperparameters) -> set[int]:
+    """The physical layers ATTN_WINDOW applies to, from ATTN_WINDOW_LAYERS: ranges and single layers separated by
+    commas ("0-7", "0,2,4-6"); empty: every layer. A looped layer's every pass is its physical layer's."""
+    spec = h.attn_window_layers.strip()
+    if not spec:
+        return set(range(h.num_layers))
+    advice = (f"set it to layers and ranges of 0..{h.num_layers - 1} (NUM_LAYERS={h.num_layers}) separated by commas, "
+              f"like 0-7 or 0,2,4-6, or empty for every layer")
+    layers = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise SystemExit(f"ATTN_WINDOW_LAYERS={h.attn_window_layers!r} is not a list of layers: {advice}") from None
+        if not 0 <= low <= high < h.num_layers:
+            raise SystemExit(f"ATTN_WINDOW_LAYERS={h.attn_window_layers!r} names {part.strip()!r}, not layers of this "
+                             f"model: {advice}")
+        layers.update(range(low, high + 1))
+    return layers
+
+
+def layer_window(h: Hyperparameters, layer_index: int) -> int:
+    """The attention window of a physical layer: ATTN_WINDOW where it applies, else 0 (the whole causal context)."""
+    return h.attn_window if h.attn_window and layer_index in windowed_layers(h) else 0
 
 
 def schedule_problems(h: Hyperparameters, world_size: int) -> list[str]:
@@ -992,26 +1080,45 @@ try:  # PyTorch's packed variable-length attention (FlashAttention-2 kernels); i
     _VARLEN_ARGS = inspect.signature(_torch_varlen).parameters
     _TORCH_VARLEN_GQA = "enable_gqa" in _VARLEN_ARGS
     _TORCH_VARLEN_CAUSAL = {"is_causal": True} if "is_causal" in _VARLEN_ARGS else {"window_size": (-1, 0)}
+    _TORCH_VARLEN_WINDOW = "window_size" in _VARLEN_ARGS  # sliding windows as window_size=(left, 0)
 except ImportError:
-    _torch_varlen = None
+    _torch_varlen, _TORCH_VARLEN_WINDOW = None, False
 # device types on which document-bounded attention runs packed through a varlen kernel; elsewhere an explicit mask
 VARLEN_DEVICES = ("cuda",) if _flash_attn_3_varlen is not None or _torch_varlen is not None else ()
+# whether that kernel also takes a sliding window; if not, a model with windows bounds documents by the mask
+VARLEN_WINDOWS = _flash_attn_3_varlen is not None or _TORCH_VARLEN_WINDOW
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None, window: int = 0) -> torch.Tensor:
     """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries).
 
     `docs` bounds it by documents: a boolean mask from document_mask, or (cu_seqlens, overflow start) from
-    document_segments for the packed varlen kernels."""
+    document_segments for the packed varlen kernels. `window` > 0 bounds it by distance too: query t sees keys
+    t − window..t only (FlashAttention's window_size=(window, 0)). Every path applies both the same way:
+    training, evaluation and TTT all come here."""
     if isinstance(docs, tuple):
-        return packed_document_attention(q, k, v, *docs)
+        return packed_document_attention(q, k, v, *docs, window=window)
     if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out = _flash_attn_3(q, k, v, causal=True)
+        out = _flash_attn_3(q, k, v, causal=True, **({"window_size": (window, 0)} if window else {}))
         return out[0] if isinstance(out, tuple) else out
-    # grouped queries in the kernel (enable_gqa) rather than repeated keys and values: less memory moved
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
-                                         is_causal=docs is None, enable_gqa=q.size(2) != k.size(2))
+    gqa, mask = q.size(2) != k.size(2), docs
+    if window:  # a band even where it covers the whole row: no branch on the length, which TTT's graph has dynamic
+        band = window_mask(q.size(1), window, q.device)
+        mask = band if docs is None else docs & band
+    if gqa and mask is not None:  # SDPA's kernels that take a mask take no grouped queries: repeat keys and values
+        group = q.size(2) // k.size(2)
+        k, v, gqa = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False
+    # otherwise grouped queries in the kernel (enable_gqa) rather than repeated keys and values: less memory moved
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None, enable_gqa=gqa)
     return out.transpose(1, 2)
+
+
+def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """(time, time), True where query t may attend key s: t − window ≤ s ≤ t."""
+    pos = torch.arange(seq_len, device=device)
+    back = pos[:, None] - pos[None, :]
+    return (back >= 0) & (back <= window)
 
 
 def prefer_cudnn_attention() -> None:
@@ -1056,28 +1163,31 @@ def document_segments(starts: torch.Tensor, max_cuts: int) -> tuple[torch.Tensor
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_len: int) -> torch.Tensor:
+                            max_len: int, window: int = 0) -> torch.Tensor:
     """Causal attention inside each segment [cu[i], cu[i+1]) of packed (tokens, heads, head_dim) tensors, on
-    FlashAttention-3 or PyTorch's varlen kernel (half precision only: float32 inputs go through bfloat16)."""
+    FlashAttention-3 or PyTorch's varlen kernel (half precision only: float32 inputs go through bfloat16);
+    `window` > 0: each query sees only the `window` keys before it and itself (see causal_attention)."""
     dtype = q.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     if _flash_attn_3_varlen is not None:
-        out = _flash_attn_3_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
-        out = out[0] if isinstance(out, tuple) else out
-    elif _TORCH_VARLEN_GQA:
-        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, enable_gqa=True, **_TORCH_VARLEN_CAUSAL)
+        out = _flash_attn_3_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True,
+                                   **({"window_size": (window, 0)} if window else {}))
+        return (out[0] if isinstance(out, tuple) else out).to(dtype)
+    causal = {"window_size": (window, 0)} if window else _TORCH_VARLEN_CAUSAL
+    if _TORCH_VARLEN_GQA:
+        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, enable_gqa=True, **causal)
     else:
         group = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **_TORCH_VARLEN_CAUSAL)
+        out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
     return out.to(dtype)
 
 
 def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                              overflow_start: torch.Tensor) -> torch.Tensor:
+                              overflow_start: torch.Tensor, window: int = 0) -> torch.Tensor:
     batch, seq_len, heads, head_dim = q.shape
-    y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len)
+    y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len, window)
     # Past the first BOS left out, segments may span several documents: there each token attends to itself alone
     # (its output is its own value), so attention never crosses a boundary; GPT counts such batches, train() logs them.
     past = torch.arange(y.size(0), device=y.device)[:, None, None] >= overflow_start
@@ -1131,15 +1241,54 @@ class PartialRotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
+def fake_quantize(weight: torch.Tensor, bits: int, clip_sigmas: float, grid: str) -> torch.Tensor:
+    """QAT's weight: in the forward exactly dequantize_per_row(quantize_per_row(weight, ...)), what the exporter's
+    round to nearest stores; in the backward the identity (straight-through), so the gradient reaches the latent
+    float weight. (weight − weight.detach()) is exactly 0, so the sum is the grid's value to the bit."""
+    q, scale = quantize_per_row(weight, bits, clip_sigmas, grid)
+    return (weight - weight.detach()) + dequantize_per_row(q, scale).to(weight.dtype)
+
+
+class QuantAwareLinear(nn.Linear):
+    """A bias-free nn.Linear that, while `fake_quant` is on (QAT, GPT.set_qat), computes with its weight on the grid the
+    artifact stores it on (`grid`: (bits, clip sigmas, QUANT_GRID) from export_grid; None for a weight stored as
+    float16, which QAT leaves alone). The parameter stays the latent float weight: the optimizer steps it, the EMA
+    averages it and the exporter quantizes that average on the same grid. Off, it is nn.Linear to the bit."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.grid = None
+        self.fake_quant = False  # a flag the compiled training graph is guarded on, as GPT.looping
+
+    def effective_weight(self) -> torch.Tensor:
+        return fake_quantize(self.weight, *self.grid) if self.fake_quant else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight())
+
+
+def offset_keys(k: torch.Tensor, starts: torch.Tensor | None, dims: int) -> torch.Tensor:
+    """Partial key offset: the last `dims` channels of each key head at position t take position t − 1's, so a head
+    can match on the token before the key's. They are zero where t starts a segment (`starts`: True at every BOS and
+    row start, as document_starts gives; None: at row starts only), so nothing crosses a document boundary. k is
+    (batch, time, heads, head_dim), after RoPE, which leaves those channels alone (it turns the first ones)."""
+    previous = F.pad(k[:, :-1, :, -dims:], (0, 0, 0, 0, 1, 0))  # row start: zeros
+    if starts is not None:
+        previous = torch.where(starts[:, :, None, None], 0.0, previous)
+    return torch.cat((k[..., :-dims], previous), dim=-1)
+
+
 class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters):
+    def __init__(self, h: Hyperparameters, window: int = 0):
         super().__init__()
+        self.window = window  # sliding window of this layer (layer_window); 0: the whole causal context
+        self.key_offset_dims = h.key_offset_dims
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
-        self.q = nn.Linear(h.model_dim, h.num_heads * self.head_dim, bias=False)
-        self.k = nn.Linear(h.model_dim, h.num_kv_heads * self.head_dim, bias=False)
-        self.v = nn.Linear(h.model_dim, h.num_kv_heads * self.head_dim, bias=False)
-        self.proj = nn.Linear(h.num_heads * self.head_dim, h.model_dim, bias=False)
+        self.q = QuantAwareLinear(h.model_dim, h.num_heads * self.head_dim)
+        self.k = QuantAwareLinear(h.model_dim, h.num_kv_heads * self.head_dim)
+        self.v = QuantAwareLinear(h.model_dim, h.num_kv_heads * self.head_dim)
+        self.proj = QuantAwareLinear(h.num_heads * self.head_dim, h.model_dim)
         self.q_gain = nn.Parameter(torch.full((h.num_heads, 1), h.qk_gain_init))
         self.rotary = PartialRotary(h.rope_dims, h.rope_base)
         self.xsa, self.gated = h.xsa_enabled, h.attn_gate_enabled
@@ -1149,7 +1298,8 @@ class Attention(nn.Module):
             # skip it, and the artifact stores it int8 per row (GATE_MATRICES).
             self.gate = nn.Parameter(torch.zeros(h.num_heads, ATTN_GATE_WIDTH))  # sigmoid(0): every head starts at 0.5
 
-    def forward(self, x: torch.Tensor, docs=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, docs=None, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """`docs` as causal_attention takes it; `starts` (document_starts) for the key offset."""
         batch, seq_len, _ = x.shape
         q = self.q(x).view(batch, seq_len, self.num_heads, self.head_dim)
         k = self.k(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
@@ -1157,7 +1307,9 @@ class Attention(nn.Module):
         # q and k are unit-RMS per head, so the learned gain alone sets how sharp attention can get
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, docs)
+        if self.key_offset_dims:
+            k = offset_keys(k, starts, self.key_offset_dims)
+        y = causal_attention(q, k, v, docs, self.window)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gated:
@@ -1169,8 +1321,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        self.up = nn.Linear(h.model_dim, h.mlp_mult * h.model_dim, bias=False)
-        self.down = nn.Linear(h.mlp_mult * h.model_dim, h.model_dim, bias=False)
+        self.up = QuantAwareLinear(h.model_dim, h.mlp_mult * h.model_dim)
+        self.down = QuantAwareLinear(h.mlp_mult * h.model_dim, h.model_dim)
 
         self.fused = False  # use_device_paths sets FUSED_MLP on CUDA
 
@@ -1178,7 +1330,7 @@ class MLP(nn.Module):
         # The Triton path only in training and with no hooks on the Linears: GPTQ's Hessian hooks and evaluation
         # go through the plain modules, which are what the artifact stores.
         if self.fused and self.training and not (self.up._forward_hooks or self.down._forward_hooks):
-            return fused_leaky_relu_square_mlp(x, self.up.weight, self.down.weight)
+            return fused_leaky_relu_square_mlp(x, self.up.effective_weight(), self.down.effective_weight())
         return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
 
 
@@ -1201,7 +1353,7 @@ class Block(nn.Module):
         # layer's later passes: the block then computes one function in both layouts (recurrence switches on in
         # mid-training, over weights trained without it), and the scale stays a constant of the block.
         self.norm_scale = 1.0 / math.sqrt(layer_index + 1)
-        self.attn = Attention(h)
+        self.attn = Attention(h, layer_window(h, layer_index))  # a looped layer's every pass: its physical window
         self.mlp = MLP(h)
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
@@ -1219,24 +1371,25 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def attn_out(self, x: torch.Tensor, docs) -> torch.Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, docs)
+    def attn_out(self, x: torch.Tensor, docs, starts) -> torch.Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, docs, starts)
 
     def mlp_out(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def forward(self, x, x0: torch.Tensor, docs=None):
-        """x: the residual stream, or (lane 0, lane 1) inside the two-lane layers (the first one splits the stream)."""
+    def forward(self, x, x0: torch.Tensor, docs=None, starts=None):
+        """x: the residual stream, or (lane 0, lane 1) inside the two-lane layers (the first one splits the stream);
+        docs and starts: what attention needs from the tokens (Attention.forward)."""
         if self.two_lanes:
             lane0, lane1 = x if isinstance(x, tuple) else (x, x)
-            attn_out, mlp_out = self.attn_out(self.read(lane0, x0), docs), self.mlp_out(lane1)
+            attn_out, mlp_out = self.attn_out(self.read(lane0, x0), docs, starts), self.mlp_out(lane1)
             r, p = self.lane_residual.to(lane0.dtype), self.lane_post.to(lane0.dtype)
             return (r[0] * lane0 + p[0, 0] * attn_out + p[0, 1] * mlp_out,
                     r[1] * lane1 + p[1, 0] * attn_out + p[1, 1] * mlp_out)
         x = self.read(x, x0)
         if self.parallel:
-            return x + self.attn_out(x, docs) + self.mlp_out(x)
-        x = x + self.attn_out(x, docs)
+            return x + self.attn_out(x, docs, starts) + self.mlp_out(x)
+        x = x + self.attn_out(x, docs, starts)
         return x + self.mlp_out(x)
 
 
@@ -1280,6 +1433,11 @@ class GPT(nn.Module):
             self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_WIDTH))  # W
             self.smear_lambda = nn.Parameter(torch.zeros(1))  # λ
         self.doc_attention, self.doc_segment_tokens = h.doc_attention, h.doc_segment_tokens
+        self.windowed, self.key_offset = h.attn_window > 0, h.key_offset_dims > 0
+        self.qat = False  # set_qat: the block matrices train through fake quantization
+        for name, module in self.blocks.named_modules():
+            if isinstance(module, QuantAwareLinear):
+                module.grid = export_grid(f"blocks.{name}.weight", module.weight, h)
         if h.doc_attention:  # forward passes whose documents overflowed the varlen capacity (no sync to count them)
             self.register_buffer("doc_overflows", torch.zeros((), dtype=torch.int64), persistent=False)
         self._init_weights(h)
@@ -1299,7 +1457,7 @@ class GPT(nn.Module):
     def documents(self, idx: torch.Tensor):
         """What causal_attention needs to keep each token inside its document (found from BOS)."""
         starts = document_starts(idx)
-        if idx.device.type not in VARLEN_DEVICES:
+        if idx.device.type not in VARLEN_DEVICES or self.windowed and not VARLEN_WINDOWS:
             return document_mask(starts)
         # A fixed capacity keeps the graph static; FlashAttention launches blocks for every segment, empty or not,
         # so it is sized for documents of DOC_SEGMENT_TOKENS on average, far below FineWeb's (≈ 1,000 tokens).
@@ -1316,6 +1474,15 @@ class GPT(nn.Module):
         """Training's layout: looped when `on` and NUM_LOOPS > 0 (the compiled graph is guarded on this flag)."""
         self.looping = bool(on) and self.looped_layout is not None
 
+    def set_qat(self, on: bool) -> int:
+        """QAT on or off for every block matrix that the artifact stores as integers; returns how many those are.
+        The compiled training graph is guarded on each one's flag."""
+        matrices = [m for m in self.modules() if isinstance(m, QuantAwareLinear) and m.grid is not None]
+        for m in matrices:
+            m.fake_quant = bool(on)
+        self.qat = bool(on)
+        return len(matrices)
+
     def hidden(self, idx: torch.Tensor, one_document: bool = False) -> torch.Tensor:
         """Final hidden states of idx. `one_document`: each row is one document from its first position on, up to
         where its targets end (TTT's windows and phase rows): causal attention alone then keeps every scored
@@ -1331,10 +1498,11 @@ class GPT(nn.Module):
             x = x.to(self.residual_dtype)
         x0 = x  # every block mixes its input with the embedding output (resid_mix)
         docs = self.documents(idx) if self.doc_attention and not one_document else None
+        starts = document_starts(idx) if self.key_offset else None
         encoder, decoder = self.layout()
         skips = []
         for i in encoder:
-            x = self.blocks[i](x, x0, docs)
+            x = self.blocks[i](x, x0, docs, starts)
             skips.append(x)
         for i in decoder:
             if skips:  # the last encoder output feeds the first decoder layer, and so on outwards
@@ -1342,7 +1510,7 @@ class GPT(nn.Module):
                 skip, weight, gate = skips.pop(), self.skip_weights[row], self.skip_gates[row]
                 x = tuple(join_skip(lane, skip, weight, gate) for lane in x) if isinstance(x, tuple) \
                     else join_skip(x, skip, weight, gate)
-            x = self.blocks[i](x, x0, docs)
+            x = self.blocks[i](x, x0, docs, starts)
         if isinstance(x, tuple):
             x = (x[0] + x[1]) / 2  # the two lanes' mean
         return rms_norm(x)
@@ -1794,12 +1962,27 @@ class TrainingClock:
         return elapsed_ms
 
 
+def qat_due(h: Hyperparameters, progress: float) -> bool:
+    """Whether training runs through fake quantization at this progress: QAT_START_FRAC < 1 has been reached."""
+    return h.qat_start_frac < 1 and progress >= h.qat_start_frac
+
+
+def training_graphs(h: Hyperparameters) -> list[tuple[bool, bool]]:
+    """(recurrence, QAT) of every training graph the timed run can switch to, in the order the compile warm-up
+    builds them: the plain layout first, and without QAT first."""
+    loops = (False, True) if h.num_loops else (False,)
+    qat = (False, True) if h.qat_start_frac < 1 else (False,)
+    return [(looping, fake_quant) for looping in loops for fake_quant in qat]
+
+
 def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log) -> float:
     """Run a few real steps so compilation happens before the timer, then restore the initial weights and
-    optimizer states: the timed run starts from step 0 with the graphs already built. With NUM_LOOPS > 0 the
-    first half of the steps (at least one) runs the plain layout and the rest the looped one, so the switch in
-    mid-training finds both graphs built (it flips `model.looping`, on which the compiled graph is guarded)."""
-    steps = max(h.compile_warmup_steps, 2) if h.num_loops and h.compile_warmup_steps > 0 else h.compile_warmup_steps
+    optimizer states: the timed run starts from step 0 with the graphs already built. The steps are shared out
+    among the training graphs (training_graphs, at least one step each): with NUM_LOOPS > 0 the first half runs
+    the plain layout and the rest the looped one, and with QAT each layout runs without, then with it, so the
+    switches in mid-training find every graph built (they flip flags on which the compiled graph is guarded)."""
+    graphs = training_graphs(h)
+    steps = max(h.compile_warmup_steps, len(graphs)) if h.compile_warmup_steps > 0 else 0
     if steps <= 0:
         return 0.0
     start = time.perf_counter()
@@ -1807,10 +1990,13 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size
     initial_optimizers = [opt.state_dict() for opt in optimizers]
     loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
     for step in range(steps):
-        model.set_recurrence(step >= steps // 2)
+        looping, fake_quant = graphs[sum(step >= i * steps // len(graphs) for i in range(1, len(graphs)))]
+        model.set_recurrence(looping)
+        model.set_qat(fake_quant)
         set_schedule(optimizers, step, 0.0, h)
         train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
     synchronize(device)
+    model.set_qat(False)
     model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_optimizers):
         opt.load_state_dict(state)
@@ -1843,6 +2029,8 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
         if h.num_loops and not model.looping and progress >= h.loop_enable_frac:
             model.set_recurrence(True)  # the looped graph was built in the warm-up
             log(f"recurrence:on step:{step}")
+        if not model.qat and qat_due(h, progress):
+            log(f"qat:on step:{step} matrices:{model.set_qat(True)}")  # its graph was built in the warm-up too
         set_schedule(optimizers, step, progress, h)
         loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
         ema.update(model)
@@ -1858,6 +2046,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
             if stop and step < h.iterations:
                 log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
     model.set_recurrence(True)
+    model.set_qat(False)  # the EMA's latent weights are what is evaluated, exported and adapted by TTT
     log_document_overflows(model, log)
     return step, clock.measured_ms
 
@@ -2026,6 +2215,19 @@ def dequantize_entry(e: dict) -> torch.Tensor:
     return w
 
 
+def export_grid(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[int, float, str] | None:
+    """(bits, clip sigmas, QUANT_GRID) of the per-row grid on which the artifact stores a tensor as integers, or None
+    for a tensor it stores as float16. Gate matrices: GATE_BITS on the absmax grid. QAT trains on these grids too."""
+    if is_gate_matrix(name, tensor):
+        return GATE_BITS, 0.0, "absmax"
+    if tensor.ndim != 2 or tensor.numel() <= h.float_max_numel:
+        return None
+    role = tensor_class(name)
+    clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn,
+            "other": h.clip_sigmas_other}
+    return h.embed_bits if role == "embed" else h.matrix_bits, clip[role], h.quant_grid
+
+
 def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
                         hessians: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """name → {"kind": "int", "bits", "q", "scale"[, "lqer"]} for large matrices and gate matrices (GATE_BITS),
@@ -2034,22 +2236,18 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
     A matrix with a Hessian in `hessians` (QUANT_METHOD=gptq) gets GPTQ's integers, the others round to
     nearest; both use QUANT_GRID's scales, so the two give artifacts of the same layout. With LQER_ENABLED, the
     LQER_TOP_K matrices whose error ‖W − Q(W)‖_F is largest also get "lqer" factors of that error."""
-    clip = {"embed": h.clip_sigmas_embed, "mlp": h.clip_sigmas_mlp, "attn": h.clip_sigmas_attn, "other": h.clip_sigmas_other}
     hessians = hessians or {}
     quantized = {}
     for name, tensor in state.items():
-        if is_gate_matrix(name, tensor):
-            q, scale = quantize_per_row(tensor, GATE_BITS, 0.0, "absmax")
-            quantized[name] = {"kind": "int", "bits": GATE_BITS, "q": q, "scale": scale}
-        elif tensor.ndim == 2 and tensor.numel() > h.float_max_numel:
-            cls = tensor_class(name)
-            bits = h.embed_bits if cls == "embed" else h.matrix_bits
-            q, scale = quantize_per_row(tensor, bits, clip[cls], h.quant_grid)
-            if name in hessians:
-                q = gptq_quantize(tensor, hessians[name], scale, 2 ** (bits - 1) - 1, h.gptq_damp, h.gptq_block)
-            quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
-        else:
+        grid = export_grid(name, tensor, h)
+        if grid is None:
             quantized[name] = {"kind": "float16", "data": tensor.detach().to(torch.float16)}
+            continue
+        bits = grid[0]
+        q, scale = quantize_per_row(tensor, *grid)
+        if name in hessians:  # never a gate matrix: the Hessians are the Linears' and the embedding's
+            q = gptq_quantize(tensor, hessians[name], scale, 2 ** (bits - 1) - 1, h.gptq_damp, h.gptq_block)
+        quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
     if h.lqer_enabled:
         errors = {n: (state[n].detach().float() - dequantize_entry(e)).norm().item()
                   for n, e in quantized.items() if e["kind"] == "int" and not is_gate_matrix(n, state[n])}

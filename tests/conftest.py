@@ -53,6 +53,32 @@ def assert_causal(model, idx: torch.Tensor, t: int, vocab: int) -> None:
     assert (a[:, t + 1:] - b[:, t + 1:]).abs().max() > 1e-3  # the changed positions do see their inputs
 
 
+# Document-bounded attention on the CPU, shared by the document and the sliding-window tests.
+
+def reference_varlen(q, k, v, cu_seqlens, max_len, window=0):
+    """What a varlen kernel computes: causal attention inside each packed segment, nothing across them; with
+    `window`, only the `window` keys before each query and itself."""
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens[0] == 0 and cu_seqlens[-1] == q.size(0)
+    assert max_len >= int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    out = torch.zeros_like(q)
+    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        if e > s:
+            out[s:e] = tg.causal_attention(q[None, s:e], k[None, s:e], v[None, s:e], window=window)[0]
+    return out
+
+
+@pytest.fixture
+def packed_path(monkeypatch):
+    """The varlen branch on the CPU: the reference kernel in place of FlashAttention's."""
+    monkeypatch.setattr(tg, "VARLEN_DEVICES", ("cpu",))
+    monkeypatch.setattr(tg, "varlen_causal_attention", reference_varlen)
+
+
+def documents_of(row: torch.Tensor) -> list[tuple[int, int]]:
+    starts = [0] + [t for t in range(1, row.numel()) if row[t] == tg.BOS_ID]
+    return list(zip(starts, starts[1:] + [row.numel()]))
+
+
 # A tiny model of the core architecture, shared by the architecture, parity and recurrence tests.
 
 def tiny_hparams(**overrides) -> tg.Hyperparameters:
@@ -61,6 +87,12 @@ def tiny_hparams(**overrides) -> tg.Hyperparameters:
     for k, v in overrides.items():
         setattr(h, k, v)
     return h
+
+
+def sample_hparams(**overrides) -> tg.Hyperparameters:
+    """tiny_hparams that train on the bundled sample: batches of 4 sequences of 64 tokens, no wall-clock stop."""
+    return tiny_hparams(data_path=os.path.join(REPO, "data", "sample"), vocab_size=1024, train_seq_len=64,
+                        train_batch_tokens=256, grad_accum_steps=1, max_wallclock_seconds=0, **overrides)
 
 
 def make_model(seed: int = 0, **overrides) -> tg.GPT:

@@ -153,7 +153,8 @@ def test_every_range_names_a_field():
 
 def test_an_unknown_preset_is_refused(smoke_env):
     smoke_env.setenv("PRESET", "smok")
-    with pytest.raises(SystemExit, match="PRESET='smok' is unknown: use one of proxy, smoke"):
+    with pytest.raises(SystemExit, match="PRESET='smok' is unknown: use one of pr1512, pr1787, pr1809, pr1812, proxy, "
+                                         "smoke, several separated by commas"):
         tg.Hyperparameters.from_env()
     assert tg.PRESETS["smoke"] is tg.SMOKE_PRESET
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import train_gpt as tg
 from conftest import REPO, run_script
 from conftest import baseline_keys, baseline_logits, make_model, perturb, tiny_hparams, tokens_with_bos
+from conftest import documents_of, reference_varlen, sample_hparams
 
 SPEC_ENCODER = [0, 1, 2, 3, 4, 5, 3, 4]
 SPEC_DECODER = [5, 3, 4, 5, 6, 7, 8, 9, 10]
@@ -39,29 +40,6 @@ def record_block_order(model: tg.GPT, run) -> list[int]:
         for handle in handles:
             handle.remove()
     return calls
-
-
-def reference_varlen(q, k, v, cu_seqlens, max_len):
-    """What a varlen kernel computes: causal attention inside each packed segment, nothing across them."""
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens[0] == 0 and cu_seqlens[-1] == q.size(0)
-    assert max_len >= int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    out = torch.zeros_like(q)
-    for s, e in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
-        if e > s:
-            out[s:e] = tg.causal_attention(q[None, s:e], k[None, s:e], v[None, s:e])[0]
-    return out
-
-
-@pytest.fixture
-def packed_path(monkeypatch):
-    """The varlen branch on the CPU: the reference kernel in place of FlashAttention's."""
-    monkeypatch.setattr(tg, "VARLEN_DEVICES", ("cpu",))
-    monkeypatch.setattr(tg, "varlen_causal_attention", reference_varlen)
-
-
-def documents_of(row: torch.Tensor) -> list[tuple[int, int]]:
-    starts = [0] + [t for t in range(1, row.numel()) if row[t] == tg.BOS_ID]
-    return list(zip(starts, starts[1:] + [row.numel()]))
 
 
 # ---------------------------------------------------------------------------------------------------- switches off
@@ -402,11 +380,6 @@ def test_varlen_kernel_on_the_gpu_matches_the_mask_path_compiled(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- training loop
-
-def sample_hparams(**overrides) -> tg.Hyperparameters:
-    return tiny_hparams(data_path=os.path.join(REPO, "data", "sample"), vocab_size=1024, train_seq_len=64,
-                        train_batch_tokens=256, grad_accum_steps=1, max_wallclock_seconds=0, **overrides)
-
 
 def test_warm_up_runs_both_layouts_and_restores_the_initial_state():
     h = sample_hparams(**ALL_ON, compile_warmup_steps=1)  # one step asked for: both layouts still get one

@@ -26,6 +26,9 @@ TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads
             eval_stride=4, eval_batch_seqs=3, ttt_chunk_tokens=22, ttt_chunk=5, ttt_batch_docs=3, ttt_lora_rank=4,
             ttt_lora_alpha=8.0, ttt_phase_docs="3,6", ttt_lr=0.05, ttt_lora_lr=0.01, ttt_phase_lr=0.02, ttt_epochs=2,
             compile=False, ttt_log_every=1000, ttt_width_step=4, **PROXY)
+# Sliding-window attention and the partial key offset change what a window computes: the replay and LR-0 tests also
+# run with both on, so TTT's windows (clipped at documents, padded, growing) score as the document alone does.
+FEATURES = {"core": {}, "window_offset": dict(attn_window=5, key_offset_dims=6)}
 
 
 @pytest.fixture(autouse=True)
@@ -163,12 +166,13 @@ def doc_window(starts, lengths, h, first_target):
     return starts[d] + max(0, chunk_end - h.eval_seq_len), starts[d] + min(chunk_end, lengths[d])
 
 
+@pytest.mark.parametrize("features", sorted(FEATURES))
 @pytest.mark.parametrize("kind", ["docs", "plain"])
-def test_sgd_scores_first_by_replay(kind):
+def test_sgd_scores_first_by_replay(kind, features):
     """Each recorded loss is the loss, recomputed from scratch, of the weights at the moment of scoring; those
     weights are the ones the next update starts from (nothing changes them unseen); every target is scored once,
     before any update that uses it; the totals are the exact sums over the whole set."""
-    h = tiny_h()
+    h = tiny_h(**FEATURES[features])
     tokens, target_bytes = tiny_stream(kind)
     model = tiny_model(h)
     initial = [p.detach().clone() for p in model.parameters()]
@@ -194,12 +198,13 @@ def test_sgd_scores_first_by_replay(kind):
     assert abs(result[1] - plain[1]) > 1e-4  # it did adapt
 
 
+@pytest.mark.parametrize("features", sorted(FEATURES))
 @pytest.mark.parametrize("kind", ["docs", "plain"])
-def test_lora_scores_first_by_replay(kind):
+def test_lora_scores_first_by_replay(kind, features):
     """The same for LoRA TTT and its global phases: each recorded loss equals a from-scratch, one-document
     computation with the base weights and that document's adapters at the moment of scoring, in a window of the
     document's own ≤ EVAL_SEQ_LEN tokens up to the chunk's end."""
-    h = tiny_h()
+    h = tiny_h(**FEATURES[features])
     tokens, target_bytes = tiny_stream(kind)
     starts, lengths = tg.document_spans(tokens)
     model = tiny_model(h)
@@ -264,11 +269,12 @@ def test_lora_documents_in_a_batch_are_independent():
         assert same == (d != changed), d
 
 
-def test_lr_zero_equals_the_plain_score():
+@pytest.mark.parametrize("features", sorted(FEATURES))
+def test_lr_zero_equals_the_plain_score(features):
     """SGD at LR 0 gives the plain sliding-window score; LoRA and its phases at LR 0 give the plain per-document
     score (each chunk in a window of its document's ≤ EVAL_SEQ_LEN tokens), to float32 rounding."""
     tokens, target_bytes = tiny_stream("docs")
-    h = tiny_h(ttt_lr=0.0, ttt_lora_lr=0.0, ttt_phase_lr=0.0)
+    h = tiny_h(ttt_lr=0.0, ttt_lora_lr=0.0, ttt_phase_lr=0.0, **FEATURES[features])
     model = tiny_model(h)
     plain = tg.evaluate_bpb(model.token_losses, tokens, target_bytes, h, 0, 1, CPU)
     assert run_ttt("sgd", model, tokens, target_bytes, h) == pytest.approx(plain, rel=1e-12)
