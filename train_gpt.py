@@ -3035,18 +3035,18 @@ class BatchedLoRA:
         self.B = [torch.zeros(docs, o, rank, device=device) for _, o in shapes]
         self.betas = (h.ttt_lora_beta1, h.ttt_lora_beta2)
         self.exp_avg_sq = [torch.zeros_like(t) for t in self.A + self.B]
-        # the first moment only where β1 > 0 (the spec's β1 is 0: the step is then the gradient itself)
+        # the first moment only where β1 > 0 (the spec's β1 is 0: the first moment is then the gradient itself)
         self.exp_avg = [torch.zeros_like(t) for t in self.A + self.B] if self.betas[0] > 0 else []
-        self.steps, self.live = 0, []
+        self.step_counts = [torch.zeros((), device=device) for _ in self.A + self.B]  # Adam's steps, per tensor
+        self.live = []
         self.handles = [m.register_forward_hook(lambda _m, inputs, out, i=i: out + self.delta(i, inputs[0]) if self.active else out)
                         for i, m in enumerate(linears)]
 
     def start_batch(self) -> None:
         """A new batch of documents: B = 0 (each starts from the base model), A kept (warm start), Adam restarted."""
         with torch.no_grad():
-            for t in self.B + self.exp_avg_sq + self.exp_avg:
+            for t in self.B + self.exp_avg_sq + self.exp_avg + self.step_counts:
                 t.zero_()
-        self.steps = 0
 
     def restart(self) -> None:
         """A back to its initialisation: after a global phase the adapters start fresh on the new base weights."""
@@ -3066,25 +3066,16 @@ class BatchedLoRA:
 
     @torch.no_grad()
     def adam_step(self, lr: float, weight_decay: float) -> None:
-        """AdamW with self.betas, as torch.optim.AdamW computes it, on the rows of this step only."""
-        self.steps += 1
-        beta1, beta2 = self.betas
+        """AdamW with self.betas on the rows of this step only, in torch's fused kernel (torch.optim.AdamW with
+        fused=True): one pass over the adapters and their state instead of one a foreach operation. With β1 = 0 the
+        first moment equals the gradient, so the gradients stand in for it (no buffer to keep)."""
         rows = self.live[0].size(0)
         grads = [p.grad for p in self.live]
-        second = [s[:rows] for s in self.exp_avg_sq]
-        torch._foreach_mul_(self.live, 1 - lr * weight_decay)
-        torch._foreach_mul_(second, beta2)
-        torch._foreach_addcmul_(second, grads, grads, value=1 - beta2)
-        step = grads
-        if self.exp_avg:
-            first = [m[:rows] for m in self.exp_avg]
-            torch._foreach_mul_(first, beta1)
-            torch._foreach_add_(first, grads, alpha=1 - beta1)
-            step = torch._foreach_div(first, 1 - beta1 ** self.steps)
-        denom = torch._foreach_sqrt(second)
-        torch._foreach_div_(denom, math.sqrt(1 - beta2 ** self.steps))
-        torch._foreach_add_(denom, LORA_EPS)
-        torch._foreach_addcdiv_(self.live, step, denom, value=-lr)
+        first = [m[:rows] for m in self.exp_avg] if self.exp_avg else grads
+        torch._foreach_add_(self.step_counts, 1)
+        torch._fused_adamw_(self.live, grads, first, [s[:rows] for s in self.exp_avg_sq], [], self.step_counts,
+                            lr=lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=weight_decay, eps=LORA_EPS,
+                            amsgrad=False, maximize=False)
         for p in self.live:
             p.grad = None
 
