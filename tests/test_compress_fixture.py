@@ -29,7 +29,7 @@ def test_fixture_is_the_documented_slice(fixture_payload):
     assert bits == {6, 7, 8}
     assert any("lqer" in e for e in quantized.values())
     assert any(e["kind"] == "float16" for e in quantized.values())
-    assert source["sha256"] and source["artifact"].endswith(".ptz")
+    assert source["sha256"] and source["artifact"]  # which artifact it was cut from
 
 
 def test_rans_round_trip_on_real_symbols_is_exact(fixture_payload):

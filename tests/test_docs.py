@@ -64,3 +64,7 @@ def test_the_readme_speaks_of_the_project_only():
     assert len(text.encode()) <= 25_000, f"README.md is {len(text.encode()):,} bytes: dated results go to RESULTS.md"
     for pattern in (r"\.\./shared", r"nvidia-h\d", r"\bissue \d", r"\bsession\b"):
         assert not re.search(pattern, text, re.I), pattern
+
+
+def test_the_readme_names_the_artifact_file_the_script_writes():
+    assert f"`{tg.ARTIFACT_NAME}`" in readme()

@@ -7,7 +7,7 @@
 For each seed the command runs with SEED=<seed> and RUN_ID=<name>_seed<seed> in its environment (NAME
 defaults to $RUN_ID, else "run"), and OUTPUT_DIR=<out-root>/<run_id> (out-root defaults to $OUTPUT_DIR,
 else "runs"), so each seed keeps its own log and artifact:
-  <out-root>/<run_id>/logs/<run_id>.txt, <out-root>/<run_id>/final_model.int6.ptz
+  <out-root>/<run_id>/logs/<run_id>.txt, <out-root>/<run_id>/final_model.artifact
 (--shared-output-dir leaves OUTPUT_DIR alone: the logs still differ by RUN_ID, the artifacts overwrite each
 other.) Its output goes to this terminal as it runs. A seed fails when the command exits non-zero, or its
 log is missing, not ours, or unfinished; the next seed runs anyway. At the end: a table of every seed, a
@@ -25,7 +25,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS)
+sys.path.insert(0, os.path.dirname(TOOLS))
+import train_gpt as tg  # noqa: E402
 from logparse import LogFormatError, parse_log  # noqa: E402
 
 
@@ -36,7 +39,7 @@ def run_seed(seed: int, name: str, out_root: str, command: list[str], shared_out
     env["OUTPUT_DIR"] = out_dir
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "logs", f"{run_id}.txt")
-    result = {"seed": seed, "run_id": run_id, "log": log_path, "artifact": os.path.join(out_dir, "final_model.int6.ptz"),
+    result = {"seed": seed, "run_id": run_id, "log": log_path, "artifact": os.path.join(out_dir, tg.ARTIFACT_NAME),
               "returncode": None, "ok": False, "error": None, "wall_s": None}
     print(f"=== seed {seed}: RUN_ID={run_id} OUTPUT_DIR={out_dir}: {shlex.join(command)}", flush=True)
     start = time.time()

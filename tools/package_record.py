@@ -3,7 +3,7 @@
 
   python3 tools/package_record.py --name MyRecord --author "A. Person" --github-id aperson \\
       --blurb "what is new" --log runs/seed1337/logs/seed1337.txt runs/seed42/logs/seed42.txt ... \\
-      [--artifact runs/seed1337/final_model.int6.ptz ...] [--source train_gpt.py | --packed packed.py] \\
+      [--artifact runs/seed1337/final_model.artifact ...] [--source train_gpt.py | --packed packed.py] \\
       [--date YYYY-MM-DD] [--records-dir records/track_10min_16mb] [--no-plot]
   python3 tools/package_record.py --check records/track_10min_16mb/<date>_<name> [--artifact ...]
 
@@ -477,7 +477,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", metavar="DIR", help="re-validate an existing record folder")
     ap.add_argument("--log", nargs="+", help="finished train logs, one per seed")
-    ap.add_argument("--artifact", nargs="+", help="final_model.int6.ptz of each log, same order (checked, hashed; not copied)")
+    ap.add_argument("--artifact", nargs="+", help=f"{tg.ARTIFACT_NAME} of each log, same order (checked, hashed; not copied)")
     ap.add_argument("--name")
     ap.add_argument("--author")
     ap.add_argument("--github-id")

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Where the 16,000,000 bytes go: counted code, and the model by tensor group before and after compression.
 
-  python3 tools/size_audit.py --artifact final_model.int6.ptz            # the artifact as written
+  python3 tools/size_audit.py --artifact final_model.artifact            # the artifact as written
   python3 tools/size_audit.py --state final_model.pt                     # quantize float weights first
-  python3 tools/size_audit.py --state final_model.pt --artifact final_model.int6.ptz [--script train_gpt.py]
+  python3 tools/size_audit.py --state final_model.pt --artifact final_model.artifact [--script train_gpt.py]
 
 --state: a float state dict (final_model.pt), quantized with train_gpt.quantize_state_dict and the
 Hyperparameters the environment gives (defaults, or EMBED_BITS=7 etc., as for a run), then serialized and
@@ -185,7 +185,7 @@ def render(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state", help="float state dict, e.g. final_model.pt")
-    ap.add_argument("--artifact", help="artifact, e.g. final_model.int6.ptz")
+    ap.add_argument("--artifact", help="artifact, e.g. final_model.artifact")
     ap.add_argument("--script", default=os.path.join(REPO, "train_gpt.py"),
                     help="the counted script, source or packed (default: this repository's train_gpt.py)")
     ap.add_argument("--no-code", action="store_true", help="leave the code out")

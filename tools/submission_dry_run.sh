@@ -40,7 +40,7 @@ run)
   env $(settings readable2) torchrun --standalone --nproc_per_node=2 train_gpt.py > /dev/null || { echo DRY_RUN_FAILED; exit 1; }
   echo "== 2. package_record"
   python3 tools/package_record.py --name DryRun --author "Dry Run" --github-id dryrun --blurb "submission dry run" \
-      --log logs/readable2.txt --artifact final_model.int6.ptz --records-dir "$WORK/records" --no-plot --not-fineweb \
+      --log logs/readable2.txt --artifact final_model.artifact --records-dir "$WORK/records" --no-plot --not-fineweb \
       || { echo DRY_RUN_FAILED; exit 1; }
   folder=$(ls -d "$WORK"/records/*_DryRun)
   echo "== 3. the folder's script, 2 GPUs"
