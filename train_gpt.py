@@ -1068,7 +1068,7 @@ def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: t
                       EVEN=M % bm == 0 and N % bn == 0 and K % bk == 0, num_warps=warps, num_stages=stages)
 
 
-# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of tools/mlp_tiles_bench.py's
+# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of tools/bench/mlp_tiles_bench.py's
 # set on Hopper at the MLP's shapes (RESULTS.md).
 MLP_TILES = (128, 256, 64, 8, 3)
 
@@ -1160,7 +1160,7 @@ def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor
 def prefer_cudnn_attention() -> None:
     """Make SDPA try cuDNN's attention kernel first (process-wide; CUDA only). On Hopper it runs causal attention
     with grouped queries in about two thirds of FlashAttention-2's time, forward and backward
-    (tools/attention_bench.py); where it refuses a case, SDPA falls back to the next kernel."""
+    (tools/bench/attention_bench.py); where it refuses a case, SDPA falls back to the next kernel."""
     order = [b for b in torch._C._get_sdp_priority_order() if b != int(SDPBackend.CUDNN_ATTENTION)]
     torch._C._set_sdp_priority_order([int(SDPBackend.CUDNN_ATTENTION)] + order)
 
@@ -2695,10 +2695,11 @@ def decompress_artifact(blob: bytes) -> bytes:
     return payload
 
 
-# The counted code is this file packed by tools/pack_script.py (minified, LZMA, behind a two-line
+# The counted code is this file packed by tools/submission/pack_script.py (minified, LZMA, behind a two-line
 # self-extracting stub that starts with this line): a packed script counts its own bytes, the readable one the
 # bytes that it packs to.
 PACKED_FIRST_LINE = b"#coding:latin-1\n"
+PACKER = os.path.join("tools", "submission", "pack_script.py")  # the packer's place beside a readable script
 
 
 def counted_code_bytes(script_path: str) -> tuple[int, str]:
@@ -2708,7 +2709,7 @@ def counted_code_bytes(script_path: str) -> tuple[int, str]:
         script = f.read()
     if script.startswith(PACKED_FIRST_LINE):
         return len(script), ""
-    packer_path = os.path.join(os.path.dirname(script_path), "tools", "pack_script.py")
+    packer_path = os.path.join(os.path.dirname(script_path), PACKER)
     if not os.path.isfile(packer_path):
         return len(script), f"raw bytes: no {packer_path} to pack with"
     spec = importlib.util.spec_from_file_location("pack_script", packer_path)

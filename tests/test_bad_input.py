@@ -311,7 +311,6 @@ def test_the_logger_keeps_an_earlier_log_of_the_same_name(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 def test_package_record_refuses_a_sample_run_unless_labelled_and_reproduces_every_setting(good_run, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
     import package_record
     from logparse import parse_log
     out, _ = good_run

@@ -1,18 +1,12 @@
 """train_gpt's rANS coder on real quantized symbols: a slice of a proxy artifact, cut by
-tools/make_compress_fixture.py, rebuilt into a payload with serialize_quantized. The round trip must be
+tools/bench/make_compress_fixture.py, rebuilt into a payload with serialize_quantized. The round trip must be
 exact and rANS smaller than brotli-11 on it; the ratio is printed (pytest -s) to follow it across changes."""
-import os
-import sys
-
 import brotli
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "tools"))
-from make_compress_fixture import DEFAULT_OUT, load_fixture  # noqa: E402
+from make_compress_fixture import DEFAULT_OUT, load_fixture
 
 
 @pytest.fixture(scope="module")

@@ -288,7 +288,7 @@ def test_the_run_wrote_its_model_with_lqer_factors(smoke_run):
 
 
 # --------------------------------------------------------------------------------------------------
-# tools/quant_bench.py on a tiny model (CPU)
+# tools/bench/quant_bench.py on a tiny model (CPU)
 # --------------------------------------------------------------------------------------------------
 
 TINY_BENCH = {"data_path": os.path.join(REPO, "data", "sample"), "tokenizer_path": SAMPLE_TOKENIZER, "vocab_size": 1024,
@@ -299,7 +299,6 @@ TINY_BENCH = {"data_path": os.path.join(REPO, "data", "sample"), "tokenizer_path
 
 def test_quant_bench_scores_and_sizes_each_configuration(tmp_path, monkeypatch, capsys):
     import dataclasses
-    sys.path.insert(0, os.path.join(REPO, "tools"))
     import quant_bench
     h = tg.Hyperparameters(**TINY_BENCH)
     torch.manual_seed(0)

@@ -10,7 +10,6 @@ import torch
 import train_gpt as tg
 from conftest import REPO, SAMPLE_TOKENIZER, run_script
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
 import pack_script  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "train_gpt.py")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ARCH_OFF, REPO
+from conftest import ARCH_OFF, BENCH_TOOLS
 
 SHAPES = {  # the model's Muon shapes (wide, tall, square) and a rank's share of the k/v bucket, batched
     "mlp_down_512x2048": (512, 2048),
@@ -262,7 +262,7 @@ def test_role_groups_follow_a_state_roll_back():
 
 def test_ns_bench_cpu_smoke_runs():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ns_bench.py"), "--cpu-smoke", "--reps", "1",
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_TOOLS, "ns_bench.py"), "--cpu-smoke", "--reps", "1",
                            "--warmup", "0", "--world-sizes", "8", "--spectra", "decaying", "--steps", "5"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]

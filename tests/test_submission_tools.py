@@ -15,11 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROXY, REPO
-
-TOOLS = os.path.join(REPO, "tools")
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
+from conftest import BENCH_TOOLS, PROXY, REPO
 
 import bench_summary  # noqa: E402
 import logparse  # noqa: E402
@@ -271,7 +267,7 @@ def test_bench_summary_output_is_unchanged_by_the_refactor():
         out = bench_summary.summarise(path)
         assert out.pop("run") == path
         assert " ".join(f"{k}={v}" for k, v in out.items()) == line
-    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_summary.py"), QUALITY, os.path.join(REPO, "README.md")],
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_TOOLS, "bench_summary.py"), QUALITY, os.path.join(REPO, "README.md")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout.startswith(f"run={QUALITY} steps_timed=10")
     assert "not a train_gpt.py log" in proc.stderr
@@ -590,7 +586,7 @@ def test_multi_seed_runs_every_seed_and_reports_the_failed_ones(tmp_path, capsys
     assert "unfinished" in summary[1]["error"] and "no log" in summary[2]["error"]
     assert "no final score" in summary[3]["error"] and summary[3]["steps"] == 6
     assert "2/5 seeds finished" in out and out.count("FAILED") == 3
-    assert "tools/significance.py --new-logs" in out
+    assert "tools/submission/significance.py --new-logs" in out
     # all seeds fine: exit 0
     assert multi_seed.main(["--seeds", "1", "2", "--name", "ok", "--out-root", str(root), "--", sys.executable, str(script), QUALITY]) == 0
 

@@ -17,9 +17,7 @@ import torch.nn.functional as F
 import train_gpt as tg
 from conftest import PROXY, REPO, run_script
 
-if os.path.join(REPO, "tools") not in sys.path:
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-import logparse  # noqa: E402
+import logparse
 
 CPU = torch.device("cpu")
 SCRIPT = os.path.join(REPO, "train_gpt.py")

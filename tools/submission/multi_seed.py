@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run one training command once per seed, keep going past a failed seed, and report every seed.
 
-  python3 tools/multi_seed.py --seeds 1337 42 2025 [--name NAME] [--out-root DIR] [--shared-output-dir] \\
+  python3 tools/submission/multi_seed.py --seeds 1337 42 2025 [--name NAME] [--out-root DIR] [--shared-output-dir] \\
       -- torchrun --standalone --nproc_per_node=8 train_gpt.py
 
 For each seed the command runs with SEED=<seed> and RUN_ID=<name>_seed<seed> in its environment (NAME
@@ -11,8 +11,8 @@ else "runs"), so each seed keeps its own log and artifact:
 (--shared-output-dir leaves OUTPUT_DIR alone: the logs still differ by RUN_ID, the artifacts overwrite each
 other.) Its output goes to this terminal as it runs. A seed fails when the command exits non-zero, or its
 log is missing, not ours, or unfinished; the next seed runs anyway. At the end: a table of every seed, a
-JSON summary (<out-root>/<name>_seeds.json), and the commands for tools/significance.py and
-tools/package_record.py on the seeds that finished. Exit status 0 when every seed finished, else 1.
+JSON summary (<out-root>/<name>_seeds.json), and the commands for tools/submission/significance.py and
+tools/submission/package_record.py on the seeds that finished. Exit status 0 when every seed finished, else 1.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import time
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
-sys.path.insert(0, os.path.dirname(TOOLS))
+sys.path.insert(0, os.path.dirname(os.path.dirname(TOOLS)))
 import train_gpt as tg  # noqa: E402
 from logparse import LogFormatError, parse_log  # noqa: E402
 
@@ -117,10 +117,10 @@ def main(argv=None) -> int:
     ok = [r for r in results if r["ok"]]
     if ok:
         logs = " ".join(shlex.quote(r["log"]) for r in ok)
-        print(f"significance: python3 tools/significance.py --new-logs {logs} --record-json <record>/submission.json")
+        print(f"significance: python3 tools/submission/significance.py --new-logs {logs} --record-json <record>/submission.json")
         arts = [r["artifact"] for r in ok]
         art = (" --artifact " + " ".join(shlex.quote(x) for x in arts)) if all(arts) and not a.shared_output_dir else ""
-        print(f"package:      python3 tools/package_record.py --name {a.name} --author ... --github-id ... "
+        print(f"package:      python3 tools/submission/package_record.py --name {a.name} --author ... --github-id ... "
               f"--log {logs}{art}")
     return 0 if len(ok) == len(results) else 1
 

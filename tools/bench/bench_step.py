@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Time train_gpt.py's training step on one GPU at the per-GPU batch of an 8-GPU run, and say where the time goes.
 
-  DATA_PATH=... TOKENIZER_PATH=... python3 tools/bench_step.py        # any train_gpt.py variable applies
-  DATA_PATH=... TOKENIZER_PATH=... torchrun --standalone --nproc_per_node=2 tools/bench_step.py   # with communication
+  DATA_PATH=... TOKENIZER_PATH=... python3 tools/bench/bench_step.py        # any train_gpt.py variable applies
+  DATA_PATH=... TOKENIZER_PATH=... torchrun --standalone --nproc_per_node=2 tools/bench/bench_step.py   # with communication
 
 Prints, after compiling and warming up:
   - ms per micro-step (one GPU's share of a step on 8 GPUs: BENCH_MICRO_TOKENS, default 48 × 2048) and for the
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
 
 KERNEL_CLASSES = (  # first match wins; names as the profiler reports CUDA kernels

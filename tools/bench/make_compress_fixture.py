@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cut a small slice of a real artifact's quantized symbols into tests/fixtures/.
 
-  python3 tools/make_compress_fixture.py ARTIFACT [--out tests/fixtures/quantized_slice.npz]
+  python3 tools/bench/make_compress_fixture.py ARTIFACT [--out tests/fixtures/quantized_slice.npz]
 
 The slice: whole rows (the coder's tables are per column, so rows must stay whole) of one tensor of each
 kind in the artifact: the int7 embedding with its LQER factors, the int6 attention and MLP matrices of one
@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 import train_gpt as tg  # noqa: E402
 

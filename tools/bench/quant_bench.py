@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Quantization benchmark: one trained float model, several ways to quantize and compress it, one table.
 
-  python3 tools/quant_bench.py --state final_model.pt                      # every configuration
-  python3 tools/quant_bench.py --state final_model.pt --configs rtn-e6,gptq+lqer-e7 --baselines all
+  python3 tools/bench/quant_bench.py --state final_model.pt                      # every configuration
+  python3 tools/bench/quant_bench.py --state final_model.pt --configs rtn-e6,gptq+lqer-e7 --baselines all
 
 The model is built from the environment's Hyperparameters, as train_gpt.py builds it (set the same
 architecture switches, DATA_PATH, TOKENIZER_PATH, VOCAB_SIZE and TRAIN_BATCH_TOKENS as the run that wrote the
@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import train_gpt as tg  # noqa: E402
