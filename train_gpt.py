@@ -5,8 +5,9 @@ Every setting is an environment variable (see Hyperparameters); `PRESET=smoke` r
 bundled sample on a CPU.
 
 Sections, in the order a run uses them: configuration (the settings and every check), runtime (processes,
-devices, the log), data, kernels, model, optimizer, training, quantization, artifact (payload, coder, counted
-code, export, load), evaluation, test-time training, main.
+devices, the log), data (shards, the training stream, the validation set and its bytes), kernels (Triton's, for
+training), model, optimizer, training, quantization, artifact (payload, coder, counted code, export, load),
+evaluation, test-time training (one entry point, evaluate_with_ttt), main (and how a failed run ends).
 """
 from __future__ import annotations
 
@@ -908,7 +909,7 @@ def load_validation(h: Hyperparameters, sp) -> ValidationData:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernels: fused softcapped cross-entropy for training (evaluation keeps the plain path)
+# Kernels: Triton's fused softcapped cross-entropy and LeakyReLU² MLP, for training (evaluation: the plain paths)
 # ----------------------------------------------------------------------------------------------------
 
 try:
@@ -1056,21 +1057,22 @@ if triton is not None:
             tl.store(out_ptr + offsets, (leaky * leaky).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of
+# tools/bench/mlp_tiles_bench.py's set on Hopper at the MLP's shapes (RESULTS.md).
+MLP_TILES = (128, 256, 64, 8, 3)
+MLP_TILES_INTERPRETER = (16, 16, 16, 1, 1)  # Triton's CPU interpreter (the tests): the smallest legal tiles
+MLP_GROUP_M = 8  # row-blocks that share each column block while it sits in L2 (Triton's matmul tutorial's value)
+
+
 def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, backward: bool,
                        tiles: tuple | None = None) -> None:
     M, K = a.shape
     N = b.size(1)
-    # the interpreter (CPU tests) takes the smallest legal tiles
-    bm, bn, bk, warps, stages = tiles or ((16, 16, 16, 1, 1) if a.device.type == "cpu" else MLP_TILES)
+    bm, bn, bk, warps, stages = tiles or (MLP_TILES_INTERPRETER if a.device.type == "cpu" else MLP_TILES)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _mlp_matmul[grid](a, b, h, out, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), K=K, BACKWARD=backward,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DOT_F32=a.device.type == "cpu",
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, DOT_F32=a.device.type == "cpu",
                       EVEN=M % bm == 0 and N % bn == 0 and K % bk == 0, num_warps=warps, num_stages=stages)
-
-
-# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of tools/bench/mlp_tiles_bench.py's
-# set on Hopper at the MLP's shapes (RESULTS.md).
-MLP_TILES = (128, 256, 64, 8, 3)
 
 
 class FusedLeakyReluSquareMLP(torch.autograd.Function):
@@ -1104,7 +1106,7 @@ def fused_leaky_relu_square_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: tor
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model
+# Model: attention (causal, bounded by documents, windowed), the blocks' parts, the blocks, GPT
 # ----------------------------------------------------------------------------------------------------
 
 try:  # FlashAttention-3 (Hopper) when installed; PyTorch's SDPA otherwise
@@ -1123,31 +1125,6 @@ except ImportError:
 VARLEN_DEVICES = ("cuda",) if _flash_attn_3_varlen is not None or _torch_varlen is not None else ()
 # whether that kernel also takes a sliding window; if not, a model with windows bounds documents by the mask
 VARLEN_WINDOWS = _flash_attn_3_varlen is not None or _TORCH_VARLEN_WINDOW
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None, window: int = 0) -> torch.Tensor:
-    """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries).
-
-    `docs` bounds it by documents: a boolean mask from document_mask, or (cu_seqlens, overflow start) from
-    document_segments for the packed varlen kernels. `window` > 0 bounds it by distance too: query t sees keys
-    t − window..t only (FlashAttention's window_size=(window, 0)). Every path applies both the same way:
-    training, evaluation and TTT all come here."""
-    if isinstance(docs, tuple):
-        return packed_document_attention(q, k, v, *docs, window=window)
-    if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out = _flash_attn_3(q, k, v, causal=True, **({"window_size": (window, 0)} if window else {}))
-        return out[0] if isinstance(out, tuple) else out
-    gqa, mask = q.size(2) != k.size(2), docs
-    if window:  # a band even where it covers the whole row: no branch on the length, which TTT's graph has dynamic
-        band = window_mask(q.size(1), window, q.device)
-        mask = band if docs is None else docs & band
-    if gqa and mask is not None:  # SDPA's kernels that take a mask take no grouped queries: repeat keys and values
-        group = q.size(2) // k.size(2)
-        k, v, gqa = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False
-    # otherwise grouped queries in the kernel (enable_gqa) rather than repeated keys and values: less memory moved
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=mask is None, enable_gqa=gqa)
-    return out.transpose(1, 2)
 
 
 def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
@@ -1222,6 +1199,8 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
 def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                               overflow_start: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Causal attention over (batch, time, heads, head_dim) inside the segments of document_segments, the batch
+    flattened into one packed sequence for the varlen kernel."""
     batch, seq_len, heads, head_dim = q.shape
     y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len, window)
     # Past the first BOS left out, segments may span several documents: there each token attends to itself alone
@@ -1229,6 +1208,31 @@ def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     past = torch.arange(y.size(0), device=y.device)[:, None, None] >= overflow_start
     y = torch.where(past, v.flatten(0, 1).repeat_interleave(heads // v.size(2), dim=1), y)
     return y.view(batch, seq_len, heads, head_dim)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None, window: int = 0) -> torch.Tensor:
+    """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries).
+
+    `docs` bounds it by documents: a boolean mask from document_mask, or (cu_seqlens, overflow start) from
+    document_segments for the packed varlen kernels. `window` > 0 bounds it by distance too: query t sees keys
+    t − window..t only (FlashAttention's window_size=(window, 0)). Every path applies both the same way:
+    training, evaluation and TTT all come here."""
+    if isinstance(docs, tuple):
+        return packed_document_attention(q, k, v, *docs, window=window)
+    if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out = _flash_attn_3(q, k, v, causal=True, **({"window_size": (window, 0)} if window else {}))
+        return out[0] if isinstance(out, tuple) else out
+    gqa, mask = q.size(2) != k.size(2), docs
+    if window:  # a band even where it covers the whole row: no branch on the length, which TTT's graph has dynamic
+        band = window_mask(q.size(1), window, q.device)
+        mask = band if docs is None else docs & band
+    if gqa and mask is not None:  # SDPA's kernels that take a mask take no grouped queries: repeat keys and values
+        group = q.size(2) // k.size(2)
+        k, v, gqa = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False
+    # otherwise grouped queries in the kernel (enable_gqa) rather than repeated keys and values: less memory moved
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None, enable_gqa=gqa)
+    return out.transpose(1, 2)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1601,10 +1605,10 @@ NORM_EPS = 1e-7  # keeps a zero update zero instead of dividing by zero
 MUON_BACKENDS = ("polar", "gram")  # MUON_BACKEND: plain Polar Express, or Gram Newton–Schulz on oblong matrices
 # Gram NS forms X = Q·X₀ explicitly and recomputes R = X·Xᵀ every this many steps (a restart): it carries the
 # iterate as Q (n×n) and A = Q·R·Qᵀ, whose bfloat16 errors grow with Q (Q's eigenvalues reach the product of the
-# steps' `a`, ≈ 1/s, for the small singular values s). PR #1809 restarts at step 2 of 4. With 5 steps a single
-# restart was not enough on bf16 inputs with singular values over three decades: at step 2 the top singular value
-# of the result reached 1.41 (polar_express: 1.14), at step 3 up to 17 on 32×64; at steps 2 and 4 it stayed ≤ 1.17
-# at 64×256 and within 0.01 of polar_express at the real shapes.
+# steps' `a`, ≈ 1/s, for the small singular values s). Every 2 steps, as PR #1809 restarts at step 2 of 4: over
+# 5 steps a single restart is too few for bf16 inputs whose singular values span three decades (the result's top
+# singular value reaches 1.41 where polar_express gives 1.14, and up to 17 on 32×64), while restarts at steps 2
+# and 4 keep it ≤ 1.17 at 64×256 and within 0.01 of polar_express at the model's shapes.
 GRAM_RESTART_EVERY = 2
 
 
@@ -2043,6 +2047,16 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime
     return seconds
 
 
+def log_document_overflows(model: GPT, log) -> None:
+    overflows = int(getattr(model, "doc_overflows", 0))
+    if overflows:
+        log(f"WARNING doc_attention: {overflows} forward passes so far held more documents than the varlen capacity; "
+            f"past it each token attended to itself alone (lower DOC_SEGMENT_TOKENS for a larger capacity)")
+
+
+LOG_FIRST_STEPS = 10  # each of the first steps is logged whatever TRAIN_LOG_EVERY, as the challenge's baseline does
+
+
 def train(loss_fn, model, optimizers, ema, h, accum_steps, runtime: Runtime, log, evaluate) -> tuple[int, float]:
     """The timed loop: stops at ITERATIONS or when the training clock reaches the budget less the quantization
     reserve. Returns (steps, training time in ms)."""
@@ -2073,7 +2087,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, runtime: Runtime, log
         loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, runtime)
         ema.update(model)
         step += 1
-        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
+        log_now = h.train_log_every > 0 and (step <= LOG_FIRST_STEPS or step % h.train_log_every == 0)
         if log_now or clock.due(step) or step == h.iterations:
             elapsed_ms = clock.measure(step)
             stop = elapsed_ms >= budget_ms
@@ -2087,13 +2101,6 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, runtime: Runtime, log
     model.set_qat(False)  # the EMA's latent weights are what is evaluated, exported and adapted by TTT
     log_document_overflows(model, log)
     return step, clock.measured_ms
-
-
-def log_document_overflows(model: GPT, log) -> None:
-    overflows = int(getattr(model, "doc_overflows", 0))
-    if overflows:
-        log(f"WARNING doc_attention: {overflows} forward passes so far held more documents than the varlen capacity; "
-            f"past it each token attended to itself alone (lower DOC_SEGMENT_TOKENS for a larger capacity)")
 
 
 def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, runtime: Runtime,
@@ -2130,10 +2137,6 @@ GATE_MATRICES = ("attn.gate", "smear_gate")
 GATE_BITS = 8
 
 
-class ArtifactError(ValueError):
-    """An artifact that is truncated, corrupt, or not ours."""
-
-
 def is_gate_matrix(name: str, tensor: torch.Tensor) -> bool:
     return tensor.ndim == 2 and name.endswith(GATE_MATRICES)
 
@@ -2148,17 +2151,22 @@ def tensor_class(name: str) -> str:
     return "other"
 
 
+def grid_max(bits: int) -> int:
+    """qmax: a `bits`-bit grid stores the integers −qmax..qmax, symmetric about 0 (int8's −128 is never used)."""
+    return 2 ** (bits - 1) - 1
+
+
 def sdclip_scale(weight: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
     """SDClip: each row's step is clip_sigmas·std(row)/qmax (float16, as stored), so ±qmax steps reach k sigmas.
 
     Tying the step to the row's spread, not its extreme, keeps the integer alphabet narrow and cheap to compress."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = grid_max(bits)
     return (clip_sigmas * weight.detach().float().std(dim=1, unbiased=False) / qmax).to(torch.float16)
 
 
 def absmax_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Each row's step is max|row|/qmax (float16, rounded up so that no value lands past ±qmax steps)."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = grid_max(bits)
     scale = (weight.detach().float().abs().amax(dim=1) / qmax).to(torch.float16)
     short = scale.float() * qmax < weight.detach().float().abs().amax(dim=1)  # float16 rounding fell below the max
     return torch.where(short, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
@@ -2175,7 +2183,7 @@ def quantize_per_row(weight: torch.Tensor, bits: int, clip_sigmas: float,
     """Round to nearest on the per-row grid (SDClip's, or absmax's with clip_sigmas unused); values past ±qmax
     steps are clipped."""
     scale = sdclip_scale(weight, bits, clip_sigmas) if grid == "sdclip" else absmax_scale(weight, bits)
-    q = round_to_grid(weight.detach().float(), scale.float()[:, None], 2 ** (bits - 1) - 1)
+    q = round_to_grid(weight.detach().float(), scale.float()[:, None], grid_max(bits))
     return q.to(torch.int8), scale
 
 
@@ -2284,7 +2292,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
         bits = grid[0]
         q, scale = quantize_per_row(tensor, *grid)
         if name in hessians:  # never a gate matrix: the Hessians are the Linears' and the embedding's
-            q = gptq_quantize(tensor, hessians[name], scale, 2 ** (bits - 1) - 1, h.gptq_damp, h.gptq_block)
+            q = gptq_quantize(tensor, hessians[name], scale, grid_max(bits), h.gptq_damp, h.gptq_block)
         quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
     if h.lqer_enabled:
         errors = {n: (state[n].detach().float() - dequantize_entry(e)).norm().item()
@@ -2359,6 +2367,11 @@ ARTIFACT_MAGIC = b"PGOLF-A2"
 ARTIFACT_HEADER = struct.Struct("<8sBQI")  # magic, compressor (index in COMPRESSORS), raw payload length, its crc32
 PAYLOAD_VERSION = 2
 COMPRESSORS = ("rans", "lzma", "brotli")
+LZMA_PRESET = 9 | lzma.PRESET_EXTREME  # the strongest: the artifact is compressed once, and every byte counts
+
+
+class ArtifactError(ValueError):
+    """An artifact that is truncated, corrupt, or not ours."""
 
 
 def serialize_quantized(quantized: dict[str, dict]) -> bytes:
@@ -2443,6 +2456,7 @@ RANS_LOW = 1 << 16  # states live in [2^16, 2^32); renormalising 16 bits at a ti
 RANS_LANES = 1024  # most lanes stepping together: fewer would be slower, more would cost 4 bytes of final state each
 RANS_TABLE_COUNTS = (1, 2, 4, 8, 16)  # tables per group that the encoder tries
 RANS_LLOYD_STEPS = 6
+RANS_PSEUDO_COUNT = 1e-3  # added to every count while tables are fitted: a symbol a table never saw costs finite bits
 RANS_MIN_COPIES = 8  # fewest rows worth a prototype row
 RANS_PROJECTION_FREQUENCY = 2.4  # a fixed cosine projection whose sort puts near-copy rows side by side
 
@@ -2541,7 +2555,7 @@ def column_tables(hists: np.ndarray, values: np.ndarray) -> np.ndarray:
     for k in [k for k in RANS_TABLE_COUNTS if k <= len(hists)]:
         assign = rank * k // len(hists)
         for _ in range(RANS_LLOYD_STEPS):
-            tables = recount(assign, k) + 1e-3
+            tables = recount(assign, k) + RANS_PSEUDO_COUNT
             assign = (hists @ -np.log2(tables / tables.sum(1, keepdims=True)).T).argmin(1)
         _, assign, used = np.unique(assign, return_inverse=True, return_counts=True)
         tables = recount(assign, len(used))
@@ -2628,7 +2642,7 @@ def rans_compress(payload: bytes) -> bytes:
     states, words = rans_encode(sym, symbol_tables(columns, row_tables, arrays), freqs)
     side = (payload[:starts["q"]] + _byte_planes(payload[starts["scale"]:starts["float16"]]) + _byte_planes(payload[starts["float16"]:])
             + bytes([len(freqs)]) + freqs.astype("<u2").tobytes() + columns.tobytes() + row_tables.tobytes() + protos.tobytes())
-    side = lzma.compress(side, preset=9 | lzma.PRESET_EXTREME)
+    side = lzma.compress(side, preset=LZMA_PRESET)
     return struct.pack("<I", len(side)) + side + states.tobytes() + words.tobytes()
 
 
@@ -2640,7 +2654,9 @@ def rans_decompress(body: bytes) -> bytes:
     pos = starts["q"] + sizes["scale"] + sizes["float16"]
     freqs = np.frombuffer(side, "<u2", 256 * side[pos], pos + 1).reshape(-1, 256).astype(np.int64)
     num_cols, num_rows = sum(c for _, c, _ in arrays), sum(r for r, _, _ in arrays)
-    columns, row_tables, protos = _split(np.frombuffer(side, np.uint8, offset=pos + 1 + 512 * len(freqs)), [num_cols, num_rows, num_cols])
+    tables_end = pos + 1 + 2 * freqs.size  # the tables: a u16 per symbol
+    columns, row_tables, protos = _split(np.frombuffer(side, np.uint8, offset=tables_end),
+                                         [num_cols, num_rows, num_cols])
     if protos.size != num_cols or np.any(columns >= len(freqs)) or np.any(row_tables > len(freqs)) \
             or np.any(freqs.sum(1) != 1 << RANS_PROB_BITS):
         raise ArtifactError("rANS side data does not match the payload index")
@@ -2665,7 +2681,7 @@ def compress_artifact(payload: bytes, compressor: str = "rans", quality: int = 1
         import brotli
         body = brotli.compress(payload, quality=quality)
     else:
-        body = lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME) if compressor == "lzma" else rans_compress(payload)
+        body = lzma.compress(payload, preset=LZMA_PRESET) if compressor == "lzma" else rans_compress(payload)
     return ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, method, len(payload), zlib.crc32(payload)) + body
 
 
@@ -2837,9 +2853,10 @@ def evaluate_bpb(loss_fn, val: ValidationData, h: Hyperparameters, runtime: Runt
 # ----------------------------------------------------------------------------------------------------
 
 # Test-time training (TTT_MODE), "score first": every target is scored once, and trained on only after that.
-# Both modes take a `trace(kind, index, losses, lora)` for the tests, called with ("score", global target indices
-# (−1: context), their float64 losses) after every scoring pass and ("update", the indices of the targets whose
-# loss it follows, None) just before every step; `lora` is the BatchedLoRA in use, or None.
+# evaluate_with_ttt, at the end of this section, runs either mode. Both take a `trace(kind, index, losses, lora)`
+# for the tests, called with ("score", global target indices (−1: context), their float64 losses) after every
+# scoring pass and ("update", the indices of the targets whose loss it follows, None) just before every step;
+# `lora` is the BatchedLoRA in use, or None.
 
 class EvalGuard:
     """When TTT stops adapting. Work is counted in units that cost about the same time each: targets for the SGD
@@ -3447,8 +3464,50 @@ def evaluate_with_ttt(model: GPT, score_fn, train_fn, val: ValidationData, h: Hy
 
 
 # ----------------------------------------------------------------------------------------------------
-# Main: set up, train, export the artifact, reload it from bytes and score it
+# Main: read and check the inputs, train, export the artifact, reload it from bytes and score it; a failed end
 # ----------------------------------------------------------------------------------------------------
+
+def eval_only_artifact_path(h: Hyperparameters) -> str:
+    return h.artifact_path or os.path.join(h.output_dir, ARTIFACT_NAME)
+
+
+def load_inputs(h: Hyperparameters) -> tuple[ValidationData, bool]:
+    """Read and check every input before anything is written: the tokenizer, every shard, the byte counts, and
+    with TTT_EVAL_ONLY the artifact. Returns the validation data and whether the tokenizer is a CaseOps one."""
+    try:
+        sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+        check_shards(h.data_path, "val", h.vocab_size)
+        if not h.ttt_eval_only:  # evaluation reads no training data
+            check_training_data(h, launcher_world_size())
+        caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+        if caseops_tokenizer and not h.caseops_enabled:
+            raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
+                             f"counts the original bytes (its operator pieces are not text)")
+        val = load_validation(h, sp)
+    except ShardError as exc:
+        raise SystemExit(str(exc)) from None
+    if h.ttt_eval_only and not os.path.isfile(eval_only_artifact_path(h)):
+        raise SystemExit(f"TTT_EVAL_ONLY=1: no artifact at {eval_only_artifact_path(h)!r}: set ARTIFACT_PATH to a "
+                         f"run's artifact file (its {ARTIFACT_NAME}, or the file of an older run under its older "
+                         f"name), or OUTPUT_DIR to the run's folder")
+    return val, caseops_tokenizer
+
+
+def open_log(h: Hyperparameters, runtime: Runtime, warnings: list[str]) -> Logger:
+    """The run's log, opened with what every log starts with: the settings (the first line, which
+    tools/submission/logparse.py reads), the warnings about the environment, and the process setup."""
+    log = Logger(h, runtime.rank)
+    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
+    for line in warnings:
+        log(line, echo=False)
+    if log.kept:
+        log(f"an earlier log of RUN_ID={h.run_id} was kept as {log.kept}")
+    device = runtime.device
+    log(f"world_size:{runtime.world_size} device:{device} torch:{torch.__version__} "
+        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'} "
+        f"triton:{triton_description()}")
+    return log
+
 
 def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, runtime: Runtime,
                      log) -> tuple[str, int]:
@@ -3488,48 +3547,6 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ru
         log(f"ERROR: total {total_bytes} bytes exceeds the {h.artifact_limit_bytes}-byte limit by "
             f"{total_bytes - h.artifact_limit_bytes} bytes; the artifact is kept at {artifact_path} and still scored")
     return artifact_path, total_bytes
-
-
-def load_inputs(h: Hyperparameters) -> tuple[ValidationData, bool]:
-    """Read and check every input before anything is written: the tokenizer, every shard, the byte counts, and
-    with TTT_EVAL_ONLY the artifact. Returns the validation data and whether the tokenizer is a CaseOps one."""
-    try:
-        sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-        check_shards(h.data_path, "val", h.vocab_size)
-        if not h.ttt_eval_only:  # evaluation reads no training data
-            check_training_data(h, launcher_world_size())
-        caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
-        if caseops_tokenizer and not h.caseops_enabled:
-            raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
-                             f"counts the original bytes (its operator pieces are not text)")
-        val = load_validation(h, sp)
-    except ShardError as exc:
-        raise SystemExit(str(exc)) from None
-    if h.ttt_eval_only and not os.path.isfile(eval_only_artifact_path(h)):
-        raise SystemExit(f"TTT_EVAL_ONLY=1: no artifact at {eval_only_artifact_path(h)!r}: set ARTIFACT_PATH to a "
-                         f"run's artifact file (its {ARTIFACT_NAME}, or the file of an older run under its older "
-                         f"name), or OUTPUT_DIR to the run's folder")
-    return val, caseops_tokenizer
-
-
-def eval_only_artifact_path(h: Hyperparameters) -> str:
-    return h.artifact_path or os.path.join(h.output_dir, ARTIFACT_NAME)
-
-
-def open_log(h: Hyperparameters, runtime: Runtime, warnings: list[str]) -> Logger:
-    """The run's log, opened with what every log starts with: the settings (the first line, which
-    tools/submission/logparse.py reads), the warnings about the environment, and the process setup."""
-    log = Logger(h, runtime.rank)
-    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
-    for line in warnings:
-        log(line, echo=False)
-    if log.kept:
-        log(f"an earlier log of RUN_ID={h.run_id} was kept as {log.kept}")
-    device = runtime.device
-    log(f"world_size:{runtime.world_size} device:{device} torch:{torch.__version__} "
-        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'} "
-        f"triton:{triton_description()}")
-    return log
 
 
 def score_artifact(model: GPT, artifact_path: str, evaluate, h: Hyperparameters, log) -> float:

@@ -1,6 +1,5 @@
 """The artifact's rANS coder (COMPRESSOR=rans) and LQER (LQER_ENABLED): exact round trips, sizes against
 brotli-11 and lzma, refusal of damaged or old artifacts, LQER's error reduction and its int4 groups."""
-import lzma
 import os
 import re
 import struct

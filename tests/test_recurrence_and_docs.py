@@ -2,7 +2,6 @@
 on, the looped model runs the spec's block order, no output ever depends on an earlier document of its row, and
 the two lanes do what their definition says."""
 import math
-import os
 import re
 import sys
 
