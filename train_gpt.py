@@ -5,8 +5,9 @@ Every setting is an environment variable (see Hyperparameters); `PRESET=smoke` r
 bundled sample on a CPU.
 
 Sections, in the order a run uses them: configuration (the settings and every check), runtime (processes,
-devices, the log), data, kernels, model, optimizer, training, quantization, artifact (payload, coder, counted
-code, export, load), evaluation, test-time training, main.
+devices, the log), data (shards, the training stream, the validation set and its bytes), kernels (Triton's, for
+training), model, optimizer, training, quantization, artifact (payload, coder, counted code, export, load),
+evaluation, test-time training (one entry point, evaluate_with_ttt), main (and how a failed run ends).
 """
 from __future__ import annotations
 
@@ -360,7 +361,7 @@ class Hyperparameters:
     # runs end on the artifact's own score.
     ttt_mode: str = "lora"  # none | sgd: whole model, chunk by chunk | lora: per-document LoRA and global phases
     ttt_eval_only: bool = False  # no training: load ARTIFACT_PATH, score it plain, then with TTT_MODE
-    artifact_path: str = ""  # "" = OUTPUT_DIR/final_model.int6.ptz
+    artifact_path: str = ""  # "" = the run's own: OUTPUT_DIR/final_model.artifact (ARTIFACT_NAME)
     eval_budget_seconds: float = 600.0  # TTT stops adapting when the rest would no longer fit (EvalGuard)
     ttt_chunk_tokens: int = 32768  # sgd: targets scored before each update; lora: targets per global-phase step
     ttt_epochs: int = 3  # sgd: steps on each scored chunk
@@ -543,10 +544,25 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup_distributed(timeout_seconds: float = 300.0) -> tuple[int, int, torch.device]:
-    """Rank, world size and device. A collective that waits more than timeout_seconds (a rank died or hangs)
-    raises on the ranks still waiting instead of hanging: gloo by its own timeout, NCCL by the watchdog that
-    TORCH_NCCL_ASYNC_ERROR_HANDLING turns on, which tears the process down."""
+@dataclass(frozen=True)
+class Runtime:
+    """This process's place in the job: its rank among `world_size` processes and the device it computes on. One
+    object, made by setup_distributed, for everything that reads its rank's share, talks to the other ranks or
+    puts tensors on the device; the defaults are a single process on the CPU (tests, tools)."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes the log, the saved weights and the artifact."""
+        return self.rank == 0
+
+
+def setup_distributed(timeout_seconds: float = 300.0) -> Runtime:
+    """This process's rank, world size and device, with the process group joined. A collective that waits more
+    than timeout_seconds (a rank died or hangs) raises on the ranks still waiting instead of hanging: gloo by its
+    own timeout, NCCL by the watchdog that TORCH_NCCL_ASYNC_ERROR_HANDLING turns on, which tears the process down."""
     rank, world_size = int(os.environ.get("RANK", "0")), launcher_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -563,7 +579,7 @@ def setup_distributed(timeout_seconds: float = 300.0) -> tuple[int, int, torch.d
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None,
                                 timeout=datetime.timedelta(seconds=timeout_seconds))
-    return rank, world_size, device
+    return Runtime(rank, world_size, device)
 
 
 def compile_on_gpu(fn, h: Hyperparameters, device: torch.device, **options):
@@ -710,20 +726,32 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each call takes one contiguous span per rank, so N ranks × 1 micro-step see what 1 rank × N micro-steps see."""
 
-    def __init__(self, data_path: str, rank: int, world_size: int, device: torch.device):
+    def __init__(self, data_path: str, runtime: Runtime):
         paths = shard_paths(data_path, "train")
         if sum(read_shard_header(p) for p in paths) == 0:
             raise ShardError(f"the training shards in {data_path!r} hold no tokens")
         self.stream = TokenStream(paths)
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.runtime = runtime
 
     def next_batch(self, local_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        span, rank, device = local_tokens + 1, self.runtime.rank, self.runtime.device
+        chunk = self.stream.take(span * self.runtime.world_size)[rank * span:(rank + 1) * span]
         local = torch.from_numpy(chunk.astype(np.int64))
-        if self.device.type == "cuda":
-            local = local.pin_memory().to(self.device, non_blocking=True)
+        if device.type == "cuda":
+            local = local.pin_memory().to(device, non_blocking=True)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+@dataclass(frozen=True)
+class ValidationData:
+    """What is scored: the validation tokens, and the bytes of each target tokens[i + 1] (target_bytes[i]), which
+    val_bpb divides the loss by."""
+    tokens: np.ndarray
+    target_bytes: np.ndarray
+
+    @property
+    def num_targets(self) -> int:
+        return self.tokens.size - 1
 
 
 def load_validation_tokens(data_path: str, limit: int) -> np.ndarray:
@@ -871,8 +899,17 @@ def load_validation_byte_counts(data_path: str, num_tokens: int) -> np.ndarray:
     return counts[:num_tokens]
 
 
+def load_validation(h: Hyperparameters, sp) -> ValidationData:
+    """The validation tokens (VAL_TOKENS_LIMIT of them, 0: all) and each target's bytes: the original text's from
+    the byte sidecars with CASEOPS_ENABLED, else those of the tokenizer `sp`'s pieces."""
+    tokens = load_validation_tokens(h.data_path, h.val_tokens_limit)
+    if h.caseops_enabled:
+        return ValidationData(tokens, load_validation_byte_counts(h.data_path, tokens.size)[1:])
+    return ValidationData(tokens, target_byte_counts(tokens, token_byte_tables(sp)))
+
+
 # ----------------------------------------------------------------------------------------------------
-# Kernels: fused softcapped cross-entropy for training (evaluation keeps the plain path)
+# Kernels: Triton's fused softcapped cross-entropy and LeakyReLU² MLP, for training (evaluation: the plain paths)
 # ----------------------------------------------------------------------------------------------------
 
 try:
@@ -1020,21 +1057,22 @@ if triton is not None:
             tl.store(out_ptr + offsets, (leaky * leaky).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of
+# tools/bench/mlp_tiles_bench.py's set on Hopper at the MLP's shapes (RESULTS.md).
+MLP_TILES = (128, 256, 64, 8, 3)
+MLP_TILES_INTERPRETER = (16, 16, 16, 1, 1)  # Triton's CPU interpreter (the tests): the smallest legal tiles
+MLP_GROUP_M = 8  # row-blocks that share each column block while it sits in L2 (Triton's matmul tutorial's value)
+
+
 def _mlp_matmul_launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, backward: bool,
                        tiles: tuple | None = None) -> None:
     M, K = a.shape
     N = b.size(1)
-    # the interpreter (CPU tests) takes the smallest legal tiles
-    bm, bn, bk, warps, stages = tiles or ((16, 16, 16, 1, 1) if a.device.type == "cpu" else MLP_TILES)
+    bm, bn, bk, warps, stages = tiles or (MLP_TILES_INTERPRETER if a.device.type == "cpu" else MLP_TILES)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _mlp_matmul[grid](a, b, h, out, M, N, a.stride(0), a.stride(1), b.stride(0), b.stride(1), K=K, BACKWARD=backward,
-                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, DOT_F32=a.device.type == "cpu",
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=MLP_GROUP_M, DOT_F32=a.device.type == "cpu",
                       EVEN=M % bm == 0 and N % bn == 0 and K % bk == 0, num_warps=warps, num_stages=stages)
-
-
-# BLOCK_M, BLOCK_N, BLOCK_K, warps, stages for _mlp_matmul on the GPU: the fastest of tools/mlp_tiles_bench.py's
-# set on Hopper at the MLP's shapes (RESULTS.md).
-MLP_TILES = (128, 256, 64, 8, 3)
 
 
 class FusedLeakyReluSquareMLP(torch.autograd.Function):
@@ -1068,7 +1106,7 @@ def fused_leaky_relu_square_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: tor
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model
+# Model: attention (causal, bounded by documents, windowed), the blocks' parts, the blocks, GPT
 # ----------------------------------------------------------------------------------------------------
 
 try:  # FlashAttention-3 (Hopper) when installed; PyTorch's SDPA otherwise
@@ -1089,31 +1127,6 @@ VARLEN_DEVICES = ("cuda",) if _flash_attn_3_varlen is not None or _torch_varlen 
 VARLEN_WINDOWS = _flash_attn_3_varlen is not None or _TORCH_VARLEN_WINDOW
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None, window: int = 0) -> torch.Tensor:
-    """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries).
-
-    `docs` bounds it by documents: a boolean mask from document_mask, or (cu_seqlens, overflow start) from
-    document_segments for the packed varlen kernels. `window` > 0 bounds it by distance too: query t sees keys
-    t − window..t only (FlashAttention's window_size=(window, 0)). Every path applies both the same way:
-    training, evaluation and TTT all come here."""
-    if isinstance(docs, tuple):
-        return packed_document_attention(q, k, v, *docs, window=window)
-    if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out = _flash_attn_3(q, k, v, causal=True, **({"window_size": (window, 0)} if window else {}))
-        return out[0] if isinstance(out, tuple) else out
-    gqa, mask = q.size(2) != k.size(2), docs
-    if window:  # a band even where it covers the whole row: no branch on the length, which TTT's graph has dynamic
-        band = window_mask(q.size(1), window, q.device)
-        mask = band if docs is None else docs & band
-    if gqa and mask is not None:  # SDPA's kernels that take a mask take no grouped queries: repeat keys and values
-        group = q.size(2) // k.size(2)
-        k, v, gqa = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False
-    # otherwise grouped queries in the kernel (enable_gqa) rather than repeated keys and values: less memory moved
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         is_causal=mask is None, enable_gqa=gqa)
-    return out.transpose(1, 2)
-
-
 def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
     """(time, time), True where query t may attend key s: t − window ≤ s ≤ t."""
     pos = torch.arange(seq_len, device=device)
@@ -1124,7 +1137,7 @@ def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor
 def prefer_cudnn_attention() -> None:
     """Make SDPA try cuDNN's attention kernel first (process-wide; CUDA only). On Hopper it runs causal attention
     with grouped queries in about two thirds of FlashAttention-2's time, forward and backward
-    (tools/attention_bench.py); where it refuses a case, SDPA falls back to the next kernel."""
+    (tools/bench/attention_bench.py); where it refuses a case, SDPA falls back to the next kernel."""
     order = [b for b in torch._C._get_sdp_priority_order() if b != int(SDPBackend.CUDNN_ATTENTION)]
     torch._C._set_sdp_priority_order([int(SDPBackend.CUDNN_ATTENTION)] + order)
 
@@ -1186,6 +1199,8 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
 def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                               overflow_start: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Causal attention over (batch, time, heads, head_dim) inside the segments of document_segments, the batch
+    flattened into one packed sequence for the varlen kernel."""
     batch, seq_len, heads, head_dim = q.shape
     y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len, window)
     # Past the first BOS left out, segments may span several documents: there each token attends to itself alone
@@ -1193,6 +1208,31 @@ def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     past = torch.arange(y.size(0), device=y.device)[:, None, None] >= overflow_start
     y = torch.where(past, v.flatten(0, 1).repeat_interleave(heads // v.size(2), dim=1), y)
     return y.view(batch, seq_len, heads, head_dim)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None, window: int = 0) -> torch.Tensor:
+    """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries).
+
+    `docs` bounds it by documents: a boolean mask from document_mask, or (cu_seqlens, overflow start) from
+    document_segments for the packed varlen kernels. `window` > 0 bounds it by distance too: query t sees keys
+    t − window..t only (FlashAttention's window_size=(window, 0)). Every path applies both the same way:
+    training, evaluation and TTT all come here."""
+    if isinstance(docs, tuple):
+        return packed_document_attention(q, k, v, *docs, window=window)
+    if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out = _flash_attn_3(q, k, v, causal=True, **({"window_size": (window, 0)} if window else {}))
+        return out[0] if isinstance(out, tuple) else out
+    gqa, mask = q.size(2) != k.size(2), docs
+    if window:  # a band even where it covers the whole row: no branch on the length, which TTT's graph has dynamic
+        band = window_mask(q.size(1), window, q.device)
+        mask = band if docs is None else docs & band
+    if gqa and mask is not None:  # SDPA's kernels that take a mask take no grouped queries: repeat keys and values
+        group = q.size(2) // k.size(2)
+        k, v, gqa = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False
+    # otherwise grouped queries in the kernel (enable_gqa) rather than repeated keys and values: less memory moved
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                         is_causal=mask is None, enable_gqa=gqa)
+    return out.transpose(1, 2)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -1565,10 +1605,10 @@ NORM_EPS = 1e-7  # keeps a zero update zero instead of dividing by zero
 MUON_BACKENDS = ("polar", "gram")  # MUON_BACKEND: plain Polar Express, or Gram Newton–Schulz on oblong matrices
 # Gram NS forms X = Q·X₀ explicitly and recomputes R = X·Xᵀ every this many steps (a restart): it carries the
 # iterate as Q (n×n) and A = Q·R·Qᵀ, whose bfloat16 errors grow with Q (Q's eigenvalues reach the product of the
-# steps' `a`, ≈ 1/s, for the small singular values s). PR #1809 restarts at step 2 of 4. With 5 steps a single
-# restart was not enough on bf16 inputs with singular values over three decades: at step 2 the top singular value
-# of the result reached 1.41 (polar_express: 1.14), at step 3 up to 17 on 32×64; at steps 2 and 4 it stayed ≤ 1.17
-# at 64×256 and within 0.01 of polar_express at the real shapes.
+# steps' `a`, ≈ 1/s, for the small singular values s). Every 2 steps, as PR #1809 restarts at step 2 of 4: over
+# 5 steps a single restart is too few for bf16 inputs whose singular values span three decades (the result's top
+# singular value reaches 1.41 where polar_express gives 1.14, and up to 17 on 32×64), while restarts at steps 2
+# and 4 keep it ≤ 1.17 at 64×256 and within 0.01 of polar_express at the model's shapes.
 GRAM_RESTART_EVERY = 2
 
 
@@ -1763,13 +1803,14 @@ def muon_param_groups(model: GPT, matrices: list, h: Hyperparameters) -> list[di
     return [dict(params=params, weight_decay=role_weight_decay(role, h), role=role) for role, params in by_role.items()]
 
 
-def build_optimizers(model: GPT, h: Hyperparameters, rank: int, world_size: int, device: torch.device) -> list:
+def build_optimizers(model: GPT, h: Hyperparameters, runtime: Runtime) -> list:
     matrices, embeddings, scalars = split_parameters(model)
+    device = runtime.device
     ns_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmuls are slow and lossy
     try:
         muon = Muon(muon_param_groups(model, matrices, h), lr=h.matrix_lr, momentum=h.muon_momentum,
-                    weight_decay=h.muon_weight_decay, ns_steps=h.muon_ns_steps, ns_dtype=ns_dtype, rank=rank,
-                    world_size=world_size, backend=h.muon_backend, gram_min_aspect=h.muon_gram_min_aspect)
+                    weight_decay=h.muon_weight_decay, ns_steps=h.muon_ns_steps, ns_dtype=ns_dtype, rank=runtime.rank,
+                    world_size=runtime.world_size, backend=h.muon_backend, gram_min_aspect=h.muon_gram_min_aspect)
     except ValueError as exc:  # a setting out of range: say which, without a traceback
         raise SystemExit(str(exc)) from None
     adam = torch.optim.AdamW(
@@ -1850,9 +1891,10 @@ def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
 
 
 def forward_backward(loss_fn, loader: DistributedTokenLoader, h: Hyperparameters, accum_steps: int,
-                     world_size: int, device: torch.device) -> torch.Tensor:
+                     runtime: Runtime) -> torch.Tensor:
     """Accumulate one step's gradients over the micro-steps; return the mean loss (on the device, no sync)."""
-    local_tokens = h.train_batch_tokens // (world_size * accum_steps)
+    device = runtime.device
+    local_tokens = h.train_batch_tokens // (runtime.world_size * accum_steps)
     total = torch.zeros((), device=device)
     for _ in range(accum_steps):
         x, y = loader.next_batch(local_tokens, h.train_seq_len)
@@ -1902,9 +1944,9 @@ def optimizer_step(model: nn.Module, optimizers: list, clip_norm: float, world_s
 
 
 def train_step(loss_fn, model: nn.Module, optimizers: list, loader: DistributedTokenLoader, h: Hyperparameters,
-               accum_steps: int, world_size: int, device: torch.device) -> torch.Tensor:
-    loss = forward_backward(loss_fn, loader, h, accum_steps, world_size, device)
-    optimizer_step(model, optimizers, h.grad_clip_norm, world_size)
+               accum_steps: int, runtime: Runtime) -> torch.Tensor:
+    loss = forward_backward(loss_fn, loader, h, accum_steps, runtime)
+    optimizer_step(model, optimizers, h.grad_clip_norm, runtime.world_size)
     return loss
 
 
@@ -1924,9 +1966,9 @@ class TrainingClock:
     elapsed time is shared; in between, time is extrapolated from the last measured step time. The LR schedule
     and the stop decision read this clock, so all ranks take the same steps with the same learning rates."""
 
-    def __init__(self, budget_ms: float, sync_every: int, world_size: int, device: torch.device):
+    def __init__(self, budget_ms: float, sync_every: int, runtime: Runtime):
         self.budget_ms, self.sync_every = budget_ms, max(1, sync_every)
-        self.world_size, self.device = world_size, device
+        self.world_size, self.device = runtime.world_size, runtime.device
         self.measured_ms, self.measured_step, self.ms_per_step = 0.0, 0, 0.0
         self.paused_ms, self.t0 = 0.0, None
 
@@ -1975,7 +2017,7 @@ def training_graphs(h: Hyperparameters) -> list[tuple[bool, bool]]:
     return [(looping, fake_quant) for looping in loops for fake_quant in qat]
 
 
-def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log) -> float:
+def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime, log) -> float:
     """Run a few real steps so compilation happens before the timer, then restore the initial weights and
     optimizer states: the timed run starts from step 0 with the graphs already built. The steps are shared out
     among the training graphs (training_graphs, at least one step each): with NUM_LOOPS > 0 the first half runs
@@ -1988,14 +2030,14 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size
     start = time.perf_counter()
     initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     initial_optimizers = [opt.state_dict() for opt in optimizers]
-    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
+    loader = DistributedTokenLoader(h.data_path, runtime)
     for step in range(steps):
         looping, fake_quant = graphs[sum(step >= i * steps // len(graphs) for i in range(1, len(graphs)))]
         model.set_recurrence(looping)
         model.set_qat(fake_quant)
         set_schedule(optimizers, step, 0.0, h)
-        train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
-    synchronize(device)
+        train_step(loss_fn, model, optimizers, loader, h, accum_steps, runtime)
+    synchronize(runtime.device)
     model.set_qat(False)
     model.load_state_dict(initial_model)
     for opt, state in zip(optimizers, initial_optimizers):
@@ -2005,12 +2047,22 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, rank, world_size
     return seconds
 
 
-def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate) -> tuple[int, float]:
+def log_document_overflows(model: GPT, log) -> None:
+    overflows = int(getattr(model, "doc_overflows", 0))
+    if overflows:
+        log(f"WARNING doc_attention: {overflows} forward passes so far held more documents than the varlen capacity; "
+            f"past it each token attended to itself alone (lower DOC_SEGMENT_TOKENS for a larger capacity)")
+
+
+LOG_FIRST_STEPS = 10  # each of the first steps is logged whatever TRAIN_LOG_EVERY, as the challenge's baseline does
+
+
+def train(loss_fn, model, optimizers, ema, h, accum_steps, runtime: Runtime, log, evaluate) -> tuple[int, float]:
     """The timed loop: stops at ITERATIONS or when the training clock reaches the budget less the quantization
     reserve. Returns (steps, training time in ms)."""
-    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
+    loader = DistributedTokenLoader(h.data_path, runtime)
     budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
-    clock = TrainingClock(budget_ms, h.time_sync_every, world_size, device)
+    clock = TrainingClock(budget_ms, h.time_sync_every, runtime)
     step, stop, loss = 0, False, None
     model.set_recurrence(h.loop_enable_frac <= 0)
     clock.start()
@@ -2032,15 +2084,15 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
         if not model.qat and qat_due(h, progress):
             log(f"qat:on step:{step} matrices:{model.set_qat(True)}")  # its graph was built in the warm-up too
         set_schedule(optimizers, step, progress, h)
-        loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, world_size, device)
+        loss = train_step(loss_fn, model, optimizers, loader, h, accum_steps, runtime)
         ema.update(model)
         step += 1
-        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
+        log_now = h.train_log_every > 0 and (step <= LOG_FIRST_STEPS or step % h.train_log_every == 0)
         if log_now or clock.due(step) or step == h.iterations:
             elapsed_ms = clock.measure(step)
             stop = elapsed_ms >= budget_ms
             if log_now:
-                all_reduce_mean([loss], world_size)
+                all_reduce_mean([loss], runtime.world_size)
                 log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} "
                     f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
             if stop and step < h.iterations:
@@ -2051,15 +2103,8 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, dev
     return step, clock.measured_ms
 
 
-def log_document_overflows(model: GPT, log) -> None:
-    overflows = int(getattr(model, "doc_overflows", 0))
-    if overflows:
-        log(f"WARNING doc_attention: {overflows} forward passes so far held more documents than the varlen capacity; "
-            f"past it each token attended to itself alone (lower DOC_SEGMENT_TOKENS for a larger capacity)")
-
-
-def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, rank: int, world_size: int,
-                    device: torch.device, log) -> dict[str, torch.Tensor] | None:
+def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, runtime: Runtime,
+                    log) -> dict[str, torch.Tensor] | None:
     """Load the EMA weights and, for QUANT_METHOD=gptq, collect the calibration Hessians (summed over ranks).
 
     This runs right after the loop stops, inside QUANT_RESERVE_SECONDS: calibration reads training data, so it
@@ -2068,9 +2113,9 @@ def finish_training(model: GPT, ema: EMA, h: Hyperparameters, train_ms: float, r
     ema.copy_to(model)
     if h.quant_method != "gptq":
         return None
-    hessians = collect_hessians(model, calibration_batches(h, rank, world_size, device), device)
-    all_reduce_sum(hessians, world_size)
-    synchronize(device)
+    hessians = collect_hessians(model, calibration_batches(h, runtime), runtime.device)
+    all_reduce_sum(hessians, runtime.world_size)
+    synchronize(runtime.device)
     seconds = time.perf_counter() - start
     total_ms = train_ms + 1000 * seconds
     log(f"gptq_hessians:{h.gptq_calibration_batches} batches time:{seconds:.2f}s")
@@ -2092,10 +2137,6 @@ GATE_MATRICES = ("attn.gate", "smear_gate")
 GATE_BITS = 8
 
 
-class ArtifactError(ValueError):
-    """An artifact that is truncated, corrupt, or not ours."""
-
-
 def is_gate_matrix(name: str, tensor: torch.Tensor) -> bool:
     return tensor.ndim == 2 and name.endswith(GATE_MATRICES)
 
@@ -2110,17 +2151,22 @@ def tensor_class(name: str) -> str:
     return "other"
 
 
+def grid_max(bits: int) -> int:
+    """qmax: a `bits`-bit grid stores the integers −qmax..qmax, symmetric about 0 (int8's −128 is never used)."""
+    return 2 ** (bits - 1) - 1
+
+
 def sdclip_scale(weight: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
     """SDClip: each row's step is clip_sigmas·std(row)/qmax (float16, as stored), so ±qmax steps reach k sigmas.
 
     Tying the step to the row's spread, not its extreme, keeps the integer alphabet narrow and cheap to compress."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = grid_max(bits)
     return (clip_sigmas * weight.detach().float().std(dim=1, unbiased=False) / qmax).to(torch.float16)
 
 
 def absmax_scale(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """Each row's step is max|row|/qmax (float16, rounded up so that no value lands past ±qmax steps)."""
-    qmax = 2 ** (bits - 1) - 1
+    qmax = grid_max(bits)
     scale = (weight.detach().float().abs().amax(dim=1) / qmax).to(torch.float16)
     short = scale.float() * qmax < weight.detach().float().abs().amax(dim=1)  # float16 rounding fell below the max
     return torch.where(short, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
@@ -2137,7 +2183,7 @@ def quantize_per_row(weight: torch.Tensor, bits: int, clip_sigmas: float,
     """Round to nearest on the per-row grid (SDClip's, or absmax's with clip_sigmas unused); values past ±qmax
     steps are clipped."""
     scale = sdclip_scale(weight, bits, clip_sigmas) if grid == "sdclip" else absmax_scale(weight, bits)
-    q = round_to_grid(weight.detach().float(), scale.float()[:, None], 2 ** (bits - 1) - 1)
+    q = round_to_grid(weight.detach().float(), scale.float()[:, None], grid_max(bits))
     return q.to(torch.int8), scale
 
 
@@ -2246,7 +2292,7 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
         bits = grid[0]
         q, scale = quantize_per_row(tensor, *grid)
         if name in hessians:  # never a gate matrix: the Hessians are the Linears' and the embedding's
-            q = gptq_quantize(tensor, hessians[name], scale, 2 ** (bits - 1) - 1, h.gptq_damp, h.gptq_block)
+            q = gptq_quantize(tensor, hessians[name], scale, grid_max(bits), h.gptq_damp, h.gptq_block)
         quantized[name] = {"kind": "int", "bits": bits, "q": q, "scale": scale}
     if h.lqer_enabled:
         errors = {n: (state[n].detach().float() - dequantize_entry(e)).norm().item()
@@ -2260,12 +2306,12 @@ def quantize_state_dict(state: dict[str, torch.Tensor], h: Hyperparameters,
 GPTQ_MICRO_BATCH_SEQS = 8  # sequences per calibration forward: no gradients, so a few keep activations small
 
 
-def calibration_batches(h: Hyperparameters, rank: int, world_size: int, device: torch.device):
+def calibration_batches(h: Hyperparameters, runtime: Runtime):
     """GPTQ_CALIBRATION_BATCHES training batches of TRAIN_BATCH_TOKENS (this rank's share of each), from a fresh
     loader over the training shards (never validation), yielded in pieces of GPTQ_MICRO_BATCH_SEQS sequences."""
-    loader = DistributedTokenLoader(h.data_path, rank, world_size, device)
+    loader = DistributedTokenLoader(h.data_path, runtime)
     for _ in range(h.gptq_calibration_batches):
-        x, _ = loader.next_batch(h.train_batch_tokens // world_size, h.train_seq_len)
+        x, _ = loader.next_batch(h.train_batch_tokens // runtime.world_size, h.train_seq_len)
         yield from x.split(GPTQ_MICRO_BATCH_SEQS)
 
 
@@ -2312,10 +2358,21 @@ def dequantize_state_dict(quantized: dict[str, dict]) -> dict[str, torch.Tensor]
 # Artifact: the payload, the rANS coder, compression, the counted code, export and load
 # ----------------------------------------------------------------------------------------------------
 
+# The artifact's file name in OUTPUT_DIR. It is neither a torch file nor one compressor's archive, but this
+# script's own container: ARTIFACT_HEADER (which names the compressor), then the quantized payload (integers of
+# every bit width, float16 tensors) compressed by COMPRESSOR. One name whatever the compressor, so that
+# TTT_EVAL_ONLY finds a run's artifact without being told how it was compressed.
+ARTIFACT_NAME = "final_model.artifact"
 ARTIFACT_MAGIC = b"PGOLF-A2"
 ARTIFACT_HEADER = struct.Struct("<8sBQI")  # magic, compressor (index in COMPRESSORS), raw payload length, its crc32
 PAYLOAD_VERSION = 2
 COMPRESSORS = ("rans", "lzma", "brotli")
+LZMA_PRESET = 9 | lzma.PRESET_EXTREME  # the strongest: the artifact is compressed once, and every byte counts
+
+
+class ArtifactError(ValueError):
+    """An artifact that is truncated, corrupt, or not ours."""
+
 
 def serialize_quantized(quantized: dict[str, dict]) -> bytes:
     """Versioned layout: u32 JSON length, JSON index, then three sections: "q" (every int8 array: each matrix's
@@ -2399,6 +2456,7 @@ RANS_LOW = 1 << 16  # states live in [2^16, 2^32); renormalising 16 bits at a ti
 RANS_LANES = 1024  # most lanes stepping together: fewer would be slower, more would cost 4 bytes of final state each
 RANS_TABLE_COUNTS = (1, 2, 4, 8, 16)  # tables per group that the encoder tries
 RANS_LLOYD_STEPS = 6
+RANS_PSEUDO_COUNT = 1e-3  # added to every count while tables are fitted: a symbol a table never saw costs finite bits
 RANS_MIN_COPIES = 8  # fewest rows worth a prototype row
 RANS_PROJECTION_FREQUENCY = 2.4  # a fixed cosine projection whose sort puts near-copy rows side by side
 
@@ -2497,7 +2555,7 @@ def column_tables(hists: np.ndarray, values: np.ndarray) -> np.ndarray:
     for k in [k for k in RANS_TABLE_COUNTS if k <= len(hists)]:
         assign = rank * k // len(hists)
         for _ in range(RANS_LLOYD_STEPS):
-            tables = recount(assign, k) + 1e-3
+            tables = recount(assign, k) + RANS_PSEUDO_COUNT
             assign = (hists @ -np.log2(tables / tables.sum(1, keepdims=True)).T).argmin(1)
         _, assign, used = np.unique(assign, return_inverse=True, return_counts=True)
         tables = recount(assign, len(used))
@@ -2584,7 +2642,7 @@ def rans_compress(payload: bytes) -> bytes:
     states, words = rans_encode(sym, symbol_tables(columns, row_tables, arrays), freqs)
     side = (payload[:starts["q"]] + _byte_planes(payload[starts["scale"]:starts["float16"]]) + _byte_planes(payload[starts["float16"]:])
             + bytes([len(freqs)]) + freqs.astype("<u2").tobytes() + columns.tobytes() + row_tables.tobytes() + protos.tobytes())
-    side = lzma.compress(side, preset=9 | lzma.PRESET_EXTREME)
+    side = lzma.compress(side, preset=LZMA_PRESET)
     return struct.pack("<I", len(side)) + side + states.tobytes() + words.tobytes()
 
 
@@ -2596,7 +2654,9 @@ def rans_decompress(body: bytes) -> bytes:
     pos = starts["q"] + sizes["scale"] + sizes["float16"]
     freqs = np.frombuffer(side, "<u2", 256 * side[pos], pos + 1).reshape(-1, 256).astype(np.int64)
     num_cols, num_rows = sum(c for _, c, _ in arrays), sum(r for r, _, _ in arrays)
-    columns, row_tables, protos = _split(np.frombuffer(side, np.uint8, offset=pos + 1 + 512 * len(freqs)), [num_cols, num_rows, num_cols])
+    tables_end = pos + 1 + 2 * freqs.size  # the tables: a u16 per symbol
+    columns, row_tables, protos = _split(np.frombuffer(side, np.uint8, offset=tables_end),
+                                         [num_cols, num_rows, num_cols])
     if protos.size != num_cols or np.any(columns >= len(freqs)) or np.any(row_tables > len(freqs)) \
             or np.any(freqs.sum(1) != 1 << RANS_PROB_BITS):
         raise ArtifactError("rANS side data does not match the payload index")
@@ -2621,7 +2681,7 @@ def compress_artifact(payload: bytes, compressor: str = "rans", quality: int = 1
         import brotli
         body = brotli.compress(payload, quality=quality)
     else:
-        body = lzma.compress(payload, preset=9 | lzma.PRESET_EXTREME) if compressor == "lzma" else rans_compress(payload)
+        body = lzma.compress(payload, preset=LZMA_PRESET) if compressor == "lzma" else rans_compress(payload)
     return ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, method, len(payload), zlib.crc32(payload)) + body
 
 
@@ -2651,10 +2711,11 @@ def decompress_artifact(blob: bytes) -> bytes:
     return payload
 
 
-# The counted code is this file packed by tools/pack_script.py (minified, LZMA, behind a two-line
+# The counted code is this file packed by tools/submission/pack_script.py (minified, LZMA, behind a two-line
 # self-extracting stub that starts with this line): a packed script counts its own bytes, the readable one the
 # bytes that it packs to.
 PACKED_FIRST_LINE = b"#coding:latin-1\n"
+PACKER = os.path.join("tools", "submission", "pack_script.py")  # the packer's place beside a readable script
 
 
 def counted_code_bytes(script_path: str) -> tuple[int, str]:
@@ -2664,7 +2725,7 @@ def counted_code_bytes(script_path: str) -> tuple[int, str]:
         script = f.read()
     if script.startswith(PACKED_FIRST_LINE):
         return len(script), ""
-    packer_path = os.path.join(os.path.dirname(script_path), "tools", "pack_script.py")
+    packer_path = os.path.join(os.path.dirname(script_path), PACKER)
     if not os.path.isfile(packer_path):
         return len(script), f"raw bytes: no {packer_path} to pack with"
     spec = importlib.util.spec_from_file_location("pack_script", packer_path)
@@ -2677,15 +2738,15 @@ def counted_code_bytes(script_path: str) -> tuple[int, str]:
         return len(packer.pack_source(source, minifier="ast")), "without python-minifier (pip install python-minifier)"
 
 
-def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, log,
+def export_artifact(model: GPT, h: Hyperparameters, runtime: Runtime, log,
                     hessians: dict[str, torch.Tensor] | None = None) -> tuple[str, int]:
     """Quantize (GPTQ where there are Hessians), serialize and compress on rank 0; every rank gets the path back."""
-    path = os.path.join(h.output_dir, "final_model.int6.ptz")
-    if rank == 0:
+    path = os.path.join(h.output_dir, ARTIFACT_NAME)
+    if runtime.is_main:
         start = time.perf_counter()
         quantized = quantize_state_dict(model.state_dict(), h, hessians)
         if hessians is not None:
-            synchronize(next(model.parameters()).device)
+            synchronize(runtime.device)
             log(f"gptq_quantize_time:{time.perf_counter() - start:.1f}s")
         payload = serialize_quantized(quantized)
         blob = compress_artifact(payload, h.compressor, h.brotli_quality)
@@ -2694,7 +2755,7 @@ def export_artifact(model: GPT, h: Hyperparameters, rank: int, world_size: int, 
         os.replace(path + ".tmp", path)
         log(f"quantized payload:{len(payload)} bytes compressed:{len(blob)} bytes "
             f"quantize_compress_time:{time.perf_counter() - start:.1f}s")
-    if world_size > 1:
+    if runtime.world_size > 1:
         dist.barrier()
     return path, os.path.getsize(path)
 
@@ -2773,18 +2834,18 @@ def score_windows(loss_fn, tokens: torch.Tensor, batch: list, device: torch.devi
 
 
 @torch.no_grad()
-def evaluate_bpb(loss_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
-                 rank: int, world_size: int, device: torch.device) -> tuple[float, float]:
+def evaluate_bpb(loss_fn, val: ValidationData, h: Hyperparameters, runtime: Runtime) -> tuple[float, float]:
     """Return (mean loss in nats per token, bits per byte). loss_fn(x, y) gives per-token losses."""
-    num_targets = val_tokens.size - 1
-    mine = sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride)[rank::world_size]
-    tokens = torch.from_numpy(val_tokens.astype(np.int64))
-    sums = ScoreSums(target_bytes, device)
+    num_targets = val.num_targets
+    windows = sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride)
+    mine = windows[runtime.rank::runtime.world_size]
+    tokens = torch.from_numpy(val.tokens.astype(np.int64))
+    sums = ScoreSums(val.target_bytes, runtime.device)
     for i in range(0, len(mine), h.eval_batch_seqs):
         # all batches padded to the full size (unless there is only one): one static shape, one compile
         pad_to = h.eval_batch_seqs if len(mine) > h.eval_batch_seqs else 0
-        sums.add(*score_windows(loss_fn, tokens, mine[i:i + h.eval_batch_seqs], device, pad_to))
-    return sums.result(world_size)
+        sums.add(*score_windows(loss_fn, tokens, mine[i:i + h.eval_batch_seqs], runtime.device, pad_to))
+    return sums.result(runtime.world_size)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2792,9 +2853,10 @@ def evaluate_bpb(loss_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: H
 # ----------------------------------------------------------------------------------------------------
 
 # Test-time training (TTT_MODE), "score first": every target is scored once, and trained on only after that.
-# Both modes take a `trace(kind, index, losses, lora)` for the tests, called with ("score", global target indices
-# (−1: context), their float64 losses) after every scoring pass and ("update", the indices of the targets whose
-# loss it follows, None) just before every step; `lora` is the BatchedLoRA in use, or None.
+# evaluate_with_ttt, at the end of this section, runs either mode. Both take a `trace(kind, index, losses, lora)`
+# for the tests, called with ("score", global target indices (−1: context), their float64 losses) after every
+# scoring pass and ("update", the indices of the targets whose loss it follows, None) just before every step;
+# `lora` is the BatchedLoRA in use, or None.
 
 class EvalGuard:
     """When TTT stops adapting. Work is counted in units that cost about the same time each: targets for the SGD
@@ -2805,14 +2867,14 @@ class EvalGuard:
     budget. Twice, because the pace is an average and later units may run slower; the first unit (a chunk, or a
     batch of documents) is not measured, since it includes compilation."""
 
-    def __init__(self, h: Hyperparameters, work: float, device: torch.device, world_size: int, clock, start: float):
-        self.budget, self.work, self.device, self.world_size = h.eval_budget_seconds, work, device, world_size
+    def __init__(self, h: Hyperparameters, work: float, runtime: Runtime, clock, start: float):
+        self.budget, self.work, self.runtime = h.eval_budget_seconds, work, runtime
         self.clock, self.start = clock, start
         self.done, self.measured, self.score_s, self.stopped = 0.0, 0.0, 0.0, False
         self.adapt_s, self.adapted_work = 0.0, 0.0
 
     def now(self) -> float:
-        synchronize(self.device)
+        synchronize(self.runtime.device)
         return self.clock()
 
     def elapsed(self) -> float:
@@ -2840,8 +2902,8 @@ class EvalGuard:
         """Whether to adapt next, an adaptation expected to take `upcoming_s` beyond its scoring; `collective` when
         every rank asks at the same point."""
         needed = self.elapsed() + upcoming_s + 2 * self.score_pace() * (self.work - self.done)
-        stop = torch.tensor(float(self.stopped or needed >= self.budget), device=self.device)
-        if collective and self.world_size > 1:
+        stop = torch.tensor(float(self.stopped or needed >= self.budget), device=self.runtime.device)
+        if collective and self.runtime.world_size > 1:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         if stop.item() and not self.stopped:
             self.stopped = True
@@ -2865,23 +2927,6 @@ def cosine_lr(peak: float, i: int, n: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * i / n))
 
 
-def sgd_step(model: GPT, opt, lr: float, train_fn, tokens: torch.Tensor, first: int, end: int, h: Hyperparameters,
-             rank: int, world_size: int, device: torch.device, trace) -> None:
-    """One step on the mean loss of targets [first, end), in sequences of EVAL_SEQ_LEN: each rank takes every
-    world_size-th sequence, and the gradients are averaged over the ranks, so every rank takes the same step."""
-    if trace:
-        trace("update", torch.arange(first, end), None, None)
-    spans = [(s, min(s + h.eval_seq_len, end)) for s in range(first, end, h.eval_seq_len)][rank::world_size]
-    for n in sorted({e - s for s, e in spans}):
-        starts = [s for s, e in spans if e - s == n]
-        x = torch.stack([tokens[s:s + n] for s in starts]).to(device)
-        y = torch.stack([tokens[s + 1:s + n + 1] for s in starts]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = train_fn(x, y)
-        (loss * (world_size * x.numel() / (end - first))).backward()  # a share of the sum; the reduction averages
-    apply_sgd_step(model, opt, lr, h, world_size)
-
-
 def apply_sgd_step(model: GPT, opt, lr: float, h: Hyperparameters, world_size: int) -> None:
     """The step of TTT's SGD at `lr`, its gradients averaged over the ranks and clipped at TTT_GRAD_CLIP. A rank
     that had nothing to train on gets zero gradients, so that it still joins the reduction."""
@@ -2893,33 +2938,49 @@ def apply_sgd_step(model: GPT, opt, lr: float, h: Hyperparameters, world_size: i
     optimizer_step(model, [opt], h.ttt_grad_clip, world_size)
 
 
+def sgd_step(model: GPT, opt, lr: float, train_fn, tokens: torch.Tensor, first: int, end: int, h: Hyperparameters,
+             runtime: Runtime, trace) -> None:
+    """One step on the mean loss of targets [first, end), in sequences of EVAL_SEQ_LEN: each rank takes every
+    world_size-th sequence, and the gradients are averaged over the ranks, so every rank takes the same step."""
+    if trace:
+        trace("update", torch.arange(first, end), None, None)
+    device, world_size = runtime.device, runtime.world_size
+    spans = [(s, min(s + h.eval_seq_len, end)) for s in range(first, end, h.eval_seq_len)][runtime.rank::world_size]
+    for n in sorted({e - s for s, e in spans}):
+        starts = [s for s, e in spans if e - s == n]
+        x = torch.stack([tokens[s:s + n] for s in starts]).to(device)
+        y = torch.stack([tokens[s + 1:s + n + 1] for s in starts]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = train_fn(x, y)
+        (loss * (world_size * x.numel() / (end - first))).backward()  # a share of the sum; the reduction averages
+    apply_sgd_step(model, opt, lr, h, world_size)
+
+
 def random_tokens(h: Hyperparameters, n: int, device: torch.device) -> torch.Tensor:
     """n token ids drawn from their own generator (the global RNG is untouched): warm-up input, never val data."""
     return torch.randint(0, h.vocab_size, (n,), generator=torch.Generator().manual_seed(h.seed)).to(device)
 
 
-def warm_up_sgd(model: GPT, train_fn, targets: int, h: Hyperparameters, rank: int, world_size: int,
-                device: torch.device, log) -> None:
+def warm_up_sgd(model: GPT, train_fn, targets: int, h: Hyperparameters, runtime: Runtime, log) -> None:
     """One SGD step at LR 0 on `targets` random targets, in the shapes of a real step: it compiles the training
     graph for them (a fresh TTT_EVAL_ONLY process has none), so that the time guard's first measured adaptation
     is not mostly compile time. At LR 0 and from its own momentum buffers, it leaves the weights as they were."""
     t0 = time.perf_counter()
     warm = torch.optim.SGD(model.parameters(), lr=0.0, momentum=h.ttt_momentum)
-    sgd_step(model, warm, 0.0, train_fn, random_tokens(h, targets + 1, device).cpu(), 0, targets, h, rank, world_size,
-             device, None)
-    synchronize(device)
+    sgd_step(model, warm, 0.0, train_fn, random_tokens(h, targets + 1, runtime.device).cpu(), 0, targets, h, runtime,
+             None)
+    synchronize(runtime.device)
     log(f"ttt_warmup:sgd targets:{targets} time:{time.perf_counter() - t0:.1f}s")
 
 
-def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
-            rank: int, world_size: int, device: torch.device, log, start: float, clock=time.perf_counter,
-            trace=None) -> tuple[float, float]:
+def ttt_sgd(model: GPT, score_fn, train_fn, val: ValidationData, h: Hyperparameters, runtime: Runtime, log,
+            start: float, clock, trace) -> tuple[float, float]:
     """Whole-model TTT: the plain score's sliding windows, in chunks of about TTT_CHUNK_TOKENS targets cut at window
     ends (so LR 0 gives the plain score). Each chunk is scored under no_grad, then the whole model takes
     TTT_EPOCHS SGD steps on that chunk alone (cosine LR over the chunks); every earlier chunk was trained on right
     after it was scored, so by then the model has had every scored chunk, and no target is trained on before it
-    is scored. The last chunk is not trained on. The model is adapted in place: main() runs this last."""
-    num_targets = val_tokens.size - 1
+    is scored. The last chunk is not trained on."""
+    num_targets = val.num_targets
     chunks, current = [], []
     for window in sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride):
         current.append(window)
@@ -2927,16 +2988,17 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes
             chunks.append(current)
             current = []
     chunks += [current] if current else []
-    tokens = torch.from_numpy(val_tokens.astype(np.int64))
+    tokens = torch.from_numpy(val.tokens.astype(np.int64))
     if h.ttt_warmup and len(chunks) > 1:
-        warm_up_sgd(model, train_fn, chunks[0][-1][2] - chunks[0][0][1], h, rank, world_size, device, log)
-    sums, guard = ScoreSums(target_bytes, device), EvalGuard(h, num_targets, device, world_size, clock, start)
+        warm_up_sgd(model, train_fn, chunks[0][-1][2] - chunks[0][0][1], h, runtime, log)
+    sums, guard = ScoreSums(val.target_bytes, runtime.device), EvalGuard(h, num_targets, runtime, clock, start)
     opt, last_adapt_s = torch.optim.SGD(model.parameters(), lr=h.ttt_lr, momentum=h.ttt_momentum), 0.0
     for i, chunk in enumerate(chunks):
-        t0, mine = guard.now(), chunk[rank::world_size]
+        t0, mine = guard.now(), chunk[runtime.rank::runtime.world_size]
         with torch.no_grad():
             for j in range(0, len(mine), h.eval_batch_seqs):
-                losses, index = score_windows(score_fn, tokens, mine[j:j + h.eval_batch_seqs], device, h.eval_batch_seqs)
+                losses, index = score_windows(score_fn, tokens, mine[j:j + h.eval_batch_seqs], runtime.device,
+                                              h.eval_batch_seqs)
                 sums.add(losses, index)
                 if trace:
                     trace("score", index, losses, None)
@@ -2946,11 +3008,11 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes
             t0 = guard.now()
             for _ in range(h.ttt_epochs):
                 sgd_step(model, opt, cosine_lr(h.ttt_lr, i, len(chunks) - 1), train_fn, tokens, first, end, h,
-                         rank, world_size, device, trace)
+                         runtime, trace)
             last_adapt_s = guard.now() - t0  # the chunks are of one size: the next adaptation takes about as long
         if (i + 1) % h.ttt_log_every == 0 or i + 1 == len(chunks):
             log_progress(log, sums, guard, i + 1, len(chunks))
-    return sums.result(world_size)
+    return sums.result(runtime.world_size)
 
 
 LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down")
@@ -3239,13 +3301,14 @@ def phase_rows(tokens: torch.Tensor, pieces: list[tuple[int, int]], width: int) 
 
 
 def phase_step(model: GPT, opt, lr: float, loss_fn, tokens: torch.Tensor, pieces: list[tuple[int, int]],
-               h: Hyperparameters, rank: int, world_size: int, device: torch.device, trace) -> None:
+               h: Hyperparameters, runtime: Runtime, trace) -> None:
     """One SGD step of a global phase on the mean loss of the pieces' targets. Each rank takes every world_size-th
     piece, runs those of one width (lora_window of its length) together, and the gradients are averaged over the
     ranks, so every rank takes the same step."""
     if trace:
         trace("update", torch.cat([torch.arange(s, s + n) for s, n in pieces]), None, None)
-    total, mine = sum(n for _, n in pieces), pieces[rank::world_size]
+    device, world_size = runtime.device, runtime.world_size
+    total, mine = sum(n for _, n in pieces), pieces[runtime.rank::world_size]
     for width in sorted({lora_window(n, h) for _, n in mine}):
         x, y, mask = phase_rows(tokens, [(s, n) for s, n in mine if lora_window(n, h) == width], width)
         for t, dim in ((x, 0), (x, 1), (y, 0), (y, 1)):
@@ -3257,28 +3320,25 @@ def phase_step(model: GPT, opt, lr: float, loss_fn, tokens: torch.Tensor, pieces
 
 
 def run_phase(model: GPT, loss_fn, tokens: torch.Tensor, pieces: list[tuple[int, int]], h: Hyperparameters,
-              rank: int, world_size: int, device: torch.device, trace) -> None:
+              runtime: Runtime, trace) -> None:
     """A global phase: one epoch of SGD (cosine LR from TTT_PHASE_LR) over the pieces, TTT_CHUNK_TOKENS a step."""
     model.requires_grad_(True)
     opt = torch.optim.SGD(model.parameters(), lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
     steps = phase_steps(pieces, h.ttt_chunk_tokens)
     for i, step in enumerate(steps):
-        phase_step(model, opt, cosine_lr(h.ttt_phase_lr, i, len(steps)), loss_fn, tokens, step, h, rank, world_size,
-                   device, trace)
+        phase_step(model, opt, cosine_lr(h.ttt_phase_lr, i, len(steps)), loss_fn, tokens, step, h, runtime, trace)
 
 
-def warm_up_phase(model: GPT, loss_fn, h: Hyperparameters, rank: int, world_size: int, device: torch.device,
-                  log) -> None:
+def warm_up_phase(model: GPT, loss_fn, h: Hyperparameters, runtime: Runtime, log) -> None:
     """One phase step at LR 0 on random tokens, in pieces of two widths (the widths are dynamic): it compiles the
     phase's graph and its backward. At LR 0 and from its own momentum buffers, it leaves the weights as they were."""
     t0 = time.perf_counter()
     model.requires_grad_(True)
     short, full = min(h.ttt_width_step, h.eval_seq_len), h.eval_seq_len
-    pieces = [(0, full)] * (MIN_ROWS * world_size) + [(full, short)] * (MIN_ROWS * world_size)
+    pieces = [(0, full)] * (MIN_ROWS * runtime.world_size) + [(full, short)] * (MIN_ROWS * runtime.world_size)
     warm = torch.optim.SGD(model.parameters(), lr=0.0, momentum=h.ttt_momentum)
-    phase_step(model, warm, 0.0, loss_fn, random_tokens(h, 2 * full + 1, device), pieces, h, rank, world_size,
-               device, None)
-    synchronize(device)
+    phase_step(model, warm, 0.0, loss_fn, random_tokens(h, 2 * full + 1, runtime.device), pieces, h, runtime, None)
+    synchronize(runtime.device)
     log(f"ttt_warmup:phase time:{time.perf_counter() - t0:.1f}s")
 
 
@@ -3293,24 +3353,35 @@ def dealt_batches(lengths: np.ndarray, h: Hyperparameters, rank: int,
     return segments, mine
 
 
-def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_bytes: np.ndarray, h: Hyperparameters,
-             rank: int, world_size: int, device: torch.device, log, start: float, clock=time.perf_counter,
-             trace=None) -> tuple[float, float]:
+def log_rank_finish(guard: EvalGuard, log) -> None:
+    """Each rank's elapsed eval time when its last batch was done, before the final reduction waits for all."""
+    world_size, device = guard.runtime.world_size, guard.runtime.device
+    if world_size == 1:
+        return
+    mine = torch.tensor([guard.elapsed()], dtype=torch.float64, device=device)
+    every = torch.zeros(world_size, dtype=torch.float64, device=device)
+    _all_gather(every, mine)
+    log(f"ttt_rank_finish_seconds:{','.join(f'{t:.1f}' for t in every.tolist())} "
+        f"spread:{(every.max() - every.min()).item() / every.max().item():.3f}")
+
+
+def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runtime: Runtime, log, start: float,
+             clock, trace) -> tuple[float, float]:
     """Phased LoRA TTT. The documents are sorted by length, longest first, cut into segments at the TTT_PHASE_DOCS
     counts and into batches (lora_segments); a segment's batches are dealt to the ranks by their work
     (deal_batches), and each scored by lora_score_batch; B starts at 0 for every document, A carries over from the
     batch before, on each rank (so with LoRA LR > 0 the scores depend on the number of ranks). After every segment
     but the last, all ranks run a global phase: one epoch of SGD on the base weights over every document scored so
     far, within document boundaries (phase_pieces), on per-target losses (score_fn with TTT_PHASE_COMPILE, else
-    the model's own, eager); then the adapters start fresh (A back to its initialisation) on the new weights.
-    train_fn is not used (the same signature as ttt_sgd)."""
-    starts, lengths = document_spans(val_tokens)
-    all_batches, segments = dealt_batches(lengths, h, rank, world_size)
+    the model's own, eager); then the adapters start fresh (A back to its initialisation) on the new weights."""
+    device = runtime.device
+    starts, lengths = document_spans(val.tokens)
+    all_batches, segments = dealt_batches(lengths, h, runtime.rank, runtime.world_size)
     costs = [[batch_cost(lengths[b].tolist(), h) for b in batches] for batches in segments]
-    guard = EvalGuard(h, sum(map(sum, costs)), device, world_size, clock, start)
+    guard = EvalGuard(h, sum(map(sum, costs)), runtime, clock, start)
     my_targets = int(sum(lengths[b].sum() for batches in segments for b in batches))
-    tokens = torch.from_numpy(val_tokens.astype(np.int64)).to(device)
-    sums, lora, timer = ScoreSums(target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
+    tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(device)
+    sums, lora, timer = ScoreSums(val.target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
     # only the rows and the window's width are dynamic (lora_score_batch marks them): making every size symbolic
     # (dynamic=True) compiles far longer
     loss_fn = (compile_on_gpu(lora.token_losses, h, device, mode=h.ttt_compile_mode) if h.ttt_compile_mode != "eager"
@@ -3326,7 +3397,7 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
             t0 = time.perf_counter()
             warm_up_lora(lora, loss_fn, h, device, log)
             if len(segments) > 1 and phase_compiled:
-                warm_up_phase(model, phase_fn, h, rank, world_size, device, log)
+                warm_up_phase(model, phase_fn, h, runtime, log)
             warm_s = time.perf_counter() - t0
         for k, batches in enumerate(segments):
             for batch, work in zip(batches, costs[k]):
@@ -3352,8 +3423,8 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
             pace = phase_pace if phase_pace is not None else 2 * (guard.score_pace() + guard.adapt_pace())
             if guard.allows(log, collective=True, upcoming_s=pace * phase_targets):
                 t0 = guard.now()
-                run_phase(model, phase_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h, rank,
-                          world_size, device, trace)
+                run_phase(model, phase_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h,
+                          runtime, trace)
                 lora.restart()
                 seconds = guard.now() - t0
                 phase_s, phase_pace = phase_s + seconds, seconds / phase_targets
@@ -3365,41 +3436,87 @@ def ttt_lora(model: GPT, score_fn, train_fn, val_tokens: np.ndarray, target_byte
     peak = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
     log(f"ttt_lora_rank0_targets:{my_targets} adapted:{adapted} warmup:{warm_s:.1f}s phases:{phase_s:.1f}s "
         f"{time_parts(timer.totals, host_s)} peak_mem:{peak}MiB")
-    log_rank_finish(guard, world_size, log)
-    return sums.result(world_size)
+    log_rank_finish(guard, log)
+    return sums.result(runtime.world_size)
 
 
-def log_rank_finish(guard: EvalGuard, world_size: int, log) -> None:
-    """Each rank's elapsed eval time when its last batch was done, before the final reduction waits for all."""
-    if world_size == 1:
-        return
-    mine = torch.tensor([guard.elapsed()], dtype=torch.float64, device=guard.device)
-    every = torch.zeros(world_size, dtype=torch.float64, device=guard.device)
-    _all_gather(every, mine)
-    log(f"ttt_rank_finish_seconds:{','.join(f'{t:.1f}' for t in every.tolist())} "
-        f"spread:{(every.max() - every.min()).item() / every.max().item():.3f}")
+def evaluate_with_ttt(model: GPT, score_fn, train_fn, val: ValidationData, h: Hyperparameters, runtime: Runtime, log,
+                      start: float, clock=time.perf_counter, trace=None) -> tuple[float, float]:
+    """(mean loss in nats per token, bits per byte) of the validation set scored with test-time training, score
+    first, in TTT_MODE: sgd (ttt_sgd) or lora (ttt_lora). score_fn(x, y) gives per-token losses and train_fn(x, y)
+    the mean training loss (the model's, compiled or not); only the SGD mode trains through train_fn. `start` is
+    the `clock` reading at which the evaluation's time began, which the time guard (EvalGuard) counts from;
+    `trace` is the tests' hook (above). The model is adapted in place: main() runs this last."""
+    if h.ttt_mode == "sgd":
+        return ttt_sgd(model, score_fn, train_fn, val, h, runtime, log, start, clock, trace)
+    if h.ttt_mode == "lora":
+        return ttt_lora(model, score_fn, val, h, runtime, log, start, clock, trace)
+    raise ValueError(f"TTT_MODE={h.ttt_mode!r} runs no test-time training")
 
 
 # ----------------------------------------------------------------------------------------------------
-# Main: set up, train, export the artifact, reload it from bytes and score it
+# Main: read and check the inputs, train, export the artifact, reload it from bytes and score it; a failed end
 # ----------------------------------------------------------------------------------------------------
 
-def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, rank: int, world_size: int,
-                     device: torch.device, log) -> tuple[str, int]:
+def eval_only_artifact_path(h: Hyperparameters) -> str:
+    return h.artifact_path or os.path.join(h.output_dir, ARTIFACT_NAME)
+
+
+def load_inputs(h: Hyperparameters) -> tuple[ValidationData, bool]:
+    """Read and check every input before anything is written: the tokenizer, every shard, the byte counts, and
+    with TTT_EVAL_ONLY the artifact. Returns the validation data and whether the tokenizer is a CaseOps one."""
+    try:
+        sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+        check_shards(h.data_path, "val", h.vocab_size)
+        if not h.ttt_eval_only:  # evaluation reads no training data
+            check_training_data(h, launcher_world_size())
+        caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+        if caseops_tokenizer and not h.caseops_enabled:
+            raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
+                             f"counts the original bytes (its operator pieces are not text)")
+        val = load_validation(h, sp)
+    except ShardError as exc:
+        raise SystemExit(str(exc)) from None
+    if h.ttt_eval_only and not os.path.isfile(eval_only_artifact_path(h)):
+        raise SystemExit(f"TTT_EVAL_ONLY=1: no artifact at {eval_only_artifact_path(h)!r}: set ARTIFACT_PATH to a "
+                         f"run's artifact file (its {ARTIFACT_NAME}, or the file of an older run under its older "
+                         f"name), or OUTPUT_DIR to the run's folder")
+    return val, caseops_tokenizer
+
+
+def open_log(h: Hyperparameters, runtime: Runtime, warnings: list[str]) -> Logger:
+    """The run's log, opened with what every log starts with: the settings (the first line, which
+    tools/submission/logparse.py reads), the warnings about the environment, and the process setup."""
+    log = Logger(h, runtime.rank)
+    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))
+    for line in warnings:
+        log(line, echo=False)
+    if log.kept:
+        log(f"an earlier log of RUN_ID={h.run_id} was kept as {log.kept}")
+    device = runtime.device
+    log(f"world_size:{runtime.world_size} device:{device} torch:{torch.__version__} "
+        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'} "
+        f"triton:{triton_description()}")
+    return log
+
+
+def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, runtime: Runtime,
+                     log) -> tuple[str, int]:
     """Train, save the EMA weights, score them, export the artifact; return its path and the submission's bytes."""
-    optimizers = build_optimizers(model, h, rank, world_size, device)
+    optimizers = build_optimizers(model, h, runtime)
     ema = EMA(model, h.ema_decay)
-    accum_steps = derive_grad_accum_steps(h, world_size)
-    log(f"grad_accum_steps:{accum_steps} micro_batch_tokens:{h.train_batch_tokens // (world_size * accum_steps)}")
-    if h.compile and device.type == "cuda":
-        warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, rank, world_size, device, log)
-    steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, rank, world_size, device, log, evaluate)
-    hessians = finish_training(model, ema, h, train_ms, rank, world_size, device, log)
-    if device.type == "cuda":
+    accum_steps = derive_grad_accum_steps(h, runtime.world_size)
+    log(f"grad_accum_steps:{accum_steps} "
+        f"micro_batch_tokens:{h.train_batch_tokens // (runtime.world_size * accum_steps)}")
+    if h.compile and runtime.device.type == "cuda":
+        warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, runtime, log)
+    steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, runtime, log, evaluate)
+    hessians = finish_training(model, ema, h, train_ms, runtime, log)
+    if runtime.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
             f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
 
-    if rank == 0:  # a temporary name, then renamed: a crash mid-write leaves no half file in its place
+    if runtime.is_main:  # a temporary name, then renamed: a crash mid-write leaves no half file in its place
         final_state = os.path.join(h.output_dir, "final_model.pt")
         torch.save(model.state_dict(), final_state + ".tmp")
         os.replace(final_state + ".tmp", final_state)
@@ -3408,7 +3525,7 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
     log(f"pre_quant_ema step:{steps} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} "
         f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
 
-    artifact_path, model_bytes = export_artifact(model, h, rank, world_size, log, hessians)
+    artifact_path, model_bytes = export_artifact(model, h, runtime, log, hessians)
     code_bytes, code_note = counted_code_bytes(os.path.abspath(__file__))
     if code_note:
         log(f"WARNING: code size counted {code_note}: the packed script's own size may differ")
@@ -3423,76 +3540,9 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ra
     return artifact_path, total_bytes
 
 
-def load_inputs(h: Hyperparameters):
-    """Read and check every input before anything is written: the tokenizer, every shard, the byte counts, and
-    with TTT_EVAL_ONLY the artifact. Returns (tokenizer, validation tokens, their targets' bytes, CaseOps?)."""
-    try:
-        sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
-        check_shards(h.data_path, "val", h.vocab_size)
-        if not h.ttt_eval_only:  # evaluation reads no training data
-            check_training_data(h, launcher_world_size())
-        val_tokens = load_validation_tokens(h.data_path, h.val_tokens_limit)
-        caseops_tokenizer = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
-        if h.caseops_enabled:
-            target_bytes = load_validation_byte_counts(h.data_path, val_tokens.size)[1:]
-        elif caseops_tokenizer:
-            raise SystemExit(f"{h.tokenizer_path} is a CaseOps tokenizer: set CASEOPS_ENABLED=1 so that val_bpb "
-                             f"counts the original bytes (its operator pieces are not text)")
-        else:
-            target_bytes = target_byte_counts(val_tokens, token_byte_tables(sp))
-    except ShardError as exc:
-        raise SystemExit(str(exc)) from None
-    if h.ttt_eval_only and not os.path.isfile(eval_only_artifact_path(h)):
-        raise SystemExit(f"TTT_EVAL_ONLY=1: no artifact at {eval_only_artifact_path(h)!r}: set ARTIFACT_PATH (or "
-                         f"OUTPUT_DIR) to a run's final_model.int6.ptz")
-    return sp, val_tokens, target_bytes, caseops_tokenizer
-
-
-def eval_only_artifact_path(h: Hyperparameters) -> str:
-    return h.artifact_path or os.path.join(h.output_dir, "final_model.int6.ptz")
-
-
-def main() -> None:
-    warnings = unknown_variable_warnings(os.environ)
-    if os.environ.get("RANK", "0") == "0":
-        for line in warnings:
-            print(line, file=sys.stderr, flush=True)
-    h = Hyperparameters.from_env()
-    h.validate()
-    sp, val_tokens, target_bytes, caseops_tokenizer = load_inputs(h)
-    rank, world_size, device = setup_distributed(h.dist_timeout_seconds)
-    log = Logger(h, rank)
-    log(" ".join(f"{f.name}={getattr(h, f.name)}" for f in fields(h)))  # the first line: tools/logparse.py reads it
-    for line in warnings:
-        log(line, echo=False)
-    if log.kept:
-        log(f"an earlier log of RUN_ID={h.run_id} was kept as {log.kept}")
-    log(f"world_size:{world_size} device:{device} torch:{torch.__version__} "
-        f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'} "
-        f"triton:{triton_description()}")
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    log(f"val_tokens:{val_tokens.size - 1} val_bytes:{int(target_bytes.sum())} "
-        f"byte_counts:{'sidecar' if h.caseops_enabled else 'pieces'} caseops_tokenizer:{int(caseops_tokenizer)}")
-
-    model = GPT(h).to(device)
-    use_device_paths(model, h, device)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} fused_ce:{model.fused_ce}")
-    train_loss_fn = compile_on_gpu(model, h, device)
-    eval_loss_fn = compile_on_gpu(model.token_losses, h, device)
-
-    def evaluate() -> tuple[float, float]:
-        model.eval()
-        result = evaluate_bpb(eval_loss_fn, val_tokens, target_bytes, h, rank, world_size, device)
-        model.train()
-        return result
-
-    if h.ttt_eval_only:
-        artifact_path, total_bytes = eval_only_artifact_path(h), 0
-        log(f"eval_only_artifact_bytes:{os.path.getsize(artifact_path)} artifact:{artifact_path}")
-    else:
-        artifact_path, total_bytes = train_and_export(model, train_loss_fn, evaluate, h, rank, world_size, device, log)
-
+def score_artifact(model: GPT, artifact_path: str, evaluate, h: Hyperparameters, log) -> float:
+    """Load the artifact into `model`, every tensor from its bytes, and log its round-trip score; returns the
+    seconds the load took, which TTT's eval time counts too."""
     start = time.perf_counter()
     try:
         load_artifact(artifact_path, model)  # same module, so the compiled eval graph is reused
@@ -3505,15 +3555,50 @@ def main() -> None:
     log(f"final_{label}_roundtrip val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} eval_time:{eval_ms:.0f}ms")
     log_document_overflows(model, log)
     log(f"final_{label}_roundtrip_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+    return load_s
+
+
+def main() -> None:
+    warnings = unknown_variable_warnings(os.environ)
+    if os.environ.get("RANK", "0") == "0":
+        for line in warnings:
+            print(line, file=sys.stderr, flush=True)
+    h = Hyperparameters.from_env()
+    h.validate()
+    val, caseops_tokenizer = load_inputs(h)
+    runtime = setup_distributed(h.dist_timeout_seconds)
+    device = runtime.device
+    log = open_log(h, runtime, warnings)
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    log(f"val_tokens:{val.num_targets} val_bytes:{int(val.target_bytes.sum())} "
+        f"byte_counts:{'sidecar' if h.caseops_enabled else 'pieces'} caseops_tokenizer:{int(caseops_tokenizer)}")
+
+    model = GPT(h).to(device)
+    use_device_paths(model, h, device)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} fused_ce:{model.fused_ce}")
+    train_loss_fn = compile_on_gpu(model, h, device)
+    eval_loss_fn = compile_on_gpu(model.token_losses, h, device)
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        result = evaluate_bpb(eval_loss_fn, val, h, runtime)
+        model.train()
+        return result
+
+    if h.ttt_eval_only:
+        artifact_path, total_bytes = eval_only_artifact_path(h), 0
+        log(f"eval_only_artifact_bytes:{os.path.getsize(artifact_path)} artifact:{artifact_path}")
+    else:
+        artifact_path, total_bytes = train_and_export(model, train_loss_fn, evaluate, h, runtime, log)
+    load_s = score_artifact(model, artifact_path, evaluate, h, log)
     if h.ttt_mode != "none":
         # TTT's eval time: the artifact's load and its own work; the plain score above is a separate measurement
         start = time.perf_counter() - load_s
-        run = ttt_sgd if h.ttt_mode == "sgd" else ttt_lora
-        val_loss, val_bpb = run(model, eval_loss_fn, train_loss_fn, val_tokens, target_bytes, h, rank, world_size,
-                                device, log, start)
+        val_loss, val_bpb = evaluate_with_ttt(model, eval_loss_fn, train_loss_fn, val, h, runtime, log, start)
         log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
             f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
-    if world_size > 1:
+    if runtime.world_size > 1:
         dist.destroy_process_group()
     if total_bytes > h.artifact_limit_bytes:
         raise SystemExit(f"artifact too large: {total_bytes} > {h.artifact_limit_bytes} bytes")

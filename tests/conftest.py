@@ -11,8 +11,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, before train_gpt imports triton
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+SUBMISSION_TOOLS = os.path.join(REPO, "tools", "submission")  # logparse, package_record, pack_script, ...
+BENCH_TOOLS = os.path.join(REPO, "tools", "bench")  # benchmarks and their analysis: quant_bench, compress_bench, ...
+for folder in (REPO, SUBMISSION_TOOLS, BENCH_TOOLS):  # the tests import the tools by name
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
 
 import train_gpt as tg  # noqa: E402  (after TRITON_INTERPRET is set)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import (ARCH_OFF, REPO, assert_causal, baseline_keys, baseline_logits, make_model, perturb, run_script,
+from conftest import (REPO, assert_causal, baseline_keys, baseline_logits, make_model, perturb, run_script,
                       tiny_hparams, tokens_with_bos)
 
 FEATURES = {

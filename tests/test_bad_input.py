@@ -65,7 +65,7 @@ def test_an_out_of_range_id_in_the_second_train_shard_is_refused_naming_it(smoke
     smoke_env.setenv("DATA_PATH", data)
     with pytest.raises(SystemExit, match=r"fineweb_train_000001\.bin holds token id 1500 but VOCAB_SIZE=1024"):
         tg.main()
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "final_model.int6.ptz").exists()
+    assert not (tmp_path / "logs").exists() and not (tmp_path / tg.ARTIFACT_NAME).exists()
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -251,7 +251,7 @@ def good_run(tmp_path_factory):
     """A finished smoke run: its folder and the bytes of its log, artifact and final state."""
     out = tmp_path_factory.mktemp("good")
     run_script([sys.executable, SCRIPT], SHORT_RUN, str(out))
-    files = ("logs/good.txt", "final_model.int6.ptz", "final_model.pt")
+    files = ("logs/good.txt", tg.ARTIFACT_NAME, "final_model.pt")
     return out, {name: (out / name).read_bytes() for name in files}
 
 
@@ -281,8 +281,8 @@ def test_a_started_run_keeps_the_earlier_log_and_writes_its_error_into_its_own(g
     out, before = good_run
     run = tmp_path / "again"
     shutil.copytree(out, run)
-    corrupt = run / "corrupt.ptz"
-    corrupt.write_bytes(before["final_model.int6.ptz"][:-50])
+    corrupt = run / "corrupt.artifact"
+    corrupt.write_bytes(before[tg.ARTIFACT_NAME][:-50])
     env = {**SHORT_RUN, "TTT_EVAL_ONLY": "1", "ARTIFACT_PATH": str(corrupt)}
     for attempt in (1, 2):
         rc, text, _ = start_script(env, run)
@@ -311,13 +311,12 @@ def test_the_logger_keeps_an_earlier_log_of_the_same_name(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 def test_package_record_refuses_a_sample_run_unless_labelled_and_reproduces_every_setting(good_run, tmp_path, capsys):
-    sys.path.insert(0, os.path.join(REPO, "tools"))
     import package_record
     from logparse import parse_log
     out, _ = good_run
     argv = ["--name", "Sample", "--author", "A", "--github-id", "a", "--date", "2026-11-30", "--no-plot",
             "--records-dir", str(tmp_path / "records"), "--log", str(out / "logs" / "good.txt"),
-            "--artifact", str(out / "final_model.int6.ptz")]
+            "--artifact", str(out / tg.ARTIFACT_NAME)]
     assert package_record.main(argv) == 1
     err = capsys.readouterr().err
     assert "not a FineWeb dataset folder" in err and "VAL_TOKENS_LIMIT=2048" in err and "--not-fineweb" in err
@@ -352,12 +351,12 @@ sys.path.insert(0, {repo!r})
 import train_gpt as tg
 
 def body():
-    rank, world_size, device = tg.setup_distributed(timeout_seconds=3.0)
-    if rank == 1:
+    runtime = tg.setup_distributed(timeout_seconds=3.0)
+    if runtime.rank == 1:
         if {fault!r} == "dies":
             os._exit(0)
         time.sleep(600)  # hangs, never joining the collective
-    tg.all_reduce_mean([torch.ones(3)], world_size)
+    tg.all_reduce_mean([torch.ones(3)], runtime.world_size)
     print("all_reduce returned", flush=True)
 
 tg.run_guarded(body)

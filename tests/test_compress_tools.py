@@ -1,21 +1,16 @@
-"""tools/compress_bench.py and tools/context_entropy.py on small synthetic payloads: the
+"""tools/bench/compress_bench.py and tools/bench/context_entropy.py on small synthetic payloads: the
 reproduced lrzip pipeline gives the payload back exactly (when lrzip is installed), the byte shuffle and
 the span bookkeeping are inverses, and the closed-form adaptive code length equals coding symbol by symbol."""
 import math
-import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import compress_bench as cb  # noqa: E402
-import context_entropy as ce  # noqa: E402
+import compress_bench as cb
+import context_entropy as ce
 
 
 def small_payload() -> bytes:

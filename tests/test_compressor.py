@@ -1,6 +1,5 @@
 """The artifact's rANS coder (COMPRESSOR=rans) and LQER (LQER_ENABLED): exact round trips, sizes against
 brotli-11 and lzma, refusal of damaged or old artifacts, LQER's error reduction and its int4 groups."""
-import lzma
 import os
 import re
 import struct
@@ -271,7 +270,7 @@ def test_over_the_limit_run_is_scored_then_fails(smoke_run):
     out = proc.stdout
     model_bytes = int(re.search(r"^Serialized model int6\+rans: (\d+) bytes$", out, re.M).group(1))
     total = int(re.search(r"^Total submission size int6\+rans: (\d+) bytes$", out, re.M).group(1))
-    assert model_bytes == os.path.getsize(out_dir / "final_model.int6.ptz") and 100_000 < total
+    assert model_bytes == os.path.getsize(out_dir / tg.ARTIFACT_NAME) and 100_000 < total
     assert re.search(rf"^ERROR: total {total} bytes exceeds the 100000-byte limit by {total - 100_000} bytes", out, re.M)
     assert re.match(r"^final_int6_rans_roundtrip_exact val_loss:[\d.]+ val_bpb:[\d.]+$", out.strip().splitlines()[-1])
 
@@ -281,14 +280,14 @@ def test_the_run_wrote_its_model_with_lqer_factors(smoke_run):
     state = torch.load(out_dir / "final_model.pt")
     h = tg.Hyperparameters(float_max_numel=4096, lqer_enabled=True)
     payload = tg.serialize_quantized(tg.quantize_state_dict(state, h))
-    with open(out_dir / "final_model.int6.ptz", "rb") as f:
+    with open(out_dir / tg.ARTIFACT_NAME, "rb") as f:
         assert tg.decompress_artifact(f.read()) == payload  # exactly this, through the same path
     restored = tg.deserialize_quantized(payload)
     assert sum("lqer" in e for e in restored.values()) == h.lqer_top_k
 
 
 # --------------------------------------------------------------------------------------------------
-# tools/quant_bench.py on a tiny model (CPU)
+# tools/bench/quant_bench.py on a tiny model (CPU)
 # --------------------------------------------------------------------------------------------------
 
 TINY_BENCH = {"data_path": os.path.join(REPO, "data", "sample"), "tokenizer_path": SAMPLE_TOKENIZER, "vocab_size": 1024,
@@ -299,7 +298,6 @@ TINY_BENCH = {"data_path": os.path.join(REPO, "data", "sample"), "tokenizer_path
 
 def test_quant_bench_scores_and_sizes_each_configuration(tmp_path, monkeypatch, capsys):
     import dataclasses
-    sys.path.insert(0, os.path.join(REPO, "tools"))
     import quant_bench
     h = tg.Hyperparameters(**TINY_BENCH)
     torch.manual_seed(0)
@@ -315,16 +313,16 @@ def test_quant_bench_scores_and_sizes_each_configuration(tmp_path, monkeypatch, 
     result = quant_bench.bench(str(tmp_path / "final_model.pt"), h, names, "first", cpu, log=lambda _: None)
     rows = {r["config"]: r for r in result["rows"]}
     assert list(rows) == names
-    val_tokens, target_bytes = quant_bench.validation_data(h)
+    val = tg.load_validation(h, tg.load_tokenizer(h.tokenizer_path, h.vocab_size))
     model.eval()
-    assert result["float_bpb"] == tg.evaluate_bpb(model.token_losses, val_tokens, target_bytes, h, 0, 1, cpu)[1]
-    hessians = tg.collect_hessians(model, tg.calibration_batches(h, 0, 1, cpu), cpu)
+    assert result["float_bpb"] == tg.evaluate_bpb(model.token_losses, val, h, tg.Runtime())[1]
+    hessians = tg.collect_hessians(model, tg.calibration_batches(h, tg.Runtime()), cpu)
     for name in ("rtn-e6", "gptq+lqer-e7"):  # each row is what the script would write and score
         hc = dataclasses.replace(h, **quant_bench.CONFIGS[name])
         quantized = tg.quantize_state_dict(state, hc, hessians if hc.quant_method == "gptq" else None)
         assert len(tg.compress_artifact(tg.serialize_quantized(quantized))) == rows[name]["rans_bytes"]
         model.load_state_dict(tg.dequantize_state_dict(quantized))
-        bpb = tg.evaluate_bpb(model.token_losses, val_tokens, target_bytes, h, 0, 1, cpu)[1]
+        bpb = tg.evaluate_bpb(model.token_losses, val, h, tg.Runtime())[1]
         assert rows[name]["val_bpb"] == pytest.approx(bpb, abs=1e-9)
         assert rows[name]["gap"] == pytest.approx(bpb - result["float_bpb"], abs=1e-12)
     assert rows["rtn-e7"]["rans_bytes"] > rows["rtn-e6"]["rans_bytes"] and rows["rtn-e7"]["gap"] < rows["rtn-e6"]["gap"]

@@ -64,3 +64,16 @@ def test_the_readme_speaks_of_the_project_only():
     assert len(text.encode()) <= 25_000, f"README.md is {len(text.encode()):,} bytes: dated results go to RESULTS.md"
     for pattern in (r"\.\./shared", r"nvidia-h\d", r"\bissue \d", r"\bsession\b"):
         assert not re.search(pattern, text, re.I), pattern
+
+
+def test_the_readme_names_the_artifact_file_the_script_writes():
+    assert f"`{tg.ARTIFACT_NAME}`" in readme()
+
+
+def test_the_script_docstring_lists_its_sections_in_the_order_they_stand():
+    with open(os.path.join(REPO, "train_gpt.py"), encoding="utf-8") as f:
+        source = f.read()
+    headers = [m.group(1).strip().lower() for m in re.finditer(r"^# -{20,}\n# ([^:,\n]+)", source, re.M)]
+    listed = re.sub(r"\([^)]*\)", "", tg.__doc__.split("Sections, in the order a run uses them:")[1])
+    names = [" ".join(part.split()).rstrip(" .") for part in listed.split(",")]
+    assert names == headers

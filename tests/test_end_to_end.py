@@ -10,7 +10,6 @@ import torch
 import train_gpt as tg
 from conftest import REPO, SAMPLE_TOKENIZER, run_script
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
 import pack_script  # noqa: E402
 
 SCRIPT = os.path.join(REPO, "train_gpt.py")
@@ -31,7 +30,7 @@ def test_smoke_run_trains_exports_and_scores_the_reloaded_artifact(tmp_path):
     bpb = final_bpb(out)
     total = int(re.search(r"Total submission size int6\+rans: (\d+) bytes", out).group(1))
     model_bytes = int(re.search(r"Serialized model int6\+rans: (\d+) bytes", out).group(1))
-    assert model_bytes == os.path.getsize(tmp_path / "final_model.int6.ptz")
+    assert model_bytes == os.path.getsize(tmp_path / tg.ARTIFACT_NAME)
     assert model_bytes < total <= 16_000_000
     assert (tmp_path / "logs" / "smoke.txt").read_text().strip().splitlines()[-1] == out.strip().splitlines()[-1]
     assert re.search(r"^step:100/100 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms$", out, re.M)

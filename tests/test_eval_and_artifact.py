@@ -48,7 +48,7 @@ def test_evaluate_bpb_matches_a_direct_computation(sample_tokenizer):
     tokens = np.array(stream, dtype=np.uint16)
     target_bytes = tg.target_byte_counts(tokens, tg.token_byte_tables(sample_tokenizer))
     assert len(tg.sliding_windows(len(tokens) - 1, 16, 5)) % 3  # the last batch is a padded partial one
-    loss, bpb = tg.evaluate_bpb(model.token_losses, tokens, target_bytes, h, 0, 1, torch.device("cpu"))
+    loss, bpb = tg.evaluate_bpb(model.token_losses, tg.ValidationData(tokens, target_bytes), h, tg.Runtime())
 
     t = torch.from_numpy(tokens.astype(np.int64))
     total = 0.0

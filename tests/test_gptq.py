@@ -251,15 +251,14 @@ def test_calibration_reads_training_shards_only_and_splits_them_between_ranks(tm
     tg.write_shard(str(tmp_path / "fineweb_train_000000.bin"), rng.integers(10, 20, 5000))
     tg.write_shard(str(tmp_path / "fineweb_val_000000.bin"), rng.integers(50, 60, 5000))
     h = tg.Hyperparameters(data_path=str(tmp_path), train_batch_tokens=640, train_seq_len=32, gptq_calibration_batches=3)
-    cpu = torch.device("cpu")
-    single = list(tg.calibration_batches(h, 0, 1, cpu))
+    single = list(tg.calibration_batches(h, tg.Runtime()))
     assert all(x.size(0) <= tg.GPTQ_MICRO_BATCH_SEQS and x.size(1) == 32 for x in single)
     tokens = torch.cat([x.reshape(-1) for x in single])
     assert tokens.numel() == 3 * 640 and tokens.min() >= 10 and tokens.max() < 20  # never validation tokens
     train = torch.from_numpy(tg.read_shard(str(tmp_path / "fineweb_train_000000.bin")).astype(np.int64))
     assert torch.equal(tokens[:640], train[:640])  # from the start of the training stream
     # two ranks: each its own slice of every batch (a span of 320 inputs + 1 target token per rank)
-    ranks = [torch.cat([x.reshape(-1) for x in tg.calibration_batches(h, r, 2, cpu)]) for r in range(2)]
+    ranks = [torch.cat([x.reshape(-1) for x in tg.calibration_batches(h, tg.Runtime(r, 2))]) for r in range(2)]
     assert ranks[0].numel() == ranks[1].numel() == 3 * 320
     assert torch.equal(ranks[0][:320], train[:320]) and torch.equal(ranks[1][:320], train[321:641])
 
@@ -279,7 +278,7 @@ def test_smoke_run_with_gptq_completes_and_scores_the_round_trip(tmp_path):
     assert match, last
     pre_quant = float(re.search(r"pre_quant_ema step:5 val_loss:[\d.]+ val_bpb:([\d.]+)", out).group(1))
     assert abs(float(match.group(2)) - pre_quant) < 0.05
-    assert os.path.getsize(tmp_path / "final_model.int6.ptz") == int(
+    assert os.path.getsize(tmp_path / tg.ARTIFACT_NAME) == int(
         re.search(r"Serialized model int6\+rans: (\d+) bytes", out).group(1))
 
 
@@ -290,7 +289,7 @@ def _two_rank_worker(rank: int, data_path: str, port: int, out_dir: str) -> None
     h, model = tiny_model(vocab_size=64)
     h.data_path, h.train_batch_tokens, h.train_seq_len, h.gptq_calibration_batches = data_path, 512, 32, 2
     cpu = torch.device("cpu")
-    own = tg.collect_hessians(model, tg.calibration_batches(h, rank, 2, cpu), cpu)
+    own = tg.collect_hessians(model, tg.calibration_batches(h, tg.Runtime(rank, 2)), cpu)
     torch.save(own, os.path.join(out_dir, f"own{rank}.pt"))
     tg.all_reduce_sum(own, 2)
     torch.save(own, os.path.join(out_dir, f"summed{rank}.pt"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import ARCH_OFF, REPO
+from conftest import ARCH_OFF, BENCH_TOOLS
 
 SHAPES = {  # the model's Muon shapes (wide, tall, square) and a rank's share of the k/v bucket, batched
     "mlp_down_512x2048": (512, 2048),
@@ -150,7 +150,7 @@ def tiny_hparams(**overrides) -> tg.Hyperparameters:
 def test_unknown_backends_and_bad_aspect_ratios_are_refused(field, value):
     h = tiny_hparams(**{field: value})
     with pytest.raises(SystemExit, match=field.upper()):
-        tg.build_optimizers(tg.GPT(h), h, 0, 1, torch.device("cpu"))
+        tg.build_optimizers(tg.GPT(h), h, tg.Runtime())
     with pytest.raises(ValueError, match=field.upper()):
         tg.Muon([torch.nn.Parameter(torch.zeros(4, 8))], lr=0.1, momentum=0.9, weight_decay=0.0, ns_steps=5,
                 ns_dtype=torch.float32, **{field.removeprefix("muon_"): value})
@@ -170,7 +170,7 @@ def one_muon_step(h: tg.Hyperparameters, model: tg.GPT) -> tg.GPT:
     stepped = copy.deepcopy(model)
     for p, source in zip(stepped.parameters(), model.parameters()):
         p.grad = None if source.grad is None else source.grad.clone()  # deepcopy leaves the gradients behind
-    tg.build_optimizers(stepped, h, 0, 1, torch.device("cpu"))[0].step()
+    tg.build_optimizers(stepped, h, tg.Runtime())[0].step()
     return stepped
 
 
@@ -207,7 +207,7 @@ def decay_step(h: tg.Hyperparameters) -> dict[str, tuple[torch.Tensor, torch.Ten
     zero, so what changes is the decay alone, p ← p·(1 − lr·decay)."""
     torch.manual_seed(0)
     model = tg.GPT(h)
-    muon = tg.build_optimizers(model, h, 0, 1, torch.device("cpu"))[0]
+    muon = tg.build_optimizers(model, h, tg.Runtime())[0]
     names = {id(p): n for n, p in model.named_parameters()}
     matrices = [p for params in muon.buckets for p in params]
     before = {names[id(p)]: p.detach().clone() for p in matrices}
@@ -233,10 +233,10 @@ def test_weight_decay_per_role_is_the_configured_one():
 
 def test_role_decays_default_to_muon_weight_decay():
     h = tiny_hparams(muon_weight_decay=0.2, muon_weight_decay_attn=0.05)
-    muon = tg.build_optimizers(tg.GPT(h), h, 0, 1, torch.device("cpu"))[0]
+    muon = tg.build_optimizers(tg.GPT(h), h, tg.Runtime())[0]
     assert {g["role"]: g["weight_decay"] for g in muon.param_groups} == {"attn": 0.05, "mlp": 0.2}
     default = tiny_hparams()
-    muon = tg.build_optimizers(tg.GPT(default), default, 0, 1, torch.device("cpu"))[0]
+    muon = tg.build_optimizers(tg.GPT(default), default, tg.Runtime())[0]
     assert {g["weight_decay"] for g in muon.param_groups} == {default.muon_weight_decay}
     assert all({tuple(p.shape) for p in params} == {tuple(params[0].shape)} for params in muon.buckets)
 
@@ -246,7 +246,7 @@ def test_role_groups_follow_a_state_roll_back():
     schedule then sets the new ones, and the step must read those (an LR of 0 leaves the weights alone)."""
     h = tiny_hparams(matrix_lr=0.5, muon_weight_decay_mlp=0.115, muon_weight_decay_attn=0.095)
     model = tg.GPT(h)
-    muon = tg.build_optimizers(model, h, 0, 1, torch.device("cpu"))[0]
+    muon = tg.build_optimizers(model, h, tg.Runtime())[0]
     muon.load_state_dict(muon.state_dict())
     for group in muon.param_groups:
         group["lr"] = 0.0
@@ -262,7 +262,7 @@ def test_role_groups_follow_a_state_roll_back():
 
 def test_ns_bench_cpu_smoke_runs():
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "ns_bench.py"), "--cpu-smoke", "--reps", "1",
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_TOOLS, "ns_bench.py"), "--cpu-smoke", "--reps", "1",
                            "--warmup", "0", "--world-sizes", "8", "--spectra", "decaying", "--steps", "5"],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -292,7 +292,7 @@ def two_steps(rank: int, world_size: int) -> list[torch.Tensor]:
     h = sharded_hparams()
     torch.manual_seed(0)
     model = tg.GPT(h)
-    optimizers = tg.build_optimizers(model, h, rank, world_size, torch.device("cpu"))
+    optimizers = tg.build_optimizers(model, h, tg.Runtime(rank, world_size))
     for _ in range(2):
         rank_gradients(model, rank, world_size)
         tg.optimizer_step(model, optimizers, 0.0, world_size)

@@ -1,14 +1,11 @@
 """The fused softcapped cross-entropy kernel against a float64 reference: values and gradients.
 
 On a machine without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set in conftest)."""
-import os
-import sys
-
 import pytest
 import torch
 
 import train_gpt as tg
-from conftest import PROXY, REPO
+from conftest import PROXY
 
 pytestmark = pytest.mark.skipif(tg.triton is None, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,9 +107,8 @@ def test_fused_mlp_is_used_only_in_training_without_hooks(monkeypatch):
 
 
 def test_mlp_tiles_bench_checks_every_configuration(monkeypatch, capsys):
-    """tools/mlp_tiles_bench.py: whole tiles (the unmasked EVEN path) and partial ones both give correct results,
+    """tools/bench/mlp_tiles_bench.py: whole tiles (the unmasked EVEN path) and partial ones both give correct results,
     a configuration that computes wrong values is reported as incorrect and not timed, and bad tiles are refused."""
-    sys.path.insert(0, os.path.join(REPO, "tools"))
     import mlp_tiles_bench
     device = torch.device(DEVICE)  # the interpreter on a CPU
     result = mlp_tiles_bench.bench([(16, 16, 16, 1, 1), (32, 32, 16, 1, 1)], 48, 32, 48, 1, device)

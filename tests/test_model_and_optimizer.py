@@ -230,7 +230,7 @@ def test_grad_accum_refuses_a_batch_that_does_not_split():
 def test_training_clock_extrapolates_between_syncs_and_syncs_every_step_near_the_budget(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
-    clock = tg.TrainingClock(budget_ms=1000.0, sync_every=10, world_size=1, device=torch.device("cpu"))
+    clock = tg.TrainingClock(budget_ms=1000.0, sync_every=10, runtime=tg.Runtime())
     clock.start()
     assert not clock.due(5) and clock.due(10)
     now[0] += 0.2  # 10 steps of 20 ms
@@ -294,10 +294,11 @@ def _two_rank_worker(rank: int, features: dict, init_file: str, out_dir: str) ->
     h, batches = _two_rank_case(**features)
     torch.manual_seed(0)
     model = tg.GPT(h)
-    optimizers = tg.build_optimizers(model, h, rank, 2, torch.device("cpu"))
+    runtime = tg.Runtime(rank, 2)
+    optimizers = tg.build_optimizers(model, h, runtime)
     loader = _FixedBatches([b for i, b in enumerate(batches) if (i // 2) % 2 == rank])
     for _ in range(2):
-        tg.train_step(model, model, optimizers, loader, h, 2, 2, torch.device("cpu"))
+        tg.train_step(model, model, optimizers, loader, h, 2, runtime)
     torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -313,10 +314,10 @@ def test_training_steps_on_two_ranks_equal_one_process(tmp_path, features):
     torch.manual_seed(0)
     model = tg.GPT(h)
     initial = [p.detach().clone() for p in model.parameters()]
-    optimizers = tg.build_optimizers(model, h, 0, 1, torch.device("cpu"))
+    optimizers = tg.build_optimizers(model, h, tg.Runtime())
     loader = _FixedBatches(batches)
     for _ in range(2):
-        tg.train_step(model, model, optimizers, loader, h, 4, 1, torch.device("cpu"))
+        tg.train_step(model, model, optimizers, loader, h, 4, tg.Runtime())
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for expected, q, p0 in zip(model.parameters(), got, initial):

@@ -1,4 +1,4 @@
-"""The counted form of train_gpt.py (tools/pack_script.py): exact round trips of its parts, and the packed file
+"""The counted form of train_gpt.py (tools/submission/pack_script.py): exact round trips of its parts, and the packed file
 importing where Triton really compiles kernels, which the interpreter that the other tests use would hide."""
 import ast
 import lzma
@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import train_gpt as tg
-from conftest import REPO
+from conftest import REPO, SUBMISSION_TOOLS
 
-sys.path.insert(0, os.path.join(REPO, "tools"))
 import pack_script  # noqa: E402
 import package_record  # noqa: E402
 
@@ -84,7 +83,7 @@ def test_counted_code_bytes_of_the_readable_and_the_packed_script(source, tmp_pa
     path.write_bytes(packed)
     assert tg.counted_code_bytes(str(path)) == (len(packed), "")
     assert tg.counted_code_bytes(SCRIPT) == (len(packed), "")
-    alone = tmp_path / "alone" / "train_gpt.py"  # a readable script without tools/ beside it cannot be packed
+    alone = tmp_path / "alone" / "train_gpt.py"  # a readable script without its packer beside it cannot be packed
     alone.parent.mkdir()
     alone.write_text(source, encoding="utf-8")
     size, note = tg.counted_code_bytes(str(alone))
@@ -104,7 +103,7 @@ def test_package_check_refuses_a_packed_script_that_real_triton_cannot_import(so
 
 def test_packing_tool_writes_the_file_it_reports(tmp_path):
     out = tmp_path / "packed.py"
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "tools", "pack_script.py"), str(out)],
+    proc = subprocess.run([sys.executable, os.path.join(SUBMISSION_TOOLS, "pack_script.py"), str(out)],
                           capture_output=True, text=True, check=True)
     assert f"{out}: {out.stat().st_size} bytes packed" in proc.stdout
     assert tg.counted_code_bytes(SCRIPT)[0] == out.stat().st_size

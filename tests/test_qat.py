@@ -10,7 +10,6 @@ import torch.nn.functional as F
 import train_gpt as tg
 from conftest import make_model, perturb, sample_hparams, tiny_hparams
 
-CPU = torch.device("cpu")
 # every block matrix of the tiny model stored as integers, each role on its own clip, so a wrong grid shows
 INT_MATRICES = dict(float_max_numel=1000, matrix_bits=5, clip_sigmas_mlp=3.0, clip_sigmas_attn=5.0)
 
@@ -91,10 +90,10 @@ def run_training(h, as_plain_linears: bool = False):
         for m in model.modules():
             if isinstance(m, tg.QuantAwareLinear):
                 m.__class__ = nn.Linear
-    optimizers = tg.build_optimizers(model, h, 0, 1, CPU)
+    optimizers = tg.build_optimizers(model, h, tg.Runtime())
     ema, lines, flags = tg.EMA(model, h.ema_decay), [], []
     model.blocks[0].mlp.up.register_forward_pre_hook(lambda m, _x: flags.append(getattr(m, "fake_quant", None)))
-    torch.enable_grad()(tg.train)(model, model, optimizers, ema, h, 1, 0, 1, CPU, lines.append, None)
+    torch.enable_grad()(tg.train)(model, model, optimizers, ema, h, 1, tg.Runtime(), lines.append, None)
     return model, ema, lines, flags
 
 
@@ -147,11 +146,11 @@ def test_the_compile_warm_up_builds_every_training_graph_and_restores_the_state(
     assert tg.training_graphs(h) == graphs
     torch.manual_seed(0)
     model = tg.GPT(h)
-    optimizers = tg.build_optimizers(model, h, 0, 1, CPU)
+    optimizers = tg.build_optimizers(model, h, tg.Runtime())
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     seen, lines = [], []
     model.register_forward_pre_hook(lambda m, _x: seen.append((m.looping, m.qat)))
-    torch.enable_grad()(tg.warm_up_compile)(model, model, optimizers, h, 1, 0, 1, CPU, lines.append)
+    torch.enable_grad()(tg.warm_up_compile)(model, model, optimizers, h, 1, tg.Runtime(), lines.append)
     assert seen == graphs and lines[0].startswith(f"compile_warmup_steps:{len(graphs)} ")
     assert not model.qat and all(torch.equal(t, initial[k]) for k, t in model.state_dict().items())
 

@@ -2,7 +2,6 @@
 on, the looped model runs the spec's block order, no output ever depends on an earlier document of its row, and
 the two lanes do what their definition says."""
 import math
-import os
 import re
 import sys
 
@@ -385,12 +384,12 @@ def test_warm_up_runs_both_layouts_and_restores_the_initial_state():
     h = sample_hparams(**ALL_ON, compile_warmup_steps=1)  # one step asked for: both layouts still get one
     torch.manual_seed(0)
     model = tg.GPT(h)
-    optimizers = tg.build_optimizers(model, h, 0, 1, torch.device("cpu"))
+    optimizers = tg.build_optimizers(model, h, tg.Runtime())
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     initial_optimizers = [opt.state_dict() for opt in optimizers]
     lines = []
     calls = record_block_order(model, lambda: torch.enable_grad()(tg.warm_up_compile)(
-        model, model, optimizers, h, 1, 0, 1, torch.device("cpu"), lines.append))
+        model, model, optimizers, h, 1, tg.Runtime(), lines.append))
     assert calls == [0, 1, 2, 3, 4] + [0, 1, 2, 1, 2, 3, 4]  # the plain layout, then the looped one
     assert lines[0].startswith("compile_warmup_steps:2 ")
     for name, tensor in model.state_dict().items():
@@ -402,10 +401,10 @@ def test_training_switches_recurrence_on_at_the_fraction():
     h = sample_hparams(num_loops=1, loop_start=1, loop_end=2, iterations=10, train_log_every=0)
     torch.manual_seed(0)
     model = tg.GPT(h)
-    optimizers = tg.build_optimizers(model, h, 0, 1, torch.device("cpu"))
+    optimizers = tg.build_optimizers(model, h, tg.Runtime())
     lines = []
     calls = record_block_order(model, lambda: torch.enable_grad()(tg.train)(
-        model, model, optimizers, tg.EMA(model, h.ema_decay), h, 1, 0, 1, torch.device("cpu"), lines.append, None))
+        model, model, optimizers, tg.EMA(model, h.ema_decay), h, 1, tg.Runtime(), lines.append, None))
     assert "recurrence:on step:4" in lines  # progress 4/10 is the first ≥ 0.35
     assert calls == [0, 1, 2, 3, 4] * 4 + [0, 1, 2, 1, 2, 3, 4] * 6
     assert model.looping

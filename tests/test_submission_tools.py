@@ -15,11 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PROXY, REPO
-
-TOOLS = os.path.join(REPO, "tools")
-if TOOLS not in sys.path:
-    sys.path.insert(0, TOOLS)
+from conftest import BENCH_TOOLS, PROXY, REPO
 
 import bench_summary  # noqa: E402
 import logparse  # noqa: E402
@@ -109,7 +105,7 @@ def three_seeds(tmp_path, packed_code_bytes):
     h = tg.Hyperparameters(**TINY)
     logs, arts, bpbs = [], [], [1.0801, 1.0812, 1.0795]
     for seed, bpb in zip((1337, 42, 2025), bpbs):
-        art, size = write_artifact(tmp_path / f"art{seed}.ptz", tiny_state(seed), h)
+        art, size = write_artifact(tmp_path / f"art{seed}.artifact", tiny_state(seed), h)
         arts.append(art)
         logs.append(make_log(tmp_path / "logs" / f"s{seed}.txt", seed, bpb, size, packed_code_bytes))
     return logs, arts, bpbs
@@ -271,7 +267,7 @@ def test_bench_summary_output_is_unchanged_by_the_refactor():
         out = bench_summary.summarise(path)
         assert out.pop("run") == path
         assert " ".join(f"{k}={v}" for k, v in out.items()) == line
-    proc = subprocess.run([sys.executable, os.path.join(TOOLS, "bench_summary.py"), QUALITY, os.path.join(REPO, "README.md")],
+    proc = subprocess.run([sys.executable, os.path.join(BENCH_TOOLS, "bench_summary.py"), QUALITY, os.path.join(REPO, "README.md")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stdout.startswith(f"run={QUALITY} steps_timed=10")
     assert "not a train_gpt.py log" in proc.stderr
@@ -352,7 +348,7 @@ def test_package_refuses_logs_that_disagree_with_artifacts_code_or_each_other(tm
         assert build(tmp_path, logs, arts[::-1] if sizes[0] != sizes[2] else [arts[1], arts[0], arts[2]], ["--no-plot"]) == 1
         assert "says the model is" in capsys.readouterr().err
     # an artifact that is not one
-    bad = tmp_path / "bad.ptz"
+    bad = tmp_path / "bad.artifact"
     bad.write_bytes(b"x" * sizes[0])
     assert build(tmp_path, logs, [str(bad), *arts[1:]], ["--no-plot"]) == 1
     assert "magic" in capsys.readouterr().err
@@ -423,7 +419,7 @@ def test_check_refuses_edited_logs_code_and_missing_files(tmp_path, three_seeds,
     assert package_record.check_folder(str(folder)) == [f"{folder}: requirements.txt is missing"]
     fresh()
     assert package_record.check_folder(str(folder)) == []
-    other = tmp_path / "other.ptz"
+    other = tmp_path / "other.artifact"
     write_artifact(other, tiny_state(7), tg.Hyperparameters(**TINY))
     assert package_record.check_folder(str(folder), [arts[0], arts[1], str(other)]) != []
 
@@ -436,7 +432,7 @@ def test_size_audit_numbers_add_up(tmp_path, monkeypatch, packed_code_bytes, cap
     h = tg.Hyperparameters(**TINY, quant_method="rtn")  # round to nearest: the state dict gives the payload again
     state = tiny_state(0)
     torch.save(state, tmp_path / "final_model.pt")
-    art, size = write_artifact(tmp_path / "final_model.int6.ptz", state, h)
+    art, size = write_artifact(tmp_path / tg.ARTIFACT_NAME, state, h)
     r = size_audit.audit(str(tmp_path / "final_model.pt"), art, os.path.join(REPO, "train_gpt.py"), quality=11, h=h)
     payload = tg.decompress_artifact(Path(art).read_bytes())
     (meta_len,) = struct.unpack_from("<I", payload, 0)
@@ -477,7 +473,7 @@ def test_size_audit_numbers_add_up(tmp_path, monkeypatch, packed_code_bytes, cap
     monkeypatch.setenv("EMBED_BITS", "8")  # other settings: the state dict no longer gives this artifact
     assert size_audit.main(["--artifact", art, "--state", str(tmp_path / "final_model.pt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["state_matches_artifact"] is False
-    bad = tmp_path / "bad.ptz"
+    bad = tmp_path / "bad.artifact"
     bad.write_bytes(b"not an artifact at all")
     assert size_audit.main(["--artifact", str(bad)]) == 2
 
@@ -590,7 +586,7 @@ def test_multi_seed_runs_every_seed_and_reports_the_failed_ones(tmp_path, capsys
     assert "unfinished" in summary[1]["error"] and "no log" in summary[2]["error"]
     assert "no final score" in summary[3]["error"] and summary[3]["steps"] == 6
     assert "2/5 seeds finished" in out and out.count("FAILED") == 3
-    assert "tools/significance.py --new-logs" in out
+    assert "tools/submission/significance.py --new-logs" in out
     # all seeds fine: exit 0
     assert multi_seed.main(["--seeds", "1", "2", "--name", "ok", "--out-root", str(root), "--", sys.executable, str(script), QUALITY]) == 0
 
@@ -634,14 +630,14 @@ def test_size_audit_says_what_it_cannot_recheck_of_a_gptq_artifact(tmp_path, mon
             x = torch.randn(4 * t.shape[1], t.shape[1])
             hessians[name] = x.T @ x
     blob = tg.compress_artifact(tg.serialize_quantized(tg.quantize_state_dict(state, h, hessians)), h.compressor)
-    (tmp_path / "gptq.ptz").write_bytes(blob)
-    r = size_audit.audit(str(tmp_path / "final_model.pt"), str(tmp_path / "gptq.ptz"), None, h=h)
+    (tmp_path / "gptq.artifact").write_bytes(blob)
+    r = size_audit.audit(str(tmp_path / "final_model.pt"), str(tmp_path / "gptq.artifact"), None, h=h)
     assert r["state_matches_artifact"] is None
     assert r["recheck"] == {"layout": True, "scales": True, "float16": True, "integers": False}
     for k, v in TINY.items():
         monkeypatch.setenv(k.upper(), str(v))
     capsys.readouterr()
-    assert size_audit.main(["--artifact", str(tmp_path / "gptq.ptz"), "--state", str(tmp_path / "final_model.pt")]) == 0
+    assert size_audit.main(["--artifact", str(tmp_path / "gptq.artifact"), "--state", str(tmp_path / "final_model.pt")]) == 0
     out = capsys.readouterr().out
     assert "tensor layout yes, row scales yes, float16 tensors yes" in out
     assert "integers (and LQER factors) cannot be re-checked" in out and "NO" not in out

@@ -1,6 +1,7 @@
 """Test-time training at evaluation (TTT_MODE=sgd|lora): score first, proved by replaying the traced model states;
 every target scored once with the byte total of the set; documents independent in LoRA mode; LR 0 gives the
 plain score; 2 gloo ranks equal 1 process; TTT_EVAL_ONLY on a saved smoke artifact; the time guard."""
+import dataclasses
 import math
 import os
 import shutil
@@ -16,9 +17,7 @@ import torch.nn.functional as F
 import train_gpt as tg
 from conftest import PROXY, REPO, run_script
 
-if os.path.join(REPO, "tools") not in sys.path:
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-import logparse  # noqa: E402
+import logparse
 
 CPU = torch.device("cpu")
 SCRIPT = os.path.join(REPO, "train_gpt.py")
@@ -70,10 +69,16 @@ def tiny_stream(kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_ttt(mode, model, tokens, target_bytes, h, trace=None, log=None, clock=None, rank=0, world_size=1):
-    fn = tg.ttt_sgd if mode == "sgd" else tg.ttt_lora
+    """evaluate_with_ttt in TTT_MODE=`mode` on the model itself (uncompiled), its time counted from now."""
     clock = clock or tg.time.perf_counter
-    return fn(model, model.token_losses, model, tokens, target_bytes, h, rank, world_size, CPU,
-              log or (lambda line: None), clock(), clock=clock, trace=trace)
+    return tg.evaluate_with_ttt(model, model.token_losses, model, tg.ValidationData(tokens, target_bytes),
+                                dataclasses.replace(h, ttt_mode=mode), tg.Runtime(rank, world_size),
+                                log or (lambda line: None), clock(), clock=clock, trace=trace)
+
+
+def plain_score(model, tokens, target_bytes, h):
+    """The sliding-window score without TTT."""
+    return tg.evaluate_bpb(model.token_losses, tg.ValidationData(tokens, target_bytes), h, tg.Runtime())
 
 
 class Recorder:
@@ -194,7 +199,7 @@ def test_sgd_scores_first_by_replay(kind, features):
             end = int(index[row].max()) + 1
             replay = plain_losses(scratch, weights, tokens, end - index.size(1), end)
             assert torch.allclose(replay[keep], losses[row][keep], rtol=0, atol=1e-5)
-    plain = tg.evaluate_bpb(tiny_model(h).token_losses, tokens, target_bytes, h, 0, 1, CPU)
+    plain = plain_score(tiny_model(h), tokens, target_bytes, h)
     assert abs(result[1] - plain[1]) > 1e-4  # it did adapt
 
 
@@ -276,7 +281,7 @@ def test_lr_zero_equals_the_plain_score(features):
     tokens, target_bytes = tiny_stream("docs")
     h = tiny_h(ttt_lr=0.0, ttt_lora_lr=0.0, ttt_phase_lr=0.0, **FEATURES[features])
     model = tiny_model(h)
-    plain = tg.evaluate_bpb(model.token_losses, tokens, target_bytes, h, 0, 1, CPU)
+    plain = plain_score(model, tokens, target_bytes, h)
     assert run_ttt("sgd", model, tokens, target_bytes, h) == pytest.approx(plain, rel=1e-12)
 
     starts, lengths = tg.document_spans(tokens)
@@ -350,7 +355,7 @@ def test_guard_projects_the_remaining_work_at_the_measured_paces():
     """Adapting goes on while elapsed + the upcoming adaptation + 2 × (scoring pace per unit of work) × the work
     left fits the budget; the first unit (compilation) is left out of both paces."""
     now = [0.0]
-    guard = tg.EvalGuard(tiny_h(eval_budget_seconds=100.0), 1000, CPU, 1, lambda: now[0], 0.0)
+    guard = tg.EvalGuard(tiny_h(eval_budget_seconds=100.0), 1000, tg.Runtime(), lambda: now[0], 0.0)
     guard.scored_unit(50.0, 100)  # the first unit: not measured
     guard.adapted_unit(50.0, 100)
     assert guard.score_pace() == 0 and guard.adapt_pace() == 0
@@ -360,7 +365,7 @@ def test_guard_projects_the_remaining_work_at_the_measured_paces():
     now[0] = 20.0  # 20 + 2·0.1·800 = 180 s for the rest alone
     assert not guard.allows(lambda line: None, collective=False, upcoming_s=0.0)
     lines = []
-    guard = tg.EvalGuard(tiny_h(eval_budget_seconds=200.0), 1000, CPU, 1, lambda: now[0], 0.0)
+    guard = tg.EvalGuard(tiny_h(eval_budget_seconds=200.0), 1000, tg.Runtime(), lambda: now[0], 0.0)
     for seconds, work in ((50.0, 100), (10.0, 100)):
         guard.scored_unit(seconds, work)
     assert guard.allows(lines.append, collective=False, upcoming_s=19.0)  # 20 + 19 + 160 < 200
@@ -401,8 +406,13 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             assert torch.allclose(a, c.detach(), rtol=0, atol=1e-6)
     finish = [line for line in ranks[0]["lora_log"] if line.startswith("ttt_rank_finish_seconds:")]
     assert len(finish) == 1 and len(finish[0].split()[0].split(":")[1].split(",")) == 2
-    assert ranks[0]["sgd"] != pytest.approx(tg.evaluate_bpb(tiny_model(tiny_h()).token_losses, *tiny_stream("docs"),
-                                                             tiny_h(), 0, 1, CPU), rel=1e-6)
+    assert ranks[0]["sgd"] != pytest.approx(plain_score(tiny_model(tiny_h()), *tiny_stream("docs"), tiny_h()), rel=1e-6)
+
+
+def test_a_mode_without_test_time_training_is_refused():
+    h = tiny_h()
+    with pytest.raises(ValueError, match="TTT_MODE='none' runs no test-time training"):
+        run_ttt("none", tiny_model(h), *tiny_stream("docs"), h)
 
 
 def test_document_spans():
@@ -456,12 +466,12 @@ def test_eval_only_refuses_a_missing_corrupt_or_mismatched_artifact(smoke_run, t
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(SystemExit, match="no artifact at"):
         tg.main()  # OUTPUT_DIR holds none
-    corrupt = tmp_path / "corrupt.ptz"
-    corrupt.write_bytes((out / "final_model.int6.ptz").read_bytes()[:-100])
+    corrupt = tmp_path / "corrupt.artifact"
+    corrupt.write_bytes((out / tg.ARTIFACT_NAME).read_bytes()[:-100])
     monkeypatch.setenv("ARTIFACT_PATH", str(corrupt))
     with pytest.raises(SystemExit, match="cannot score the artifact .*corrupt"):
         tg.main()
-    monkeypatch.setenv("ARTIFACT_PATH", str(out / "final_model.int6.ptz"))
+    monkeypatch.setenv("ARTIFACT_PATH", str(out / tg.ARTIFACT_NAME))
     for var, value, what in (("NUM_LAYERS", "3", "blocks.3"), ("MODEL_DIM", "64", "tok_emb.weight")):
         monkeypatch.setenv(var, value)
         with pytest.raises(SystemExit, match=f"do not match the model the hyperparameters describe.*{what}"):
@@ -571,8 +581,8 @@ def test_phase_step_equals_a_per_piece_reference(doc_attention):
     pieces = tg.phase_pieces(starts, lengths, range(len(starts)), h.eval_seq_len)
     model, reference = tiny_model(h), tiny_model(h)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tg.phase_step(model, opt, 0.1, model.token_losses, torch.from_numpy(tokens.astype(np.int64)), pieces, h, 0, 1,
-                  CPU, None)
+    tg.phase_step(model, opt, 0.1, model.token_losses, torch.from_numpy(tokens.astype(np.int64)), pieces, h,
+                  tg.Runtime(), None)
     t = torch.from_numpy(tokens.astype(np.int64))
     total = sum(reference.token_losses(t[None, s:s + n], t[None, s + 1:s + n + 1]).sum() for s, n in pieces)
     (total / sum(n for _, n in pieces)).backward()
@@ -616,15 +626,15 @@ def test_lora_batches_reuse_one_graph():
     loss_fn = torch.compile(lora.token_losses, backend="eager")
     phase_fn = torch.compile(model.token_losses, backend="eager")
     tg.warm_up_lora(lora, loss_fn, h, CPU, lambda line: None)
-    tg.warm_up_phase(model, phase_fn, h, 0, 1, CPU, lambda line: None)
+    tg.warm_up_phase(model, phase_fn, h, tg.Runtime(), lambda line: None)
     warm = counters["stats"]["unique_graphs"]
     t, sums = torch.from_numpy(tokens.astype(np.int64)), tg.ScoreSums(target_bytes, CPU)
     segments, _ = tg.dealt_batches(lengths, h, 0, 1)
     for batch in sum(segments, []):
         tg.lora_score_batch(lora, loss_fn, t, starts[batch].tolist(), lengths[batch].tolist(), h, sums,
                             tg.PartTimes(CPU, tg.time.perf_counter), True, None)
-    tg.run_phase(model, phase_fn, t, tg.phase_pieces(starts, lengths, sum(segments[0], []), h.eval_seq_len), h, 0, 1,
-                 CPU, None)
+    tg.run_phase(model, phase_fn, t, tg.phase_pieces(starts, lengths, sum(segments[0], []), h.eval_seq_len), h,
+                 tg.Runtime(), None)
     for handle in lora.handles:
         handle.remove()
     assert warm == 2 and counters["stats"]["unique_graphs"] == warm, dict(counters["stats"])

@@ -1,21 +1,21 @@
 #!/usr/bin/env python3
 """Build a record folder from finished runs, or re-validate one.
 
-  python3 tools/package_record.py --name MyRecord --author "A. Person" --github-id aperson \\
+  python3 tools/submission/package_record.py --name MyRecord --author "A. Person" --github-id aperson \\
       --blurb "what is new" --log runs/seed1337/logs/seed1337.txt runs/seed42/logs/seed42.txt ... \\
-      [--artifact runs/seed1337/final_model.int6.ptz ...] [--source train_gpt.py | --packed packed.py] \\
+      [--artifact runs/seed1337/final_model.artifact ...] [--source train_gpt.py | --packed packed.py] \\
       [--date YYYY-MM-DD] [--records-dir records/track_10min_16mb] [--no-plot]
-  python3 tools/package_record.py --check records/track_10min_16mb/<date>_<name> [--artifact ...]
+  python3 tools/submission/package_record.py --check records/track_10min_16mb/<date>_<name> [--artifact ...]
 
 It writes records/track_10min_16mb/<date>_<name>/ with:
-  train_gpt.py       the packed script (tools/pack_script.py's pack_source of --source, default this repository's
+  train_gpt.py       the packed script (tools/submission/pack_script.py's pack_source of --source, default this repository's
                      train_gpt.py; or --packed copied as is). Its size must equal the logs' "Code size
                      (packed)": the code that is counted is the code the runs ran.
   train_seed<S>.txt  each log, copied.
   submission.json    the fields described in records/README.md.
-  README.md          tools/record_template.md filled in, with the per-seed results table.
+  README.md          tools/submission/record_template.md filled in, with the per-seed results table.
   requirements.txt   what the script imports (--requirements FILE to copy one instead).
-  train_curves.png   tools/plot_logs.py of the logs (unless --no-plot, or matplotlib is missing).
+  train_curves.png   tools/submission/plot_logs.py of the logs (unless --no-plot, or matplotlib is missing).
 
 It refuses, naming every problem: a log that is not ours or did not finish; a log that is not a FineWeb run (its
 validation set is not FineWeb's ≈47.9M SP8192 / ≈62M SP1024 tokens, or VAL_TOKENS_LIMIT cut it, or DATA_PATH is
@@ -50,7 +50,7 @@ import sys
 import tempfile
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TOOLS)
+REPO = os.path.dirname(os.path.dirname(TOOLS))
 for p in (TOOLS, REPO):
     if p not in sys.path:
         sys.path.insert(0, p)
@@ -273,7 +273,7 @@ def check_folder(folder: str, artifacts: list[str] | None = None) -> list[str]:
     size = os.path.getsize(script)
     with open(script, "rb") as f:
         if not pack_script.is_packed(f.read()):
-            out.append(f"train_gpt.py ({size:,} bytes) is not a packed script: run tools/pack_script.py on it")
+            out.append(f"train_gpt.py ({size:,} bytes) is not a packed script: run tools/submission/pack_script.py on it")
     out += import_problems(script)
     if size != logs[0].code_bytes:
         out.append(f"train_gpt.py is {size:,} bytes, the logs counted {logs[0].code_bytes:,} bytes of code: "
@@ -412,7 +412,7 @@ def package(a) -> str:
         with open(a.packed, "rb") as f:
             packed = f.read()
         if not pack_script.is_packed(packed):
-            problems.append(f"{a.packed} is not a packed script (run tools/pack_script.py, or give it as --source)")
+            problems.append(f"{a.packed} is not a packed script (run tools/submission/pack_script.py, or give it as --source)")
     else:
         with open(a.source, encoding="utf-8") as f:
             packed = pack_script.pack_source(f.read())
@@ -477,7 +477,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", metavar="DIR", help="re-validate an existing record folder")
     ap.add_argument("--log", nargs="+", help="finished train logs, one per seed")
-    ap.add_argument("--artifact", nargs="+", help="final_model.int6.ptz of each log, same order (checked, hashed; not copied)")
+    ap.add_argument("--artifact", nargs="+", help=f"{tg.ARTIFACT_NAME} of each log, same order (checked, hashed; not copied)")
     ap.add_argument("--name")
     ap.add_argument("--author")
     ap.add_argument("--github-id")
@@ -513,7 +513,7 @@ def main(argv=None) -> int:
         print("REFUSED:", *(f"  - {p}" for p in exc.problems), sep="\n", file=sys.stderr)
         return 1
     print(f"wrote {dest}")
-    print(f"check it again any time: python3 tools/package_record.py --check {dest}")
+    print(f"check it again any time: python3 tools/submission/package_record.py --check {dest}")
     return 0
 
 

@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """Summarise train_gpt.py logs: median ms per step, tokens/s, model FLOP utilisation, val_bpb, bytes.
 
-  python3 tools/bench_summary.py logs/RUN.txt [...]
+  python3 tools/bench/bench_summary.py logs/RUN.txt [...]
 
-Reads the logs through tools/logparse.py, which must sit beside this file (tools/proxy_bench.sh copies both).
+Reads the logs through tools/submission/logparse.py, found from this file's place in tools/ (the job scripts
+copy the whole tools/ folder).
 """
 import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "submission"))
 try:
     from logparse import LogFormatError, parse_log  # noqa: E402
 except ImportError:  # pragma: no cover - only when copied without its parser
-    raise SystemExit("bench_summary.py needs logparse.py in the same folder (copy tools/logparse.py with it)")
+    raise SystemExit("bench_summary.py needs tools/submission/logparse.py: copy the whole tools/ folder")
 
 PEAK_BF16_TFLOPS = 798.0  # an 8192³ bf16 matmul on this workplace's H100 (device KINDS.md, 2026-11-13)
 

@@ -1,18 +1,18 @@
 #!/usr/bin/env python3
 """Run one training command once per seed, keep going past a failed seed, and report every seed.
 
-  python3 tools/multi_seed.py --seeds 1337 42 2025 [--name NAME] [--out-root DIR] [--shared-output-dir] \\
+  python3 tools/submission/multi_seed.py --seeds 1337 42 2025 [--name NAME] [--out-root DIR] [--shared-output-dir] \\
       -- torchrun --standalone --nproc_per_node=8 train_gpt.py
 
 For each seed the command runs with SEED=<seed> and RUN_ID=<name>_seed<seed> in its environment (NAME
 defaults to $RUN_ID, else "run"), and OUTPUT_DIR=<out-root>/<run_id> (out-root defaults to $OUTPUT_DIR,
 else "runs"), so each seed keeps its own log and artifact:
-  <out-root>/<run_id>/logs/<run_id>.txt, <out-root>/<run_id>/final_model.int6.ptz
+  <out-root>/<run_id>/logs/<run_id>.txt, <out-root>/<run_id>/final_model.artifact
 (--shared-output-dir leaves OUTPUT_DIR alone: the logs still differ by RUN_ID, the artifacts overwrite each
 other.) Its output goes to this terminal as it runs. A seed fails when the command exits non-zero, or its
 log is missing, not ours, or unfinished; the next seed runs anyway. At the end: a table of every seed, a
-JSON summary (<out-root>/<name>_seeds.json), and the commands for tools/significance.py and
-tools/package_record.py on the seeds that finished. Exit status 0 when every seed finished, else 1.
+JSON summary (<out-root>/<name>_seeds.json), and the commands for tools/submission/significance.py and
+tools/submission/package_record.py on the seeds that finished. Exit status 0 when every seed finished, else 1.
 """
 from __future__ import annotations
 
@@ -25,7 +25,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS)
+sys.path.insert(0, os.path.dirname(os.path.dirname(TOOLS)))
+import train_gpt as tg  # noqa: E402
 from logparse import LogFormatError, parse_log  # noqa: E402
 
 
@@ -36,7 +39,7 @@ def run_seed(seed: int, name: str, out_root: str, command: list[str], shared_out
     env["OUTPUT_DIR"] = out_dir
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "logs", f"{run_id}.txt")
-    result = {"seed": seed, "run_id": run_id, "log": log_path, "artifact": os.path.join(out_dir, "final_model.int6.ptz"),
+    result = {"seed": seed, "run_id": run_id, "log": log_path, "artifact": os.path.join(out_dir, tg.ARTIFACT_NAME),
               "returncode": None, "ok": False, "error": None, "wall_s": None}
     print(f"=== seed {seed}: RUN_ID={run_id} OUTPUT_DIR={out_dir}: {shlex.join(command)}", flush=True)
     start = time.time()
@@ -114,10 +117,10 @@ def main(argv=None) -> int:
     ok = [r for r in results if r["ok"]]
     if ok:
         logs = " ".join(shlex.quote(r["log"]) for r in ok)
-        print(f"significance: python3 tools/significance.py --new-logs {logs} --record-json <record>/submission.json")
+        print(f"significance: python3 tools/submission/significance.py --new-logs {logs} --record-json <record>/submission.json")
         arts = [r["artifact"] for r in ok]
         art = (" --artifact " + " ".join(shlex.quote(x) for x in arts)) if all(arts) and not a.shared_output_dir else ""
-        print(f"package:      python3 tools/package_record.py --name {a.name} --author ... --github-id ... "
+        print(f"package:      python3 tools/submission/package_record.py --name {a.name} --author ... --github-id ... "
               f"--log {logs}{art}")
     return 0 if len(ok) == len(results) else 1
 

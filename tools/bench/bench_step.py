@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Time train_gpt.py's training step on one GPU at the per-GPU batch of an 8-GPU run, and say where the time goes.
 
-  DATA_PATH=... TOKENIZER_PATH=... python3 tools/bench_step.py        # any train_gpt.py variable applies
-  DATA_PATH=... TOKENIZER_PATH=... torchrun --standalone --nproc_per_node=2 tools/bench_step.py   # with communication
+  DATA_PATH=... TOKENIZER_PATH=... python3 tools/bench/bench_step.py        # any train_gpt.py variable applies
+  DATA_PATH=... TOKENIZER_PATH=... torchrun --standalone --nproc_per_node=2 tools/bench/bench_step.py   # with communication
 
 Prints, after compiling and warming up:
   - ms per micro-step (one GPU's share of a step on 8 GPUs: BENCH_MICRO_TOKENS, default 48 × 2048) and for the
@@ -24,7 +24,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
 
 KERNEL_CLASSES = (  # first match wins; names as the profiler reports CUDA kernels
@@ -67,7 +67,8 @@ def main() -> None:
         raise SystemExit("bench_step.py measures a GPU: none is visible")
     micro_tokens = int(os.environ.get("BENCH_MICRO_TOKENS", 48 * 2048))
     steps, warmup = int(os.environ.get("BENCH_STEPS", 50)), int(os.environ.get("BENCH_WARMUP", 10))
-    rank, world_size, device = tg.setup_distributed()  # under torchrun: one micro-step per GPU, then the reduction
+    runtime = tg.setup_distributed()  # under torchrun: one micro-step per GPU, then the reduction
+    world_size, device = runtime.world_size, runtime.device
     os.environ.setdefault("TRAIN_BATCH_TOKENS", str(micro_tokens * world_size))
     os.environ.setdefault("GRAD_ACCUM_STEPS", "1")
     h = tg.Hyperparameters.from_env()
@@ -77,16 +78,16 @@ def main() -> None:
     model = tg.GPT(h).to(device)
     tg.use_device_paths(model, h, device)
     params = sum(p.numel() for p in model.parameters())
-    optimizers = tg.build_optimizers(model, h, rank, world_size, device)
+    optimizers = tg.build_optimizers(model, h, runtime)
     ema = tg.EMA(model, h.ema_decay)
     loss_fn = torch.compile(model) if h.compile else model
-    loader = tg.DistributedTokenLoader(h.data_path, rank, world_size, device)
+    loader = tg.DistributedTokenLoader(h.data_path, runtime)
 
     def step(i: int, marks=None):
         tg.set_schedule(optimizers, i, 0.5, h)
         if marks:
             marks[0].record()
-        tg.forward_backward(loss_fn, loader, h, 1, world_size, device)
+        tg.forward_backward(loss_fn, loader, h, 1, runtime)
         if marks:
             marks[1].record()
         tg.optimizer_step(model, optimizers, h.grad_clip_norm, world_size)
@@ -134,7 +135,7 @@ def main() -> None:
     mfu = flops_per_token(h, model) * tokens_per_s / (peak * 1e12)
     micro_steps = tg.Hyperparameters().train_batch_tokens // (micro_tokens * world_size)  # of the 786,432-token step
     full_step_ms = micro_steps * fwd_bwd + optim
-    if rank != 0:
+    if not runtime.is_main:
         return
     print(f"device: {torch.cuda.get_device_name()} × {world_size} torch {torch.__version__} attention: "
           f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile}")

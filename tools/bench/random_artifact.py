@@ -2,7 +2,7 @@
 """Write an artifact of the model that the environment describes (train_gpt.py's variables), untrained: for timing
 evaluation and TTT, whose cost depends on the model's shape, not on what it learned.
 
-  python3 tools/random_artifact.py OUT.ptz
+  python3 tools/bench/random_artifact.py OUT.artifact
 
 The weights are train_gpt.py's initialisation, with the zero-initialised matrices (the blocks' output
 projections, the gates) drawn small instead, so that every path carries signal and gradient as in a trained
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
 
 ZERO_INIT_STD = 0.02  # the scale given to matrices that train_gpt.py initialises to zero

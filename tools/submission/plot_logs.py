@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plot train_gpt.py logs: train loss and val_bpb against steps and against training wall-clock, one PNG.
 
-  python3 tools/plot_logs.py logs/seed1337.txt logs/seed42.txt -o curves.png [--title TEXT] [--size 12x8 --dpi 100]
+  python3 tools/submission/plot_logs.py logs/seed1337.txt logs/seed42.txt -o curves.png [--title TEXT] [--size 12x8 --dpi 100]
 
 Four panels: train loss by step, train loss by training time (the timed loop's clock, without evaluation),
 val_bpb by step and by training time. val_bpb points come from VAL_LOSS_EVERY lines, the pre-quantization

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Where the 16,000,000 bytes go: counted code, and the model by tensor group before and after compression.
 
-  python3 tools/size_audit.py --artifact final_model.int6.ptz            # the artifact as written
-  python3 tools/size_audit.py --state final_model.pt                     # quantize float weights first
-  python3 tools/size_audit.py --state final_model.pt --artifact final_model.int6.ptz [--script train_gpt.py]
+  python3 tools/submission/size_audit.py --artifact final_model.artifact            # the artifact as written
+  python3 tools/submission/size_audit.py --state final_model.pt                     # quantize float weights first
+  python3 tools/submission/size_audit.py --state final_model.pt --artifact final_model.artifact [--script train_gpt.py]
 
 --state: a float state dict (final_model.pt), quantized with train_gpt.quantize_state_dict and the
 Hyperparameters the environment gives (defaults, or EMBED_BITS=7 etc., as for a run), then serialized and
@@ -20,7 +20,7 @@ float16 row scales), lqer (LQER factors: int4 codes, group scales and zeros), fl
 stored as float16), and the index (the payload's length prefix and JSON). Raw bytes of the groups add up to the payload. Each group is also compressed alone with
 brotli (quality --quality, default 11): a group's share of the artifact. The artifact is compressed as a
 whole (by the compressor its header names), so its size differs from the sum of the parts; both are printed.
-Code: raw bytes of the script and its packed (counted) form, tools/pack_script.py.
+Code: raw bytes of the script and its packed (counted) form, tools/submission/pack_script.py.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import os
 import struct
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import torch  # noqa: E402
@@ -185,7 +185,7 @@ def render(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--state", help="float state dict, e.g. final_model.pt")
-    ap.add_argument("--artifact", help="artifact, e.g. final_model.int6.ptz")
+    ap.add_argument("--artifact", help="artifact, e.g. final_model.artifact")
     ap.add_argument("--script", default=os.path.join(REPO, "train_gpt.py"),
                     help="the counted script, source or packed (default: this repository's train_gpt.py)")
     ap.add_argument("--no-code", action="store_true", help="leave the code out")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time causal attention kernels, forward and backward, at train_gpt.py's shapes on one GPU.
 
-  python3 tools/attention_bench.py            # BENCH_SHAPES=48x2048 (training micro-step), 64x2048 (a TTT step)
+  python3 tools/bench/attention_bench.py            # BENCH_SHAPES=48x2048 (training micro-step), 64x2048 (a TTT step)
 
 For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat16) it times:
   - sdpa_<backend>: F.scaled_dot_product_attention, causal, each backend alone (flash, cudnn, efficient),
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
 
 

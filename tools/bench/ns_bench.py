@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Muon's orthogonalisation per optimizer step: plain Polar Express against Gram Newton–Schulz (MUON_BACKEND).
 
-  python3 tools/ns_bench.py                      # on a GPU: bfloat16, CUDA events, the model's real shapes
-  python3 tools/ns_bench.py --world-sizes 1,8 --reps 50
-  python3 tools/ns_bench.py --cpu-smoke          # tiny shapes on the CPU, for the tests: checked, barely timed
+  python3 tools/bench/ns_bench.py                      # on a GPU: bfloat16, CUDA events, the model's real shapes
+  python3 tools/bench/ns_bench.py --world-sizes 1,8 --reps 50
+  python3 tools/bench/ns_bench.py --cpu-smoke          # tiny shapes on the CPU, for the tests: checked, barely timed
 
 The inputs are Muon's buckets: every block matrix of one shape stacked (11 layers × q and o 512×512, k and v
 256×512, MLP up 2048×512 and down 512×2048 at the default settings), each rank orthogonalising its share of
@@ -30,7 +30,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
 
 SPECTRA = ("gaussian", "decaying")

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cut a small slice of a real artifact's quantized symbols into tests/fixtures/.
 
-  python3 tools/make_compress_fixture.py ARTIFACT.ptz [--out tests/fixtures/quantized_slice.npz]
+  python3 tools/bench/make_compress_fixture.py ARTIFACT [--out tests/fixtures/quantized_slice.npz]
 
 The slice: whole rows (the coder's tables are per column, so rows must stay whole) of one tensor of each
 kind in the artifact: the int7 embedding with its LQER factors, the int6 attention and MLP matrices of one
@@ -12,8 +12,8 @@ which artifact it came from (file name, size, sha256) and the slice itself, so t
 The test that reads it (tests/test_compress_fixture.py) rebuilds a payload with serialize_quantized and
 checks train_gpt's rANS round trip on it and its size against brotli-11.
 
-The checked-in fixture comes from v1c_defaults_final_model.int6.ptz (15,925,361 bytes): the proxy model of
-2026-11-30 (180 s on one H200, default config, main at 7f858fd / d2eb6cf).
+The checked-in fixture comes from the artifact of the proxy model of 2026-11-30 (15,925,361 bytes; 180 s on
+one H200, default config, main at 7f858fd / d2eb6cf), whose file name and sha256 the .npz records.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 import train_gpt as tg  # noqa: E402
 

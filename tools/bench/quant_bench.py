@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Quantization benchmark: one trained float model, several ways to quantize and compress it, one table.
 
-  python3 tools/quant_bench.py --state final_model.pt                      # every configuration
-  python3 tools/quant_bench.py --state final_model.pt --configs rtn-e6,gptq+lqer-e7 --baselines all
+  python3 tools/bench/quant_bench.py --state final_model.pt                      # every configuration
+  python3 tools/bench/quant_bench.py --state final_model.pt --configs rtn-e6,gptq+lqer-e7 --baselines all
 
 The model is built from the environment's Hyperparameters, as train_gpt.py builds it (set the same
 architecture switches, DATA_PATH, TOKENIZER_PATH, VOCAB_SIZE and TRAIN_BATCH_TOKENS as the run that wrote the
@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 import train_gpt as tg  # noqa: E402
@@ -46,15 +46,6 @@ CONFIGS = {  # name → Hyperparameters fields set on top of the environment's
 }
 
 
-def validation_data(h: tg.Hyperparameters):
-    """Validation tokens and each target's bytes, counted as train_gpt.py's main() counts them."""
-    val_tokens = tg.load_validation_tokens(h.data_path, h.val_tokens_limit)
-    if h.caseops_enabled:
-        return val_tokens, tg.load_validation_byte_counts(h.data_path, val_tokens.size)[1:]
-    sp = tg.load_tokenizer(h.tokenizer_path, h.vocab_size)
-    return val_tokens, tg.target_byte_counts(val_tokens, tg.token_byte_tables(sp))
-
-
 def timed(fn, device: torch.device):
     tg.synchronize(device)
     start = time.perf_counter()
@@ -70,19 +61,20 @@ def bench(state_path: str, h: tg.Hyperparameters, names: list[str], baselines: s
     model = tg.GPT(h).to(device)
     model.load_state_dict(torch.load(state_path, map_location=device, weights_only=True))
     float_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    val_tokens, target_bytes = validation_data(h)
+    val = tg.load_validation(h, tg.load_tokenizer(h.tokenizer_path, h.vocab_size))  # as train_gpt.py's main() does
+    runtime = tg.Runtime(device=device)
     compiled = h.compile and device.type == "cuda"
     loss_fn = torch.compile(model.token_losses) if compiled else model.token_losses
 
     def score() -> float:
         model.eval()
-        return tg.evaluate_bpb(loss_fn, val_tokens, target_bytes, h, 0, 1, device)[1]
+        return tg.evaluate_bpb(loss_fn, val, h, runtime)[1]
 
     float_bpb, seconds = timed(score, device)
-    log(f"float val_bpb:{float_bpb:.5f} ({val_tokens.size - 1} tokens, {seconds:.1f}s{', compiling' if compiled else ''})")
+    log(f"float val_bpb:{float_bpb:.5f} ({val.num_targets} tokens, {seconds:.1f}s{', compiling' if compiled else ''})")
     hessians = None
     if any(CONFIGS[n]["quant_method"] == "gptq" for n in names):
-        hessians, seconds = timed(lambda: tg.collect_hessians(model, tg.calibration_batches(h, 0, 1, device), device), device)
+        hessians, seconds = timed(lambda: tg.collect_hessians(model, tg.calibration_batches(h, runtime), device), device)
         log(f"gptq hessians: {h.gptq_calibration_batches} batches of {h.train_batch_tokens} tokens, {seconds:.1f}s")
     code_bytes, _ = tg.counted_code_bytes(os.path.join(REPO, "train_gpt.py"))
     try:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CaseOps against a plain tokenizer on the proxy corpus, from the repo root:
-#   tools/caseops_bench.sh prepare [CORPUS_DIR]  # two SP8192 tokenizers + two shard sets (default .bench/corpus)
-#   tools/caseops_bench.sh start [CORPUS_DIR]    # prepare, then both quality runs in the background (device)
-#   tools/caseops_bench.sh poll                  # progress; the two final lines once done
+#   tools/bench/caseops_bench.sh prepare [CORPUS_DIR]  # two SP8192 tokenizers + two shard sets (default .bench/corpus)
+#   tools/bench/caseops_bench.sh start [CORPUS_DIR]    # prepare, then both quality runs in the background (device)
+#   tools/bench/caseops_bench.sh poll                  # progress; the two final lines once done
 # prepare trains both tokenizers on the corpus's TRAIN split only (train_*.jsonl.xz; val.jsonl.xz is only
 # encoded), with data/prepare_corpus.py:
 #   /tmp/proxy_plain    plain SP8192, plus byte sidecars (--byte-sidecar): original UTF-8 bytes per val token
@@ -77,7 +77,7 @@ run)
   for mode in plain caseops; do
     env $(run_args $mode) python3 train_gpt.py || { echo BENCH_FAILED; exit 1; }
   done
-  python3 tools/bench_summary.py logs/caseops_bench_plain.txt logs/caseops_bench_caseops.txt
+  python3 tools/bench/bench_summary.py logs/caseops_bench_plain.txt logs/caseops_bench_caseops.txt
   echo BENCH_DONE
   ;;
 poll)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # LoRA TTT at FineWeb's shape on one GPU (docs/benchmarking.md, "TTT at FineWeb's shape"): eval-only over
 # the FineWeb-shaped share (6,250 documents, ~6.04M tokens: one GPU's on 8), phases at 104,208,312 documents.
-#   tools/ttt_shape_bench.sh start   # from the repo root on the device: the data, an artifact, then the job detached
-#   tools/ttt_shape_bench.sh poll    # later calls: progress, then the summary once it is done
+#   tools/bench/ttt_shape_bench.sh start   # from the repo root on the device: the data, an artifact, then the job detached
+#   tools/bench/ttt_shape_bench.sh poll    # later calls: progress, then the summary once it is done
 # Needs .bench/ (corpus, tokenizers, bench). Writes only under /tmp/ttt_shape_bench.
-#   ARTIFACT=random (default): the default model's shape, untrained (tools/random_artifact.py, seconds);
+#   ARTIFACT=random (default): the default model's shape, untrained (tools/bench/random_artifact.py, seconds);
 #   ARTIFACT=trained: a 60-step training run on the proxy shards that exports (make_shards.py first, minutes);
-#   ARTIFACT=/path/to/final_model.int6.ptz: that one.
+#   ARTIFACT=/path/to/final_model.artifact: that one.
 #   EVAL_RUNS: entries NAME or NAME:VAR=V,VAR=V, run one after the other (default: one run of the defaults),
 #   e.g. EVAL_RUNS="base docs128:TTT_BATCH_DOCS=128". EVAL_BUDGET_SECONDS defaults to 600 as in the real eval.
 #   NPROC=2 (on a machine with two GPUs): torchrun on 2 GPUs over 2 GPUs' share (12,500 documents, phases at 208,416,624);
@@ -42,9 +42,9 @@ run)
   launcher=(python3); [ "$NPROC" -gt 1 ] && launcher=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   case "$ARTIFACT" in
-    random) artifact="$WORK/random.ptz"; env "${common[@]}" python3 tools/random_artifact.py "$artifact" || exit 1 ;;
+    random) artifact="$WORK/random.artifact"; env "${common[@]}" python3 tools/bench/random_artifact.py "$artifact" || exit 1 ;;
     trained)
-      artifact="$WORK/out_train/final_model.int6.ptz"
+      artifact="$WORK/out_train/final_model.artifact"
       echo "== training 60 steps on the proxy shards"
       env "${common[@]}" DATA_PATH="$SHARDS" ITERATIONS=60 VAL_LOSS_EVERY=0 TTT_MODE=none TRAIN_BATCH_TOKENS=65536 \
           RUN_ID=train OUTPUT_DIR="$WORK/out_train" python3 train_gpt.py > train.out 2>&1 || { tail -n 20 train.out; exit 1; }

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A submission's dry run on a machine with two GPUs, from the repo root:
-#   tools/submission_dry_run.sh start DATA_DIR TOKENIZER   # runs detached, everything under /tmp/dry_run
-#   tools/submission_dry_run.sh poll                       # progress; once done, the comparison
+#   tools/bench/submission_dry_run.sh start DATA_DIR TOKENIZER   # runs detached, everything under /tmp/dry_run
+#   tools/bench/submission_dry_run.sh poll                       # progress; once done, the comparison
 # 1. the readable train_gpt.py trains a short run under torchrun on 2 GPUs;
-# 2. tools/package_record.py builds a records folder from that run's log (its train_gpt.py is the packed script);
+# 2. tools/submission/package_record.py builds a records folder from that run's log (its train_gpt.py is the packed script);
 # 3. from inside that folder, its train_gpt.py runs the same settings under torchrun on 2 GPUs;
 # 4. the readable script and the folder's script run side by side on 1 GPU each (CUDA_VISIBLE_DEVICES).
 # Then each pair's final lines are compared. ITERATIONS (default 200) and the other settings come from the
@@ -39,8 +39,8 @@ run)
   echo "== 1. readable script, 2 GPUs"
   env $(settings readable2) torchrun --standalone --nproc_per_node=2 train_gpt.py > /dev/null || { echo DRY_RUN_FAILED; exit 1; }
   echo "== 2. package_record"
-  python3 tools/package_record.py --name DryRun --author "Dry Run" --github-id dryrun --blurb "submission dry run" \
-      --log logs/readable2.txt --artifact final_model.int6.ptz --records-dir "$WORK/records" --no-plot --not-fineweb \
+  python3 tools/submission/package_record.py --name DryRun --author "Dry Run" --github-id dryrun --blurb "submission dry run" \
+      --log logs/readable2.txt --artifact final_model.artifact --records-dir "$WORK/records" --no-plot --not-fineweb \
       || { echo DRY_RUN_FAILED; exit 1; }
   folder=$(ls -d "$WORK"/records/*_DryRun)
   echo "== 3. the folder's script, 2 GPUs"
@@ -56,7 +56,7 @@ run)
     final_lines "$folder/logs/packed$n.txt"
   done
   grep -h "^world_size" logs/readable1.txt "$folder/logs/packed1.txt"
-  python3 tools/package_record.py --check "$folder" && echo CHECK_OK
+  python3 tools/submission/package_record.py --check "$folder" && echo CHECK_OK
   echo DRY_RUN_DONE
   ;;
 poll)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One table of compressors on the same quantized payload: bytes, seconds, ratio to brotli-11.
 
-  nice -n 10 python3 tools/compress_bench.py final_model.int6.ptz [--rows simple,pipeline] [--json out.json]
+  nice -n 10 python3 tools/bench/compress_bench.py final_model.artifact [--rows simple,pipeline] [--json out.json]
 
 The payload is the artifact's, decompressed with train_gpt.decompress_artifact; every row compresses that
 same payload and checks that its own decompressor gives it back byte for byte.
@@ -40,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
 
 BROTLI_QUALITY = 11

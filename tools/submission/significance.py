@@ -2,9 +2,9 @@
 """The challenge's acceptance test for a new record: a one-sided Welch t-test that the new runs beat the
 current record by more than THRESHOLD nats (default 0.005) at p < ALPHA (default 0.01).
 
-  python3 tools/significance.py --new-logs logs/s1337.txt logs/s42.txt logs/s2025.txt \\
+  python3 tools/submission/significance.py --new-logs logs/s1337.txt logs/s42.txt logs/s2025.txt \\
       --record-json records/track_10min_16mb/<date>_<name>/submission.json
-  python3 tools/significance.py --new-bpb 1.0801 1.0805 1.0799 --record-stats 1.0861 0.0007 3 --ratio 2.0707
+  python3 tools/submission/significance.py --new-bpb 1.0801 1.0805 1.0799 --record-stats 1.0861 0.0007 3 --ratio 2.0707
 
 Units. The threshold is in nats; the test runs on val_loss, the round-trip score in nats per token. val_bpb
 is bits per byte: val_loss = val_bpb · ln 2 · (validation bytes / validation tokens), so the factor

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time one step of LoRA TTT (score a chunk, backward, the adapters' Adam step) on one GPU, by window shape.
 
-  python3 tools/ttt_step_bench.py          # any train_gpt.py variable applies (TTT_COMPILE_MODE, TTT_BATCH_DOCS, ...)
+  python3 tools/bench/ttt_step_bench.py          # any train_gpt.py variable applies (TTT_COMPILE_MODE, TTT_BATCH_DOCS, ...)
 
 The model is the default one with random weights (the time does not depend on their values). Prints the
 warm-up (warm_up_lora: compilation of the scoring graph and its backward), then for each BENCH_SHAPES entry
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
 
 

@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
 # The proxy benchmark on one GPU, as docs/benchmarking.md (protocol v1) describes it.
-#   tools/proxy_bench.sh start   # from the repo root on the device: shards, then the whole job in the background
-#   tools/proxy_bench.sh poll    # later calls: progress, then the logs and summary once it is done
+#   tools/bench/proxy_bench.sh start   # from the repo root on the device: shards, then the whole job in the background
+#   tools/bench/proxy_bench.sh poll    # later calls: progress, then the logs and summary once it is done
 # Needs .bench/ (corpus, tokenizers, bench) and, on a machine without brotli, .whl/ with its wheel.
 # Writes only under /tmp/proxy_bench (the device re-sends the working tree on each call).
 #   1. the kernel and model tests on the GPU (GPU_TESTS=0 skips them; GPU_TEST_FILES picks the files);
-#   2. throughput: tools/bench_step.py on the full default model, once per entry of BENCH_RUNS (under torchrun on
+#   2. throughput: tools/bench/bench_step.py on the full default model, once per entry of BENCH_RUNS (under torchrun on
 #      BENCH_NPROC GPUs when that is above 1, so the breakdown has the communication; an entry's own BENCH_NPROC=N
 #      overrides it, to time one GPU and several on the same machine in one job; in a quality run's entry it runs
 #      that run under torchrun, off protocol v1, which is one GPU);
 #   3. quality: protocol v1 (65,536-token batches, QUALITY_SECONDS of training, everything else default), once per
 #      entry of QUALITY_RUNS;
-#   4. with QUANT_BENCH=1, tools/quant_bench.py $QUANT_BENCH_ARGS on the first quality run's float weights;
+#   4. with QUANT_BENCH=1, tools/bench/quant_bench.py $QUANT_BENCH_ARGS on the first quality run's float weights;
 #   5. once per entry of EVAL_RUNS, TTT_EVAL_ONLY=1 on the first quality run's artifact (e.g. sgd:TTT_MODE=sgd).
 # A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol), entries separated by spaces;
 # PREQUANT_ONLY=1 in a quality run's overrides stops it after the pre-quant score (no export, no round trip):
-#   BENCH_RUNS="base all:XSA_ENABLED=1,SMEAR_GATE_ENABLED=1" QUALITY_RUNS="rtn gptq:QUANT_METHOD=gptq" tools/proxy_bench.sh start
+#   BENCH_RUNS="base all:XSA_ENABLED=1,SMEAR_GATE_ENABLED=1" QUALITY_RUNS="rtn gptq:QUANT_METHOD=gptq" tools/bench/proxy_bench.sh start
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/proxy_bench
@@ -64,7 +64,7 @@ run)
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== bench_step $name $overrides"
     set_launcher "$overrides" "$BENCH_NPROC"
-    env "${common[@]}" $overrides TORCH_LOGS=graph_breaks "${launcher[@]}" tools/bench_step.py 2> "bench_step_$name.err"
+    env "${common[@]}" $overrides TORCH_LOGS=graph_breaks "${launcher[@]}" tools/bench/bench_step.py 2> "bench_step_$name.err"
     grep -c "Graph break" "bench_step_$name.err" | sed 's/^/graph breaks: /'
   done
   for entry in $QUALITY_RUNS; do
@@ -82,13 +82,13 @@ run)
       *) wait $run || echo "quality run $name exited non-zero" ;;
     esac
     tail -n 12 "$name.out"
-    python3 tools/bench_summary.py "out_$name/logs/$name.txt"
+    python3 tools/bench/bench_summary.py "out_$name/logs/$name.txt"
   done
   first=${QUALITY_RUNS%% *}; qname=${first%%:*}; qover=$(run_overrides "$first")
   protocol=(TRAIN_BATCH_TOKENS=65536 SEED=1337 $qover OUTPUT_DIR="$WORK/out_$qname")
   if [ "$QUANT_BENCH" = 1 ]; then
     echo "== quant_bench on out_$qname"
-    env "${common[@]}" "${protocol[@]}" python3 tools/quant_bench.py --state "out_$qname/final_model.pt" $QUANT_BENCH_ARGS \
+    env "${common[@]}" "${protocol[@]}" python3 tools/bench/quant_bench.py --state "out_$qname/final_model.pt" $QUANT_BENCH_ARGS \
         > quant_bench.out 2>&1 || echo "quant_bench exited non-zero"
     tail -n 25 quant_bench.out
   fi

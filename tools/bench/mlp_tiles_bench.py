@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Tile configurations of FUSED_MLP's Triton matmul against cuBLAS, at the MLP's real shapes.
 
-  python3 tools/mlp_tiles_bench.py                                   # on a GPU: the default set of tiles
-  python3 tools/mlp_tiles_bench.py --tiles "128,256,64,8,3 128,128,64,4,4" --tokens 98304
+  python3 tools/bench/mlp_tiles_bench.py                                   # on a GPU: the default set of tiles
+  python3 tools/bench/mlp_tiles_bench.py --tiles "128,256,64,8,3 128,128,64,4,4" --tokens 98304
 
 One micro-step of the model runs, per block, the up-projection with LeakyReLU(0.5)² in its epilogue
 (forward: x · W_upᵀ, M = tokens, K = MODEL_DIM, N = hidden) and the product dL/da = dL/dout · W_down with the
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
 
 DEFAULT_TILES = ("128,128,64,8,3", "128,128,64,4,4", "128,256,64,8,3", "128,256,64,8,4", "256,128,64,8,3",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which contexts pay for the quantized matrices: adaptive code lengths under context models.
 
-  nice -n 10 python3 tools/context_entropy.py final_model.int6.ptz [--no-reorder]
+  nice -n 10 python3 tools/bench/context_entropy.py final_model.artifact [--no-reorder]
 
 For each role group of int6/int7 matrices (attention, MLP, embedding) and each context model, the bytes an
 adaptive coder would spend: every context keeps counts that start at `alpha` per symbol of the matrix's
@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
 from compress_bench import l1_nearest_neighbour_order  # noqa: E402
 

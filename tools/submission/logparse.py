@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Parse the logs that train_gpt.py writes (logs/<RUN_ID>.txt): one shared reader for every submission tool.
 
-  python3 tools/logparse.py logs/RUN.txt [...]      # prints each log's main fields as JSON
+  python3 tools/submission/logparse.py logs/RUN.txt [...]      # prints each log's main fields as JSON
 
 A log's first line holds every hyperparameter as `name=value`; the lines after it are `key:value` records
 (see train_gpt.py's main()). `parse_log(path)` returns a `RunLog`. A log cut short (a run that died or is

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the counted form of train_gpt.py: minified, LZMA-compressed, behind a two-line self-extracting stub.
 
-  python3 tools/pack_script.py OUT.py [SOURCE.py]
+  python3 tools/submission/pack_script.py OUT.py [SOURCE.py]
 
 The packed script runs the same program as its source, wherever Triton is installed: Triton's @jit reads
 each kernel's source through `inspect`, so the stub registers the unpacked text in `linecache` under the
@@ -26,7 +26,7 @@ import lzma
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SOURCE = os.path.join(REPO, "train_gpt.py")
 
 # The stub's first line; train_gpt.PACKED_FIRST_LINE must say the same, so a running script knows it is packed.

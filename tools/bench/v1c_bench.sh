@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quality protocol v1c (the CaseOps proxy) with one run per GPU, side by side, from the repo root:
-#   RUNS="defaults proxy:PRESET=proxy" tools/v1c_bench.sh start   # the shards, then the runs detached
-#   tools/v1c_bench.sh poll                                        # progress; the score lines once done
+#   RUNS="defaults proxy:PRESET=proxy" tools/bench/v1c_bench.sh start   # the shards, then the runs detached
+#   tools/bench/v1c_bench.sh poll                                        # progress; the score lines once done
 # Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/). Writes only under /tmp/v1c_bench.
 # A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol); the i-th entry runs on
 # GPU i. PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model is scored.
