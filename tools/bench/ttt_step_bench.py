@@ -6,7 +6,8 @@
 The model is the default one with random weights (the time does not depend on their values). Prints the
 warm-up (warm_up_lora: compilation of the scoring graph and its backward), then for each BENCH_SHAPES entry
 ROWSxWIDTH (default 64x2048,64x1024,64x512,64x256,16x128) the median forward / backward / optimizer milliseconds
-over BENCH_REPS steps and the positions (rows × width) per second of the whole step. BENCH_BOUNDED=1 makes the
+over BENCH_REPS steps, the positions (rows × width) per second of the whole step, and the wall time of the
+shape's first two steps (with CUDA graphs: its warm-up and recording). BENCH_BOUNDED=1 makes the
 windows go through document-bounded attention anyway (as before TTT skipped it), to compare.
 BENCH_PROFILE=ROWSxWIDTH adds the profiler's top operations at that shape, by GPU time and by host time.
 """
@@ -66,17 +67,20 @@ def main() -> None:
     lora.active = True
     for rows, width in shapes:
         timer = tg.PartTimes(device, time.perf_counter)
-        samples = []
+        samples, first_two = [], time.perf_counter()
         for i in range(reps + 2):
             lora.start_batch()
             step(lora, loss_fn, tokens, rows, width, h, timer)
             parts = timer.collect()
+            if i == 1:  # a new shape's first steps: where CUDA graphs warm up and record
+                first_two = time.perf_counter() - first_two
             if i >= 2:
                 samples.append(parts)
         med = {p: 1000 * statistics.median(s[p] for s in samples) for p in tg.PartTimes.PARTS}
         total = sum(med.values())
         print(f"shape {rows}x{width}: forward {med['forward']:.2f} backward {med['backward']:.2f} "
-              f"optimizer {med['optimizer']:.2f} ms; {rows * width / total:.0f}K positions/s", flush=True)
+              f"optimizer {med['optimizer']:.2f} ms; {rows * width / total:.0f}K positions/s; "
+              f"first two steps {first_two:.2f} s", flush=True)
     if os.environ.get("BENCH_PROFILE"):
         rows, width = map(int, os.environ["BENCH_PROFILE"].split("x"))
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
