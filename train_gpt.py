@@ -3017,6 +3017,9 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val: ValidationData, h: Hyperparamet
 
 LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.proj", "mlp.up", "mlp.down")
 LORA_EPS = 1e-8  # the adapters' AdamW epsilon (its betas are TTT_LORA_BETA1 and TTT_LORA_BETA2)
+# A global phase's cost per target in LoRA work units (batch_cost), for the guard until a phase is measured: a phase
+# runs forward and backward with the weights' gradients, eager, which at FineWeb's shape costs about 8 units a target
+PHASE_TARGET_WORK = 8
 MIN_ROWS = 2  # torch.compile specialises dimensions of size 1: two rows at least keep every step on the dynamic graph
 
 
@@ -3418,9 +3421,9 @@ def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runt
                 break
             scored_docs = [d for batches in all_batches[:k + 1] for b in batches for d in b]
             phase_targets = int(lengths[scored_docs].sum())
-            # a phase trains on each scored target once, forward and backward with the weights' gradients: before
-            # one is measured, twice a LoRA position's work is the guess
-            pace = phase_pace if phase_pace is not None else 2 * (guard.score_pace() + guard.adapt_pace())
+            # a phase trains on each scored target once; until one is measured, PHASE_TARGET_WORK units of LoRA work
+            unit_s = guard.score_pace() + guard.adapt_pace()
+            pace = phase_pace if phase_pace is not None else PHASE_TARGET_WORK * unit_s
             if guard.allows(log, collective=True, upcoming_s=pace * phase_targets):
                 t0 = guard.now()
                 run_phase(model, phase_fn, tokens, phase_pieces(starts, lengths, scored_docs, h.eval_seq_len), h,
