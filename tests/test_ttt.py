@@ -614,7 +614,8 @@ def test_batches_are_dealt_to_ranks_within_five_percent():
 
 def test_lora_batches_reuse_one_graph():
     """Compiled (graph capture only, where recompilation is decided), every batch of a LoRA TTT run, with its
-    shrinking rows and growing windows, runs on the warm-up's graph, and a phase on its own: no recompilation."""
+    shrinking rows and growing windows, runs on the warm-up's graph, a phase on its own, and a batch after the
+    phase on the first again: no recompilation."""
     from torch._dynamo.utils import counters
     h = tiny_h(ttt_batch_docs=4)
     tokens, target_bytes = tiny_stream("docs")
@@ -635,6 +636,9 @@ def test_lora_batches_reuse_one_graph():
                             tg.PartTimes(CPU, tg.time.perf_counter), True, None)
     tg.run_phase(model, phase_fn, t, tg.phase_pieces(starts, lengths, sum(segments[0], []), h.eval_seq_len), h,
                  tg.Runtime(), None)
+    batch = segments[-1][-1]  # after a phase (the base weights trained, then frozen again): still the same graph
+    tg.lora_score_batch(lora, loss_fn, t, starts[batch].tolist(), lengths[batch].tolist(), h, sums,
+                        tg.PartTimes(CPU, tg.time.perf_counter), True, None)
     for handle in lora.handles:
         handle.remove()
     assert warm == 2 and counters["stats"]["unique_graphs"] == warm, dict(counters["stats"])
