@@ -1559,12 +1559,12 @@ class GPT(nn.Module):
         """The head: the tied embedding's logits of final hidden states, before the softcap."""
         return F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
 
-    def logits(self, idx: torch.Tensor) -> torch.Tensor:
-        return softcap(self.tied_logits(self.hidden(idx)), self.logit_softcap)
+    def logits(self, idx: torch.Tensor, one_document: bool = False) -> torch.Tensor:
+        return softcap(self.tied_logits(self.hidden(idx, one_document)), self.logit_softcap)
 
     def token_losses(self, idx: torch.Tensor, targets: torch.Tensor, one_document: bool = False) -> torch.Tensor:
         """Evaluation: per-token losses through the plain, exact softcap and cross-entropy (one_document: hidden's)."""
-        logits = softcap(self.tied_logits(self.hidden(idx, one_document)), self.logit_softcap).float()
+        logits = self.logits(idx, one_document).float()
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -3190,10 +3190,7 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
         lora.select_rows(rows)
         x, offsets, y, index, scored = lora_chunk_inputs(tokens, first[:rows], length[:rows], end,
                                                           lora_window(end, h), chunk)
-        for t, dim in ((x, 0), (x, 1), (y, 0)):  # the rows and the width: one graph for every step
-            torch._dynamo.maybe_mark_dynamic(t, dim)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            losses = loss_fn(x, y, offsets)
+        losses = lora_chunk_losses(loss_fn, x, y, offsets)
         record, index = torch.where(scored, losses.detach().double(), 0), torch.where(scored, index, -1)
         sums.add(record, index)
         if trace:
@@ -3202,11 +3199,26 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
         if adapt and j + 1 < chunks:
             if trace:
                 trace("update", index, None, lora)
-            (losses * scored / scored.sum(1, keepdim=True).clamp_min(1)).sum().backward()
-            timer.mark("backward")
-            lora.adam_step(h.ttt_lora_lr, h.ttt_lora_wd)
-            timer.mark("optimizer")
+            adapt_on_chunk(lora, losses, scored, h, timer)
     lora.active = False
+
+
+def lora_chunk_losses(loss_fn, x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The chunk's per-target losses through loss_fn (BatchedLoRA.token_losses, compiled or not), in bfloat16 on
+    CUDA; the rows and the window's width are marked dynamic, so every step runs on one graph."""
+    for t, dim in ((x, 0), (x, 1), (y, 0)):
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+        return loss_fn(x, y, offsets)
+
+
+def adapt_on_chunk(lora: BatchedLoRA, losses: torch.Tensor, scored: torch.Tensor, h: Hyperparameters,
+                   timer: PartTimes) -> None:
+    """One Adam step of every row's adapters on the mean loss of its scored targets (each document its own)."""
+    (losses * scored / scored.sum(1, keepdim=True).clamp_min(1)).sum().backward()
+    timer.mark("backward")
+    lora.adam_step(h.ttt_lora_lr, h.ttt_lora_wd)
+    timer.mark("optimizer")
 
 
 def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, device: torch.device, log) -> None:

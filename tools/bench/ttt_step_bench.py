@@ -30,15 +30,9 @@ def step(lora, loss_fn, tokens, rows: int, width: int, h, timer) -> None:
     timer.start()
     lora.select_rows(rows)
     x, offsets, y, _, scored = tg.lora_chunk_inputs(tokens, first, length, width, width, chunk)
-    for t, dim in ((x, 0), (x, 1), (y, 0)):
-        torch._dynamo.maybe_mark_dynamic(t, dim)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        losses = loss_fn(x, y, offsets)
+    losses = tg.lora_chunk_losses(loss_fn, x, y, offsets)
     timer.mark("forward")
-    (losses * scored / scored.sum(1, keepdim=True).clamp_min(1)).sum().backward()
-    timer.mark("backward")
-    lora.adam_step(h.ttt_lora_lr, h.ttt_lora_wd)
-    timer.mark("optimizer")
+    tg.adapt_on_chunk(lora, losses, scored, h, timer)
 
 
 def main() -> None:
