@@ -4,7 +4,7 @@
 #   tools/bench/v1c_bench.sh poll                                        # progress; the score lines once done
 # Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/). Writes only under /tmp/v1c_bench.
 # A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol); the i-th entry runs on
-# GPU i. PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model is scored.
+# GPU FIRST_GPU+i (FIRST_GPU defaults to 0). PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model is scored.
 # The protocol: 65,536-token steps (one micro-step), 180 s of training, seed 1337, val_bpb on the byte
 # sidecars, the TTT phase boundaries scaled to the proxy's 416 validation documents.
 set -u
@@ -21,14 +21,14 @@ start)
   cp -r train_gpt.py tools "$WORK/" && cp ".bench/tokenizers/$TOKENIZER" "$WORK/"
   install_wheels "$WORK" || exit 1
   [ -f "$DATA/fineweb_val_000000.bin" ] || { mkdir -p /tmp/proxy_caseops && tar xJf .bench/bench/caseops_proxy.tar.xz -C /tmp/proxy_caseops; } || exit 1
-  export RUNS QUALITY_SECONDS
+  export RUNS QUALITY_SECONDS FIRST_GPU=${FIRST_GPU:-0}
   start_job "$WORK" "$0"
   ;;
 run)
   cd "$WORK" || exit 1
   export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  gpu=0
+  gpu=$FIRST_GPU
   for entry in $RUNS; do
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== $name on GPU $gpu: $overrides"
