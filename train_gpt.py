@@ -455,6 +455,8 @@ def choice_problems(h: Hyperparameters) -> list[str]:
         out.append(f"EVAL_STRIDE={h.eval_stride} must be in 1..EVAL_SEQ_LEN={h.eval_seq_len}")
     if h.ttt_chunk > h.eval_seq_len:
         out.append(f"TTT_CHUNK={h.ttt_chunk} must be at most EVAL_SEQ_LEN={h.eval_seq_len}")
+    if h.compressor == "brotli" and importlib.util.find_spec("brotli") is None:  # else the export fails after training
+        out.append("COMPRESSOR=brotli needs the brotli package: pip install brotli, or set COMPRESSOR=rans")
     try:
         phase_cuts(h)
     except SystemExit as exc:

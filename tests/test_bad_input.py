@@ -145,6 +145,17 @@ def test_a_setting_out_of_range_is_refused_before_any_data_is_read(smoke_env, tm
     assert not (tmp_path / "logs").exists()
 
 
+def test_brotli_without_its_package_is_refused_at_start_not_after_training(smoke_env, tmp_path, monkeypatch):
+    real_find_spec = tg.importlib.util.find_spec
+    monkeypatch.setattr(tg.importlib.util, "find_spec", lambda name, *a: None if name == "brotli" else real_find_spec(name, *a))
+    smoke_env.setenv("COMPRESSOR", "brotli")
+    smoke_env.setenv("DATA_PATH", str(tmp_path / "absent"))
+    with pytest.raises(SystemExit, match="COMPRESSOR=brotli needs the brotli package: pip install brotli, or set COMPRESSOR=rans"):
+        tg.main()
+    smoke_env.setenv("COMPRESSOR", "rans")
+    tg.Hyperparameters.from_env().validate(world_size=1)  # the other compressors need no package
+
+
 def test_every_range_names_a_field():
     names = {f.name for f in tg.fields(tg.Hyperparameters)}
     assert set(tg.SETTING_RANGES) <= names
