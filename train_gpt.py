@@ -3087,15 +3087,16 @@ class PartTimes:
 class BatchedLoRA:
     """Low-rank adapters for a batch of documents: row d of every A (docs, rank, in) and B (docs, out, rank) is
     document d's own, on each Linear named in LORA_TARGETS and on the head. The model's classes stay as they are:
-    forward hooks add x·A_dᵀ·B_dᵀ·alpha/rank to the adapted Linears' outputs (while `active`), and token_losses
-    adds the head's delta to the tied-embedding logits. A step computes only its first rows (`select_rows`: the
-    documents not yet finished); their views are the leaves that collect the gradients."""
+    one forward hook, add_delta, adds x·A_dᵀ·B_dᵀ·alpha/rank to the adapted Linears' outputs (while `active`), and
+    token_losses adds the head's delta to the tied-embedding logits. A step computes only its first rows
+    (`select_rows`: the documents not yet finished); their views are the leaves that collect the gradients, and
+    each adapted Linear holds its own two as `lora_a` and `lora_b`, which the one hook reads."""
 
     def __init__(self, model: GPT, h: Hyperparameters, device: torch.device):
         docs, rank = h.ttt_batch_docs, h.ttt_lora_rank
         self.model, self.scale, self.active = model, h.ttt_lora_alpha / rank, False
-        linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(LORA_TARGETS)]
-        shapes = [(m.in_features, m.out_features) for m in linears] + [model.tok_emb.weight.shape[::-1]]
+        self.linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.endswith(LORA_TARGETS)]
+        shapes = [(m.in_features, m.out_features) for m in self.linears] + [model.tok_emb.weight.shape[::-1]]
         generator = torch.Generator().manual_seed(h.seed)  # A as nn.Linear initialises a weight; B = 0: the base model
         self.A = [((torch.rand(docs, rank, i, generator=generator) * 2 - 1) * i ** -0.5).to(device) for i, _ in shapes]
         self.initial_A = [a.clone() for a in self.A]
@@ -3106,8 +3107,19 @@ class BatchedLoRA:
         self.exp_avg = [torch.zeros_like(t) for t in self.A + self.B] if self.betas[0] > 0 else []
         self.step_counts = [torch.zeros((), device=device) for _ in self.A + self.B]  # Adam's steps, per tensor
         self.live = []
-        self.handles = [m.register_forward_hook(lambda _m, inputs, out, i=i: out + self.delta(i, inputs[0]) if self.active else out)
-                        for i, m in enumerate(linears)]
+        self.handles = [m.register_forward_hook(self.add_delta) for m in self.linears]
+
+    def add_delta(self, module: nn.Linear, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        """The adapted Linear's output plus its low-rank delta (the forward hook of every adapted Linear)."""
+        return out + self.low_rank(inputs[0], module.lora_a, module.lora_b) if self.active else out
+
+    def close(self) -> None:
+        """Take the hooks and the adapters' views off the model."""
+        self.active = False
+        for handle in self.handles:
+            handle.remove()
+        for m in self.linears:
+            m.__dict__.pop("lora_a", None), m.__dict__.pop("lora_b", None)
 
     def start_batch(self) -> None:
         """A new batch of documents: B = 0 (each starts from the base model), A kept (warm start), Adam restarted."""
@@ -3125,10 +3137,10 @@ class BatchedLoRA:
         self.live = [t[:rows].detach().requires_grad_() for t in self.A + self.B]
         for t in self.live:
             torch._dynamo.maybe_mark_dynamic(t, 0)
+        for i, m in enumerate(self.linears):
+            m.lora_a, m.lora_b = self.live[i], self.live[len(self.A) + i]
 
-    def delta(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        i %= len(self.A)  # −1: the head
-        a, b = self.live[i], self.live[len(self.A) + i]
+    def low_rank(self, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (x @ a.transpose(1, 2)) @ b.transpose(1, 2) * self.scale
 
     @torch.no_grad()
@@ -3151,8 +3163,16 @@ class BatchedLoRA:
         whole window runs through the blocks, but only the scored positions through the head (the logits of a
         64 × 2048 window in float32 would take 4 GiB, and their gradient as much again)."""
         hidden = self.model.hidden(x, one_document=True).index_select(1, positions)
-        logits = softcap((self.model.tied_logits(hidden) + self.delta(-1, hidden)).float(), self.model.logit_softcap)
+        head_delta = self.low_rank(hidden, self.live[len(self.A) - 1], self.live[-1])
+        logits = softcap((self.model.tied_logits(hidden) + head_delta).float(), self.model.logit_softcap)
         return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+def lora_loss_fn(lora: BatchedLoRA, h: Hyperparameters, device: torch.device):
+    """The function LoRA TTT scores a chunk with: lora.token_losses compiled in TTT_COMPILE_MODE (one graph for the
+    whole model: compiling each block on its own took as long and ran slower steps), or eager."""
+    return (compile_on_gpu(lora.token_losses, h, device, mode=h.ttt_compile_mode) if h.ttt_compile_mode != "eager"
+            else lora.token_losses)
 
 
 def lora_chunk_inputs(tokens: torch.Tensor, first: torch.Tensor, length: torch.Tensor, end: int, width: int,
@@ -3399,10 +3419,9 @@ def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runt
     my_targets = int(sum(lengths[b].sum() for batches in segments for b in batches))
     tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(device)
     sums, lora, timer = ScoreSums(val.target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
-    # only the rows and the window's width are dynamic (lora_score_batch marks them): making every size symbolic
+    # only the rows and the window's width are dynamic (lora_chunk_losses marks them): making every size symbolic
     # (dynamic=True) compiles far longer
-    loss_fn = (compile_on_gpu(lora.token_losses, h, device, mode=h.ttt_compile_mode) if h.ttt_compile_mode != "eager"
-               else lora.token_losses)
+    loss_fn = lora_loss_fn(lora, h, device)
     phase_compiled = h.compile and device.type == "cuda" and h.ttt_phase_compile
     phase_fn = score_fn if phase_compiled else model.token_losses
     units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, segments)), 0, 0, 0.0, 0.0, 0.0
@@ -3447,8 +3466,7 @@ def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runt
                 phase_s, phase_pace = phase_s + seconds, seconds / phase_targets
                 log(f"ttt_phase:{k + 1} docs:{len(scored_docs)} targets:{phase_targets} time:{seconds:.1f}s")
     finally:
-        for handle in lora.handles:
-            handle.remove()
+        lora.close()
         model.requires_grad_(True)
     peak = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
     log(f"ttt_lora_rank0_targets:{my_targets} adapted:{adapted} warmup:{warm_s:.1f}s phases:{phase_s:.1f}s "

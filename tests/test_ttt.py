@@ -639,9 +639,29 @@ def test_lora_batches_reuse_one_graph():
     batch = segments[-1][-1]  # after a phase (the base weights trained, then frozen again): still the same graph
     tg.lora_score_batch(lora, loss_fn, t, starts[batch].tolist(), lengths[batch].tolist(), h, sums,
                         tg.PartTimes(CPU, tg.time.perf_counter), True, None)
-    for handle in lora.handles:
-        handle.remove()
+    lora.close()
     assert warm == 2 and counters["stats"]["unique_graphs"] == warm, dict(counters["stats"])
+
+
+def test_closed_adapters_leave_the_base_model_as_it_was():
+    """After a batch that adapted (B ≠ 0), close() takes the hooks and the adapters' views off every Linear: the
+    model's losses are the base model's again, bit for bit."""
+    h = tiny_h(ttt_batch_docs=4)
+    tokens, target_bytes = tiny_stream("docs")
+    model = tiny_model(h).eval()
+    x = torch.from_numpy(tokens[:16].astype(np.int64))[None]
+    y = torch.from_numpy(tokens[1:17].astype(np.int64))[None]
+    before = model.token_losses(x, y)
+    lora = tg.BatchedLoRA(model, h, CPU)
+    starts, lengths = tg.document_spans(tokens)
+    tg.lora_score_batch(lora, lora.token_losses, torch.from_numpy(tokens.astype(np.int64)), starts[:4].tolist(),
+                        lengths[:4].tolist(), h, tg.ScoreSums(target_bytes, CPU), tg.PartTimes(CPU, tg.time.perf_counter),
+                        True, None)
+    assert any(b.abs().sum() > 0 for b in lora.B)
+    lora.active = True  # even left on: close() switches it off
+    lora.close()
+    assert not any(m._forward_hooks or hasattr(m, "lora_a") for m in model.modules())
+    assert torch.equal(model.token_losses(x, y), before)
 
 
 def test_windows_grow_with_the_chunk_and_rows_shrink_with_the_batch():

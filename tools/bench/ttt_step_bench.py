@@ -51,8 +51,7 @@ def main() -> None:
         hidden = model.hidden
         model.hidden = lambda idx, one_document=False: hidden(idx)
     lora = tg.BatchedLoRA(model, h, device)
-    loss_fn = (tg.compile_on_gpu(lora.token_losses, h, device, mode=h.ttt_compile_mode)
-               if h.ttt_compile_mode != "eager" else lora.token_losses)
+    loss_fn = tg.lora_loss_fn(lora, h, device)
     t0 = time.perf_counter()
     tg.warm_up_lora(lora, loss_fn, h, device, print)
     print(f"warm_up_s:{time.perf_counter() - t0:.1f} compile_mode:{h.ttt_compile_mode} "
@@ -84,7 +83,7 @@ def main() -> None:
             torch.cuda.synchronize()
         for key in ("cuda_time_total", "self_cpu_time_total"):
             print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60))
-    lora.active = False
+    lora.close()
 
 
 if __name__ == "__main__":
