@@ -10,6 +10,8 @@ over BENCH_REPS steps, the positions (rows × width) per second of the whole ste
 shape's first two steps (with CUDA graphs: its warm-up and recording). BENCH_BOUNDED=1 makes the
 windows go through document-bounded attention anyway (as before TTT skipped it), to compare.
 BENCH_PROFILE=ROWSxWIDTH adds the profiler's top operations at that shape, by GPU time and by host time.
+BENCH_COMPILE_TIMES=1 prints, after the warm-up, where its compilation went (torch._dynamo.utils.compile_times:
+seconds by compiler stage, tracing, AOT autograd, Inductor's lowering, Triton compiles and autotuning).
 """
 import os
 import statistics
@@ -56,6 +58,8 @@ def main() -> None:
     tg.warm_up_lora(lora, loss_fn, h, device, print)
     print(f"warm_up_s:{time.perf_counter() - t0:.1f} compile_mode:{h.ttt_compile_mode} "
           f"bounded:{os.environ.get('BENCH_BOUNDED', '0')}", flush=True)
+    if os.environ.get("BENCH_COMPILE_TIMES") == "1":
+        print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
     tokens = torch.randint(0, h.vocab_size, (max(r * (w + 1) for r, w in shapes) + 2,), device=device)
     lora.active = True
     for rows, width in shapes:
