@@ -6,8 +6,11 @@
 For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat16) it times:
   - sdpa_<backend>: F.scaled_dot_product_attention, causal, each backend alone (flash, cudnn, efficient),
     key/value heads repeated to the query heads, and with enable_gqa where the backend takes it;
-  - varlen: torch's packed variable-length kernel (what DOCUMENT attention runs today), on documents of
-    FineWeb's lengths (median ~570 tokens) and on one document per row;
+  - varlen: train_gpt's packed variable-length kernel (FlashAttention-3 when installed, else torch's, which
+    DOC_ATTN_KERNEL=flash runs), on documents of FineWeb's lengths (median ~570 tokens), on one document per
+    row, and on training's segments of the same documents (fixed capacity: the unused ones empty);
+  - cudnn_varlen: cuDNN's ragged kernel on the same three layouts (what DOC_ATTN_KERNEL=cudnn runs), key/value
+    heads repeated to the query heads; its output and gradients are compared with varlen's on each layout;
   - flex_docs: flex_attention (compiled) with a block mask of the same FineWeb-length documents;
   - sdpa_mask_docs: SDPA with the explicit (rows, 1, T, T) document mask.
 Milliseconds are medians over BENCH_REPS runs (CUDA events) after warm-up; a kernel that refuses a shape says why.
@@ -115,16 +118,26 @@ def main() -> None:
         lengths = fineweb_lengths(rows * seq, rng)
         cu_docs = torch.tensor(row_cut_segments(rows, seq, lengths), device="cuda", dtype=torch.int32)
         cu_rows = torch.arange(0, rows * seq + 1, seq, device="cuda", dtype=torch.int32)
+        layouts = {}
         try:
             import train_gpt as tg
 
-            def varlen(cu):
+            def packed(attend, cu):
                 def attn(q, k, v):
-                    out = tg.varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, seq)
+                    out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, seq)
                     return out.view(rows, seq, HEADS, HEAD_DIM)
                 return attn
-            cases["varlen_fineweb_docs"] = varlen(cu_docs)
-            cases["varlen_one_doc_per_row"] = varlen(cu_rows)
+            starts = torch.zeros(rows * seq, dtype=torch.bool, device="cuda")
+            starts[cu_docs[:-1].long()] = True
+            capacity = rows * (seq // tg.Hyperparameters.doc_segment_tokens)  # BOS cuts, as training allows
+            cu_train, _ = tg.document_segments(starts.view(rows, seq), capacity)
+            layouts = {"fineweb_docs": cu_docs, "one_doc_per_row": cu_rows, "train_segments": cu_train}
+            for layout, cu in layouts.items():
+                cases[f"varlen_{layout}"] = packed(tg.varlen_causal_attention, cu)
+                if not tg.CUDNN_VARLEN_MISSING:
+                    cases[f"cudnn_varlen_{layout}"] = packed(tg.cudnn_varlen_attention, cu)
+            if tg.CUDNN_VARLEN_MISSING:
+                print(f"cudnn_varlen: torch {torch.__version__} lacks {tg.CUDNN_VARLEN_MISSING}")
         except ImportError as exc:
             print(f"varlen: {exc}")
 
@@ -158,6 +171,13 @@ def main() -> None:
 
         print(f"== {rows}x{seq}: {len(lengths)} FineWeb-length documents")
         print(f"cudnn_gqa against flash: {max_difference(cases['sdpa_cudnn_gqa'], cases['sdpa_flash'], q, k, v)}")
+        for layout in layouts:
+            if f"cudnn_varlen_{layout}" in cases:
+                try:
+                    diff = max_difference(cases[f"cudnn_varlen_{layout}"], cases[f"varlen_{layout}"], q, k, v)
+                except Exception as exc:  # noqa: BLE001
+                    diff = f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                print(f"cudnn_varlen against varlen, {layout}: {diff}")
         for name, attn in cases.items():
             try:
                 fb, f = timed(fwd_bwd(attn, q, k, v), reps), timed(fwd_only(attn, q, k, v), reps)
