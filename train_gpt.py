@@ -21,6 +21,7 @@ import lzma
 import math
 import os
 import struct
+import subprocess
 import sys
 import time
 import traceback
@@ -388,6 +389,8 @@ class Hyperparameters:
     # guard and to deal batches: a step of 2 rows × 64 tokens takes a quarter of one of 64 × 2048
     ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs;
     # eager: not compiled)
+    ttt_precompile: bool = False  # lora on CUDA: a side process compiles TTT's scoring graph while training runs
+    # (timed training time, spare CPU cores), so the eval's warm-up finds it in torch.compile's on-disk caches
     ttt_phase_compile: bool = False  # lora: compile the global phases' graph (off: at FineWeb's shape the phases train
     # ~4.4M tokens a GPU, seconds even eager, less than the compilation would take)
 
@@ -3605,6 +3608,72 @@ def evaluate_with_ttt(model: GPT, score_fn, train_fn, val: ValidationData, h: Hy
     raise ValueError(f"TTT_MODE={h.ttt_mode!r} runs no test-time training")
 
 
+PRECOMPILE_FLAG = "--ttt-precompile"  # train_gpt.py's argument for TTT_PRECOMPILE's side process
+# what torchrun gives each rank: the side process is one process of its own, on local rank 0's GPU
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+                      "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+
+
+class TTTPrecompile:
+    """TTT_PRECOMPILE: LoRA TTT's compilation moved into the training time. Local rank 0 of each machine starts
+    a side process (train_gpt.py --ttt-precompile: precompile_ttt) as the training clock starts; it compiles the
+    scoring graph and its backward on a model of the run's shape, on spare CPU cores, and leaves the result in
+    torch.compile's on-disk caches, where the eval's warm-up finds it. The eval waits for it inside its own
+    time, so no work escapes both clocks; if it failed, the eval's warm-up compiles as usual."""
+
+    def __init__(self, h: Hyperparameters, runtime: Runtime, log):
+        self.h, self.log, self.proc, self.started = h, log, None, 0.0
+        self.wanted = (h.ttt_precompile and h.ttt_mode == "lora" and h.compile and h.ttt_compile_mode != "eager"
+                       and not h.ttt_eval_only and runtime.device.type == "cuda"
+                       and os.environ.get("LOCAL_RANK", "0") == "0")
+        self.path = os.path.join(h.output_dir, "logs", f"{h.run_id}_ttt_precompile.txt")
+
+    def start(self) -> None:
+        if not self.wanted:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+        with open(self.path, "w") as out:  # the child holds its own handle
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), PRECOMPILE_FLAG], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.started = time.perf_counter()
+        self.log(f"ttt_precompile:started pid:{self.proc.pid} log:{self.path}")
+
+    def wait(self) -> None:
+        """Block until the side process ends (the caller's clock runs), and log how it went."""
+        if self.proc is None:
+            return
+        t0 = time.perf_counter()
+        code = self.proc.wait()
+        self.proc = None
+        self.log(f"ttt_precompile:exit:{code} ran:{time.perf_counter() - self.started:.1f}s "
+                 f"waited:{time.perf_counter() - t0:.1f}s"
+                 + (f" (failed: TTT's warm-up compiles in the eval; see {self.path})" if code else ""))
+
+    def stop(self) -> None:
+        """End a side process still running (the run failed): none outlives the run."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def precompile_ttt() -> None:
+    """TTT_PRECOMPILE's side process: LoRA TTT's warm-up (warm_up_lora) on a model of the run's shape, random
+    weights and tokens (no data is read), as the eval runs it after loading the artifact."""
+    t0 = time.perf_counter()
+    h = Hyperparameters.from_env()
+    h.validate(world_size=1)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    model = GPT(h).to(device)
+    use_device_paths(model, h, device)
+    model.eval().requires_grad_(False)
+    lora = BatchedLoRA(model, h, device)
+    warm_up_lora(lora, lora_loss_fn(lora, h, device), h, device, lambda line: print(line, flush=True))
+    lora.close()
+    print(f"ttt_precompile:done time:{time.perf_counter() - t0:.1f}s", flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Main: read and check the inputs, train, export the artifact, reload it from bytes and score it; a failed end
 # ----------------------------------------------------------------------------------------------------
@@ -3651,9 +3720,10 @@ def open_log(h: Hyperparameters, runtime: Runtime, warnings: list[str]) -> Logge
     return log
 
 
-def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, runtime: Runtime,
-                     log) -> tuple[str, int]:
-    """Train, save the EMA weights, score them, export the artifact; return its path and the submission's bytes."""
+def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, runtime: Runtime, log,
+                     precompile: TTTPrecompile) -> tuple[str, int]:
+    """Train, save the EMA weights, score them, export the artifact; return its path and the submission's bytes.
+    `precompile` starts with the timed training, after the training graph's own compilation."""
     optimizers = build_optimizers(model, h, runtime)
     ema = EMA(model, h.ema_decay)
     accum_steps = derive_grad_accum_steps(h, runtime.world_size)
@@ -3661,6 +3731,7 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ru
         f"micro_batch_tokens:{h.train_batch_tokens // (runtime.world_size * accum_steps)}")
     if h.compile and runtime.device.type == "cuda":
         warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, runtime, log)
+    precompile.start()
     steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, runtime, log, evaluate)
     hessians = finish_training(model, ema, h, train_ms, runtime, log)
     if runtime.device.type == "cuda":
@@ -3737,18 +3808,24 @@ def main() -> None:
         model.train()
         return result
 
-    if h.ttt_eval_only:
-        artifact_path, total_bytes = eval_only_artifact_path(h), 0
-        log(f"eval_only_artifact_bytes:{os.path.getsize(artifact_path)} artifact:{artifact_path}")
-    else:
-        artifact_path, total_bytes = train_and_export(model, train_loss_fn, evaluate, h, runtime, log)
-    load_s = score_artifact(model, artifact_path, evaluate, h, log)
-    if h.ttt_mode != "none":
-        # TTT's eval time: the artifact's load and its own work; the plain score above is a separate measurement
-        start = time.perf_counter() - load_s
-        val_loss, val_bpb = evaluate_with_ttt(model, eval_loss_fn, train_loss_fn, val, h, runtime, log, start)
-        log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
-            f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
+    precompile = TTTPrecompile(h, runtime, log)
+    try:
+        if h.ttt_eval_only:
+            artifact_path, total_bytes = eval_only_artifact_path(h), 0
+            log(f"eval_only_artifact_bytes:{os.path.getsize(artifact_path)} artifact:{artifact_path}")
+        else:
+            artifact_path, total_bytes = train_and_export(model, train_loss_fn, evaluate, h, runtime, log, precompile)
+        load_s = score_artifact(model, artifact_path, evaluate, h, log)
+        if h.ttt_mode != "none":
+            # TTT's eval time: the artifact's load and its own work (a side compilation still running too); the
+            # plain score above is a separate measurement
+            start = time.perf_counter() - load_s
+            precompile.wait()
+            val_loss, val_bpb = evaluate_with_ttt(model, eval_loss_fn, train_loss_fn, val, h, runtime, log, start)
+            log(f"legal_ttt_exact val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} "
+                f"eval_time:{1000 * (time.perf_counter() - start):.0f}ms")
+    finally:
+        precompile.stop()
     if runtime.world_size > 1:
         dist.destroy_process_group()
     if total_bytes > h.artifact_limit_bytes:
@@ -3787,4 +3864,4 @@ def run_guarded(entry) -> None:
 
 
 if __name__ == "__main__":
-    run_guarded(main)
+    run_guarded(precompile_ttt if sys.argv[1:] == [PRECOMPILE_FLAG] else main)

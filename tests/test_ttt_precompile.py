@@ -1,0 +1,76 @@
+"""TTT_PRECOMPILE: the side process that compiles LoRA TTT's graphs during training. On the CPU nothing compiles,
+so these check the plumbing: when the side process is wanted, that it runs TTT's warm-up alone and exits, that the
+run waits for it and logs how it went, and that a failed run leaves none behind."""
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+
+import train_gpt as tg
+from conftest import REPO, run_script
+
+SCRIPT = os.path.join(REPO, "train_gpt.py")
+
+
+@pytest.fixture
+def smoke(monkeypatch, tmp_path):
+    """A smoke run's settings in this process's environment (the side process inherits them), on the CPU."""
+    for name in {f.name.upper() for f in tg.fields(tg.Hyperparameters)} & set(os.environ):
+        monkeypatch.delenv(name)
+    for name, value in {"PRESET": "smoke", "OUTPUT_DIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "",
+                        "TTT_MODE": "lora", "TTT_BATCH_DOCS": "4"}.items():
+        monkeypatch.setenv(name, value)
+    return tmp_path
+
+
+def test_the_side_process_runs_ttt_warm_up_alone_and_exits(tmp_path):
+    out = run_script([sys.executable, SCRIPT, tg.PRECOMPILE_FLAG], {"TTT_BATCH_DOCS": "4", "DATA_PATH": "/absent"},
+                     str(tmp_path), timeout=300)
+    assert "ttt_warmup:lora" in out and "ttt_precompile:done" in out  # it read no data: DATA_PATH does not exist
+    assert not os.path.exists(tmp_path / "logs")  # and opened no run log
+
+
+def test_it_is_wanted_only_where_it_compiles_something(smoke):
+    h = tg.Hyperparameters.from_env()
+    cpu, gpu = tg.Runtime(), tg.Runtime(device=torch.device("cuda"))
+    assert not tg.TTTPrecompile(dataclasses.replace(h, ttt_precompile=True), cpu, print).wanted
+    on = dataclasses.replace(h, ttt_precompile=True, compile=True)
+    assert tg.TTTPrecompile(on, gpu, print).wanted
+    for off in (dict(ttt_precompile=False), dict(ttt_mode="sgd"), dict(compile=False), dict(ttt_eval_only=True),
+                dict(ttt_compile_mode="eager")):
+        assert not tg.TTTPrecompile(dataclasses.replace(on, **off), gpu, print).wanted, off
+
+
+def test_the_run_waits_for_the_side_process_and_logs_its_end(smoke):
+    lines = []
+    precompile = tg.TTTPrecompile(tg.Hyperparameters.from_env(), tg.Runtime(), lines.append)
+    precompile.wanted = True  # on the CPU: the same process, compiling nothing
+    precompile.start()
+    precompile.wait()
+    assert lines[0].startswith("ttt_precompile:started pid:") and lines[1].startswith("ttt_precompile:exit:0 ran:")
+    with open(precompile.path) as f:
+        assert "ttt_precompile:done" in f.read()
+    precompile.wait()  # nothing left to wait for: no second line
+    assert len(lines) == 2
+
+
+def test_a_failed_side_process_is_named_in_the_log(smoke, monkeypatch):
+    monkeypatch.setenv("TTT_CHUNK", "0")  # refused by the side process's validate()
+    lines = []
+    precompile = tg.TTTPrecompile(tg.Hyperparameters(), tg.Runtime(), lines.append)
+    precompile.wanted = True
+    precompile.start()
+    precompile.wait()
+    assert lines[1].startswith("ttt_precompile:exit:1 ") and f"see {precompile.path}" in lines[1]
+
+
+def test_a_failed_run_leaves_no_side_process_running(smoke):
+    precompile = tg.TTTPrecompile(tg.Hyperparameters.from_env(), tg.Runtime(), lambda line: None)
+    precompile.wanted = True
+    precompile.start()
+    proc = precompile.proc
+    precompile.stop()
+    assert proc.poll() is not None and proc.returncode != 0  # killed, not finished
+    precompile.stop()  # twice is harmless
