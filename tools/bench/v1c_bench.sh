@@ -5,6 +5,7 @@
 # Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/). Writes only under /tmp/v1c_bench.
 # A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol); the i-th entry runs on
 # GPU FIRST_GPU+i (FIRST_GPU defaults to 0). PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model is scored.
+# Each run compiles into its own cache (a run beside it would otherwise warm its compilation up).
 # The protocol: 65,536-token steps (one micro-step), 180 s of training, seed 1337, val_bpb on the byte
 # sidecars, the TTT phase boundaries scaled to the proxy's 416 validation documents.
 set -u
@@ -35,7 +36,8 @@ run)
     (
       env DATA_PATH="$DATA" TOKENIZER_PATH="$WORK/$TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 TRAIN_BATCH_TOKENS=65536 \
           MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 TTT_PHASE_DOCS=33,66,100 RUN_ID="$name" \
-          OUTPUT_DIR="$WORK/out_$name" CUDA_VISIBLE_DEVICES=$gpu $overrides python3 train_gpt.py > "$name.out" 2>&1 &
+          OUTPUT_DIR="$WORK/out_$name" CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR="$WORK/compile_$name" \
+          TRITON_CACHE_DIR="$WORK/compile_$name/triton" $overrides python3 train_gpt.py > "$name.out" 2>&1 &
       run=$!
       case " $overrides " in
         *" PREQUANT_ONLY=1 "*)
