@@ -11,6 +11,9 @@
 #   e.g. EVAL_RUNS="base docs128:TTT_BATCH_DOCS=128". EVAL_BUDGET_SECONDS defaults to 600 as in the real eval.
 #   NPROC=2 (on a machine with two GPUs): torchrun on 2 GPUs over 2 GPUs' share (12,500 documents, phases at 208,416,624);
 #   the log's ttt_rank_finish_seconds line gives each rank's finish.
+#   PRECOMPILE=1: before each eval run, the TTT_PRECOMPILE side process (train_gpt.py --ttt-precompile) alone, as
+#   a training run would start it, into that run's compile cache; its time is printed, the eval's warm-up then
+#   shows what is left of the compilation. Each entry compiles into its own cache either way.
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/ttt_shape_bench
@@ -32,7 +35,7 @@ start)
   if [ "$ARTIFACT" = trained ] && [ ! -f "$SHARDS/fineweb_val_000000.bin" ]; then
     python3 .bench/bench/make_shards.py .bench/corpus .bench/tokenizers/fineweb_8192_bpe.model "$SHARDS" || exit 1
   fi
-  export ARTIFACT EVAL_RUNS NPROC
+  export ARTIFACT EVAL_RUNS NPROC PRECOMPILE=${PRECOMPILE:-0}
   start_job "$WORK" "$0"
   ;;
 run)
@@ -54,8 +57,15 @@ run)
   for entry in $EVAL_RUNS; do
     name=${entry%%:*}; overrides=$(run_overrides "$entry")
     echo "== eval-only TTT $name $overrides"
+    cache=(TORCHINDUCTOR_CACHE_DIR="$WORK/compile_$name" TRITON_CACHE_DIR="$WORK/compile_$name/triton")
+    if [ "$PRECOMPILE" = 1 ]; then
+      SECONDS=0
+      env "${common[@]}" "${cache[@]}" TTT_PHASE_DOCS="$PHASES" EVAL_STRIDE=2048 $overrides python3 train_gpt.py \
+          --ttt-precompile > "$name.precompile.out" 2>&1 || echo "precompile $name exited non-zero"
+      echo "precompile wall time: ${SECONDS}s; $(grep '^ttt_precompile' "$name.precompile.out")"
+    fi
     SECONDS=0
-    env "${common[@]}" DATA_PATH="$SHAPED" TTT_PHASE_DOCS="$PHASES" EVAL_STRIDE=2048 $overrides TTT_EVAL_ONLY=1 \
+    env "${common[@]}" "${cache[@]}" DATA_PATH="$SHAPED" TTT_PHASE_DOCS="$PHASES" EVAL_STRIDE=2048 $overrides TTT_EVAL_ONLY=1 \
         ARTIFACT_PATH="$artifact" RUN_ID="$name" OUTPUT_DIR="$WORK/out_$name" "${launcher[@]}" train_gpt.py \
         > "$name.out" 2>&1 || echo "eval run $name exited non-zero"
     echo "process wall time: ${SECONDS}s"
