@@ -3662,8 +3662,7 @@ def precompile_ttt() -> None:
     """TTT_PRECOMPILE's side process: LoRA TTT's warm-up (warm_up_lora) on a model of the run's shape, random
     weights and tokens (no data is read), as the eval runs it after loading the artifact."""
     t0 = time.perf_counter()
-    h = Hyperparameters.from_env()
-    h.validate(world_size=1)
+    h = Hyperparameters.from_env()  # the run itself validated them, at its world size
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     model = GPT(h).to(device)
     use_device_paths(model, h, device)
