@@ -266,3 +266,11 @@ def test_a_smoke_run_trains_in_fp8_and_its_loss_falls_as_without_it(tmp_path):
     assert losses != [float(v) for v in TRAIN_LOSS.findall(plain)]  # another computation ...
     assert abs(float(PRE_QUANT.search(fp8).group(1)) - float(PRE_QUANT.search(plain).group(1))) < 0.05  # ... as good
 
+
+def test_the_step_bench_counts_fp8_gemms_as_matmuls_and_the_casts_apart():
+    import bench_step
+    for gemm in ("sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x64", "nvjet_qqtst_128x256_64x4_1x2_h_bz_NTN",
+                 "triton_tem_fused__scaled_mm_0"):
+        assert bench_step.classify(gemm) == "matmul", gemm
+    for cast in ("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_min_mul_0", "triton_poi_fused__to_copy_clone_t_1"):
+        assert bench_step.classify(cast) == "other", cast
