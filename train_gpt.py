@@ -5,14 +5,16 @@ Every setting is an environment variable (see Hyperparameters); `PRESET=smoke` r
 bundled sample on a CPU.
 
 Sections, in the order a run uses them: configuration (the settings and every check), runtime (processes,
-devices, the log), data (shards, the training stream, the validation set and its bytes), kernels (Triton's, for
-training), model, optimizer, training, quantization, artifact (payload, coder, counted code, export, load),
-evaluation, test-time training (one entry point, evaluate_with_ttt), main (and how a failed run ends).
+devices, the log), data (shards, the training stream, the validation set and its bytes), kernels (Triton's and
+the FP8 matmuls, for training), model, optimizer, training, quantization, artifact (payload, coder, counted code,
+export, load), evaluation, test-time training (one entry point, evaluate_with_ttt), main (and how a failed run
+ends).
 """
 from __future__ import annotations
 
 import datetime
 import difflib
+import functools
 import glob
 import importlib.util
 import inspect
@@ -314,6 +316,8 @@ class Hyperparameters:
     compile_warmup_steps: int = 20
     fused_ce: bool = True  # Triton softcapped cross-entropy in training, on CUDA
     fused_mlp: bool = True  # Triton matmuls with LeakyReLU² (and its derivative) fused in, training on CUDA
+    fp8_matmuls: bool = False  # training's block matrices (q, k, v, proj, MLP up and down) in FP8 (FP8Linear);
+    # evaluation, GPTQ calibration and TTT stay bfloat16
     residual_bf16: bool = True  # on CUDA: carry the residual stream in bfloat16, not float32 (half the bytes moved)
     time_sync_every: int = 10  # steps between device syncs that read the training clock
     dist_timeout_seconds: float = 300.0  # a collective that waits longer (a rank died or hangs) ends the whole job
@@ -918,7 +922,8 @@ def load_validation(h: Hyperparameters, sp) -> ValidationData:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Kernels: Triton's fused softcapped cross-entropy and LeakyReLU² MLP, for training (evaluation: the plain paths)
+# Kernels: Triton's fused softcapped cross-entropy and LeakyReLU² MLP, FP8 matmuls, for training (evaluation: the
+# plain paths)
 # ----------------------------------------------------------------------------------------------------
 
 try:
@@ -1112,6 +1117,82 @@ def fused_leaky_relu_square_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: tor
     """The MLP through FusedLeakyReluSquareMLP, in bfloat16 (the weights are cast as autocast would)."""
     dtype = torch.bfloat16
     return FusedLeakyReluSquareMLP.apply(x.to(dtype), w_up.to(dtype), w_down.to(dtype))
+
+
+# An all-zero tensor's amax is raised to this, so its scale stays finite (its cast is all zeros whatever the scale);
+# 1e-12 keeps 448/amax and 57344/amax far inside float32's range.
+FP8_AMAX_FLOOR = 1e-12
+FP8_SIZE_MULTIPLE = 16  # _scaled_mm on CUDA takes inner dimensions and second operands only in multiples of 16
+
+
+def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t cast to the float8 `dtype`, row-major; the inverse of its scale): one scale for the whole tensor, which puts
+    t's largest magnitude on the format's largest finite value, so t ≈ cast · inverse. The scale stays a device
+    tensor: no host sync, nothing for torch.compile to break the graph on."""
+    top = torch.finfo(dtype).max
+    amax = t.detach().abs().amax().float().clamp_min(FP8_AMAX_FLOOR)
+    scale = top / amax
+    # in float32, so a bfloat16 t is rounded once; |t|·scale exceeds top by a rounding at most, which the cast
+    # rounds back to top, so no clamp is needed
+    return (t.float() * scale).to(dtype).contiguous(), scale.reciprocal()
+
+
+class FP8Linear(torch.autograd.Function):
+    """y = x·Wᵀ through torch._scaled_mm, on FP8 tensor cores: x and W cast to e4m3 (more precision), the incoming
+    gradient to e5m2 (more range: gradients span more decades), each with its own per-tensor scale (to_fp8). The
+    backward keeps the FP8 casts of x and W, not the wider tensors, and computes dL/dx = g·W and dL/dW = gᵀ·x from
+    them. On CUDA _scaled_mm takes its first operand row-major and its second column-major (the transpose of a
+    row-major matrix), hence the transposed copies. Each gradient is returned in its input's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        x8, x_inv = to_fp8(x.reshape(-1, x.size(-1)), torch.float8_e4m3fn)
+        w8, w_inv = to_fp8(weight, torch.float8_e4m3fn)
+        y = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)
+        ctx.save_for_backward(x8, w8, x_inv, w_inv)
+        ctx.dtypes = x.dtype, weight.dtype
+        return y.view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x8, w8, x_inv, w_inv = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        g8, g_inv = to_fp8(grad_out.reshape(-1, grad_out.size(-1)), torch.float8_e5m2)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch._scaled_mm(g8, w8.t().contiguous().t(), scale_a=g_inv, scale_b=w_inv, out_dtype=x_dtype)
+            grad_x = grad_x.view(*grad_out.shape[:-1], w8.size(1))
+        if ctx.needs_input_grad[1]:
+            grad_w = torch._scaled_mm(g8.t().contiguous(), x8.t().contiguous().t(), scale_a=g_inv, scale_b=x_inv,
+                                      out_dtype=w_dtype)
+        return grad_x, grad_w, None
+
+
+def fp8_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether _scaled_mm on CUDA takes x·Wᵀ and both of its gradients' products: tokens, input and output features
+    all multiples of 16. The same rule on every device, so the CPU tests take the path a GPU would."""
+    return all(n % FP8_SIZE_MULTIPLE == 0 for n in (math.prod(x.shape[:-1]), *weight.shape))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear(x, weight) through FP8Linear, the output in the dtype F.linear's would have: autocast's (bfloat16 in
+    training on CUDA), else x's."""
+    device = x.device.type
+    out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return FP8Linear.apply(x, weight, out_dtype)
+
+
+@functools.cache
+def scaled_mm_runs(device: torch.device) -> bool:
+    """Whether torch._scaled_mm multiplies FP8 on this device, tried once on a 16×16 product: GPUs with FP8 tensor
+    cores (Ada, Hopper and later) and recent PyTorch's CPU kernel do; older GPUs and builds refuse."""
+    try:
+        a = torch.zeros(16, 16, device=device, dtype=torch.float8_e4m3fn)
+        one = torch.ones((), device=device)
+        torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, TypeError, AttributeError):
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1408,18 +1489,24 @@ class QuantAwareLinear(nn.Linear):
     """A bias-free nn.Linear that, while `fake_quant` is on (QAT, GPT.set_qat), computes with its weight on the grid the
     artifact stores it on (`grid`: (bits, clip sigmas, QUANT_GRID) from export_grid; None for a weight stored as
     float16, which QAT leaves alone). The parameter stays the latent float weight: the optimizer steps it, the EMA
-    averages it and the exporter quantizes that average on the same grid. Off, it is nn.Linear to the bit."""
+    averages it and the exporter quantizes that average on the same grid. While `fp8` is on (FP8_MATMULS,
+    GPT.set_fp8) and in train mode, the product runs in FP8 (FP8Linear), with the weight QAT gives it. Both off, it
+    is nn.Linear to the bit."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.grid = None
         self.fake_quant = False  # a flag the compiled training graph is guarded on, as GPT.looping
+        self.fp8 = False  # likewise
 
     def effective_weight(self) -> torch.Tensor:
         return fake_quantize(self.weight, *self.grid) if self.fake_quant else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight())
+        weight = self.effective_weight()
+        if self.fp8 and self.training and fp8_fits(x, weight):  # other shapes: the plain matmul
+            return fp8_linear(x, weight)
+        return F.linear(x, weight)
 
 
 def offset_keys(k: torch.Tensor, starts: torch.Tensor | None, dims: int) -> torch.Tensor:
@@ -1484,8 +1571,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The Triton path only in training and with no hooks on the Linears: GPTQ's Hessian hooks and evaluation
-        # go through the plain modules, which are what the artifact stores.
-        if self.fused and self.training and not (self.up._forward_hooks or self.down._forward_hooks):
+        # go through the plain modules, which are what the artifact stores. Not with FP8 matmuls either: the Triton
+        # kernel multiplies bfloat16 tiles, so the two projections then run as FP8 linears, the activation between.
+        hooked = self.up._forward_hooks or self.down._forward_hooks
+        if self.fused and self.training and not self.up.fp8 and not hooked:
             return fused_leaky_relu_square_mlp(x, self.up.effective_weight(), self.down.effective_weight())
         return self.down(F.leaky_relu(self.up(x), negative_slope=0.5).square())
 
@@ -1638,6 +1727,16 @@ class GPT(nn.Module):
             m.fake_quant = bool(on)
         self.qat = bool(on)
         return len(matrices)
+
+    def set_fp8(self, on: bool) -> int:
+        """FP8 matmuls (FP8_MATMULS) on or off for every block matrix, on where torch._scaled_mm runs on the model's
+        device; returns how many are on. They compute in FP8 in train mode only; the compiled training graph is
+        guarded on each one's flag."""
+        on = bool(on) and scaled_mm_runs(self.tok_emb.weight.device)
+        matrices = [m for m in self.blocks.modules() if isinstance(m, QuantAwareLinear)]
+        for m in matrices:
+            m.fp8 = on
+        return len(matrices) if on else 0
 
     def hidden(self, idx: torch.Tensor, one_document: bool = False) -> torch.Tensor:
         """Final hidden states of idx. `one_document`: each row is one document from its first position on, up to
@@ -3728,10 +3827,15 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ru
     accum_steps = derive_grad_accum_steps(h, runtime.world_size)
     log(f"grad_accum_steps:{accum_steps} "
         f"micro_batch_tokens:{h.train_batch_tokens // (runtime.world_size * accum_steps)}")
+    fp8 = model.set_fp8(h.fp8_matmuls)  # training only: evaluation, GPTQ's calibration and TTT stay bfloat16
+    if h.fp8_matmuls:
+        log(f"fp8_matmuls:{fp8}" if fp8 else f"WARNING FP8_MATMULS=1, but torch._scaled_mm does not run on "
+                                              f"{runtime.device}: the matmuls stay bfloat16")
     if h.compile and runtime.device.type == "cuda":
         warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, runtime, log)
     precompile.start()
     steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, runtime, log, evaluate)
+    model.set_fp8(False)
     hessians = finish_training(model, ema, h, train_ms, runtime, log)
     if runtime.device.type == "cuda":
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "

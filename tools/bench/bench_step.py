@@ -14,7 +14,7 @@ Under torchrun each GPU runs one micro-step of BENCH_MICRO_TOKENS per step and t
 training (Muon's reduce-scatter and all-gather, the rest all-reduced); rank 0 prints.
 Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12). With NUM_LOOPS > 0 it times
 the looped layout (set NUM_LOOPS=0 for the plain one). BENCH_DOC_MASK=1 makes DOC_ATTENTION=1 use the explicit
-mask with SDPA instead of the varlen kernel, to compare the two.
+mask with SDPA instead of the varlen kernel, to compare the two. FP8_MATMULS=1 times the block matrices in FP8.
 """
 import os
 import re
@@ -31,7 +31,11 @@ KERNEL_CLASSES = (  # first match wins; names as the profiler reports CUDA kerne
     ("communication", re.compile(r"nccl", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa|cudnn", re.I)),
     ("loss", re.compile(r"softcap_ce|cross_entropy|log_softmax|nll_loss", re.I)),
-    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|_mm_", re.I)),
+    # Inductor's pointwise and reduction kernels are named after the ops they fuse, a matmul among them at times
+    # ("triton_red_fused__scaled_mm__to_copy_abs_amax_…": FP8_MATMULS's casts): never a matmul themselves
+    ("other", re.compile(r"^triton_(poi|red|per)_")),
+    # cuBLAS's FP8 GEMMs ("sm90_xmma_gemm_e4m3…", "nvjet_…") match as the bf16 ones do
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|_mm_|scaled_mm", re.I)),
 )
 
 
@@ -77,6 +81,7 @@ def main() -> None:
     torch.manual_seed(h.seed)
     model = tg.GPT(h).to(device)
     tg.use_device_paths(model, h, device)
+    fp8 = model.set_fp8(h.fp8_matmuls)  # as train_and_export does for training
     params = sum(p.numel() for p in model.parameters())
     optimizers = tg.build_optimizers(model, h, runtime)
     ema = tg.EMA(model, h.ema_decay)
@@ -138,7 +143,8 @@ def main() -> None:
     if not runtime.is_main:
         return
     print(f"device: {torch.cuda.get_device_name()} × {world_size} torch {torch.__version__} attention: "
-          f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile}")
+          f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile} "
+          f"fp8_matmuls: {fp8}")
     print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s "
           f"block passes: {sum(map(len, model.layout()))} doc_attention: {h.doc_attention} "
           f"varlen: {'flash_attn_3' if tg._flash_attn_3_varlen is not None else 'none (mask)' if not tg.VARLEN_DEVICES else 'torch' if h.doc_attn_kernel == 'flash' else 'cudnn'}")
