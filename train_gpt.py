@@ -3819,9 +3819,10 @@ def open_log(h: Hyperparameters, runtime: Runtime, warnings: list[str]) -> Logge
 
 
 def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, runtime: Runtime, log,
-                     precompile: TTTPrecompile) -> tuple[str, int]:
+                     precompile: TTTPrecompile | None = None) -> tuple[str, int]:
     """Train, save the EMA weights, score them, export the artifact; return its path and the submission's bytes.
-    `precompile` starts with the timed training, after the training graph's own compilation."""
+    `precompile` (TTT_PRECOMPILE's side process) starts with the timed training, after the training graph's own
+    compilation."""
     optimizers = build_optimizers(model, h, runtime)
     ema = EMA(model, h.ema_decay)
     accum_steps = derive_grad_accum_steps(h, runtime.world_size)
@@ -3833,7 +3834,8 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ru
                                               f"{runtime.device}: the matmuls stay bfloat16")
     if h.compile and runtime.device.type == "cuda":
         warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, runtime, log)
-    precompile.start()
+    if precompile is not None:
+        precompile.start()
     steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, runtime, log, evaluate)
     model.set_fp8(False)
     hessians = finish_training(model, ema, h, train_ms, runtime, log)
