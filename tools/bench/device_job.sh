@@ -30,3 +30,14 @@ poll_job() {
 run_overrides() {
   case "$1" in *:*) echo "${1#*:}" | tr ',' ' ' ;; esac
 }
+
+# The CaseOps proxy shards (with byte sidecars) and their tokenizer's file name, for the protocol-v1c jobs
+CASEOPS_DATA=/tmp/proxy_caseops/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
+CASEOPS_TOKENIZER=fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+
+# stage_caseops WORK: train_gpt.py, tools/, the CaseOps tokenizer and the wheels into WORK; the shards unpacked once
+stage_caseops() {
+  cp -r train_gpt.py tools "$1/" && cp ".bench/tokenizers/$CASEOPS_TOKENIZER" "$1/" && install_wheels "$1" || return 1
+  [ -f "$CASEOPS_DATA/fineweb_val_000000.bin" ] \
+    || { mkdir -p /tmp/proxy_caseops && tar xJf .bench/bench/caseops_proxy.tar.xz -C /tmp/proxy_caseops; }
+}

@@ -10,16 +10,14 @@
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/record_run
-DATA=/tmp/proxy_caseops/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
-TOKENIZER=fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+DATA=$CASEOPS_DATA
+TOKENIZER=$CASEOPS_TOKENIZER
 NPROC=${NPROC:-2}
 
 case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK/record"
-  cp -r train_gpt.py tools "$WORK/" && cp ".bench/tokenizers/$TOKENIZER" "$WORK/"
-  install_wheels "$WORK" || exit 1
-  [ -f "$DATA/fineweb_val_000000.bin" ] || { mkdir -p /tmp/proxy_caseops && tar xJf .bench/bench/caseops_proxy.tar.xz -C /tmp/proxy_caseops; } || exit 1
+  stage_caseops "$WORK" || exit 1
   PYTHONPATH="$WORK/site" python3 tools/submission/pack_script.py "$WORK/record/train_gpt.py" train_gpt.py || exit 1
   export NPROC EXTRA="${EXTRA:-}"
   start_job "$WORK" "$0"

@@ -11,17 +11,15 @@
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/v1c_bench
-DATA=/tmp/proxy_caseops/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
-TOKENIZER=fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+DATA=$CASEOPS_DATA
+TOKENIZER=$CASEOPS_TOKENIZER
 RUNS=${RUNS:-defaults}
 QUALITY_SECONDS=${QUALITY_SECONDS:-180}
 
 case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK"
-  cp -r train_gpt.py tools "$WORK/" && cp ".bench/tokenizers/$TOKENIZER" "$WORK/"
-  install_wheels "$WORK" || exit 1
-  [ -f "$DATA/fineweb_val_000000.bin" ] || { mkdir -p /tmp/proxy_caseops && tar xJf .bench/bench/caseops_proxy.tar.xz -C /tmp/proxy_caseops; } || exit 1
+  stage_caseops "$WORK" || exit 1
   export RUNS QUALITY_SECONDS FIRST_GPU=${FIRST_GPU:-0}
   start_job "$WORK" "$0"
   ;;
