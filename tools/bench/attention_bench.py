@@ -16,8 +16,6 @@ For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat
 Milliseconds are medians over BENCH_REPS runs (CUDA events) after warm-up; a kernel that refuses a shape says why.
 """
 import os
-import statistics
-
 import sys
 
 import numpy as np
@@ -26,21 +24,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from gpu_timing import median_ms  # noqa: E402
+
 HEADS, KV_HEADS, HEAD_DIM = 8, 4, 64
-
-
-def timed(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+CUDA = torch.device("cuda")
 
 
 def fineweb_lengths(total: int, rng) -> list[int]:
@@ -180,7 +167,8 @@ def main() -> None:
                 print(f"cudnn_varlen against varlen, {layout}: {diff}")
         for name, attn in cases.items():
             try:
-                fb, f = timed(fwd_bwd(attn, q, k, v), reps), timed(fwd_only(attn, q, k, v), reps)
+                fb = median_ms(fwd_bwd(attn, q, k, v), CUDA, reps, warmup=3)
+                f = median_ms(fwd_only(attn, q, k, v), CUDA, reps, warmup=3)
                 print(f"{name:28s} fwd+bwd {fb:7.2f} ms   fwd {f:6.2f} ms", flush=True)
             except Exception as exc:  # noqa: BLE001
                 print(f"{name:28s} refused: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", flush=True)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import train_gpt as tg  # noqa: E402
+from gpu_timing import median_ms  # noqa: E402
 
 DEFAULT_TILES = ("128,128,64,8,3", "128,128,64,4,4", "128,256,64,8,3", "128,256,64,8,4", "256,128,64,8,3",
                  "64,256,64,4,4", "128,64,64,4,4")
@@ -37,24 +37,6 @@ def parse_tiles(text: str) -> tuple[int, ...]:
     if len(tiles) != 5 or min(tiles) < 1:
         raise SystemExit(f"tiles {text!r}: need five positive integers BLOCK_M,BLOCK_N,BLOCK_K,warps,stages")
     return tiles
-
-
-def timed_ms(fn, device: torch.device, reps: int) -> float:
-    """Median of `reps` timings of fn() in ms (CUDA events on a GPU; one untimed call first)."""
-    fn()
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - start)
-    times = []
-    for _ in range(reps):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(begin.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def reference(x: torch.Tensor, w_up: torch.Tensor, g: torch.Tensor, w_down: torch.Tensor):
@@ -82,9 +64,9 @@ def bench(tiles_list: list[tuple[int, ...]], tokens: int, dim: int, hidden: int,
     dact = torch.compile(lambda ga, h: ga * torch.where(h > 0, 2 * h, 0.5 * h)) if compiled else \
         (lambda ga, h: ga * torch.where(h > 0, 2 * h, 0.5 * h))
     h_bf = h_ref.to(torch.bfloat16)
-    baseline = {"forward_ms": timed_ms(lambda: act(x @ w_up.T), device, reps),
-                "backward_ms": timed_ms(lambda: dact(grad_out @ w_down, h_bf), device, reps),
-                "matmul_ms": timed_ms(lambda: x @ w_up.T, device, reps)}
+    baseline = {"forward_ms": median_ms(lambda: act(x @ w_up.T), device, reps),
+                "backward_ms": median_ms(lambda: dact(grad_out @ w_down, h_bf), device, reps),
+                "matmul_ms": median_ms(lambda: x @ w_up.T, device, reps)}
     rows = []
     for tiles in tiles_list:
         h = torch.empty(tokens, hidden, device=device, dtype=torch.bfloat16)
@@ -100,8 +82,8 @@ def bench(tiles_list: list[tuple[int, ...]], tokens: int, dim: int, hidden: int,
                   for got, want in ((h, h_ref), (a, a_ref), (grad_h, grad_h_ref))]
         row.update(ok=max(errors) < 2e-2, max_rel_error=max(errors))
         if row["ok"]:
-            row["forward_ms"] = timed_ms(lambda: tg._mlp_matmul_launch(x, w_up.t(), h, a, False, tiles), device, reps)
-            row["backward_ms"] = timed_ms(lambda: tg._mlp_matmul_launch(grad_out, w_down, h, grad_h, True, tiles),
+            row["forward_ms"] = median_ms(lambda: tg._mlp_matmul_launch(x, w_up.t(), h, a, False, tiles), device, reps)
+            row["backward_ms"] = median_ms(lambda: tg._mlp_matmul_launch(grad_out, w_down, h, grad_h, True, tiles),
                                           device, reps)
             row["tflops"] = 2 * flops / ((row["forward_ms"] + row["backward_ms"]) / 1000) / 1e12
         rows.append(row)
