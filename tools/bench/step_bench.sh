@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# tools/bench/attention_bench.py, then tools/bench/bench_step.py once per setting, one after the other on one GPU,
+# on the CaseOps proxy shards, from the repo root:
+#   STEP_RUNS="base cudnn:DOC_ATTN_KERNEL=cudnn fp8:FP8_MATMULS=1" GPU=1 tools/bench/step_bench.sh start
+#   tools/bench/step_bench.sh poll
+# A STEP_RUNS entry is NAME or NAME:VAR=V,VAR=V (default: one run of the defaults). Every run times the plain
+# layout (NUM_LOOPS=0) over BENCH_STEPS=20 steps unless the entry says otherwise; each compiles into its own cache.
+# ATTENTION=0 skips attention_bench.py. Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
+# Writes only under /tmp/step_bench.
+set -u
+source "$(dirname "$0")/device_job.sh"
+WORK=/tmp/step_bench
+
+case "${1:-}" in
+start)
+  rm -rf "$WORK" && mkdir -p "$WORK"
+  stage_caseops "$WORK" || exit 1
+  export STEP_RUNS="${STEP_RUNS:-base}" GPU="${GPU:-0}" ATTENTION="${ATTENTION:-1}"
+  start_job "$WORK" "$0"
+  ;;
+run)
+  cd "$WORK" || exit 1
+  export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=$GPU
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  if [ "$ATTENTION" = 1 ]; then
+    echo "== attention_bench"
+    python3 tools/bench/attention_bench.py > attention.out 2>&1 || echo "attention_bench exited non-zero"
+    cat attention.out
+  fi
+  for entry in $STEP_RUNS; do
+    name=${entry%%:*}; overrides=$(run_overrides "$entry")
+    echo "== bench_step $name: $overrides"
+    env DATA_PATH="$CASEOPS_DATA" TOKENIZER_PATH="$WORK/$CASEOPS_TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 \
+        NUM_LOOPS=0 BENCH_STEPS=20 TORCHINDUCTOR_CACHE_DIR="$WORK/compile_$name" \
+        TRITON_CACHE_DIR="$WORK/compile_$name/triton" $overrides python3 tools/bench/bench_step.py \
+        > "step_$name.out" 2>&1 || echo "bench_step $name exited non-zero"
+    grep -vE "^(W|I)[0-9]{4} " "step_$name.out" | tail -n 45
+  done
+  echo BENCH_DONE
+  ;;
+poll)
+  poll_job "$WORK" "$WORK"/*.out
+  ;;
+*)
+  echo "usage: $0 start|poll" >&2; exit 2 ;;
+esac
