@@ -572,21 +572,27 @@ class Runtime:
         return self.rank == 0
 
 
+def configure_device(local_rank: int, world_size: int) -> torch.device:
+    """This process's device, with the process-wide settings every process of the run shares: TF32 matmuls on CUDA,
+    a share of the CPU's threads elsewhere. TF32 is part of torch.compile's cache keys, so a process that compiles
+    for the run (TTT_PRECOMPILE's too) must set it as the run does, or the run finds none of its graphs."""
+    if not torch.cuda.is_available():
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 def setup_distributed(timeout_seconds: float = 300.0) -> Runtime:
     """This process's rank, world size and device, with the process group joined. A collective that waits more
     than timeout_seconds (a rank died or hangs) raises on the ranks still waiting instead of hanging: gloo by its
     own timeout, NCCL by the watchdog that TORCH_NCCL_ASYNC_ERROR_HANDLING turns on, which tears the process down."""
     rank, world_size = int(os.environ.get("RANK", "0")), launcher_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device("cpu")
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    device = configure_device(int(os.environ.get("LOCAL_RANK", "0")), world_size)
     if world_size > 1:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
@@ -3440,6 +3446,9 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
             if trace:
                 trace("update", index, None, lora)
             adapt_on_chunk(lora, losses, scored, h, timer)
+        # a chunk not adapted on still holds its autograd graph: dropped now, not when the next chunk's forward
+        # rebinds the name, or two windows' activations would be alive at once (twice the peak memory)
+        del losses
     lora.active = False
 
 
@@ -3762,7 +3771,7 @@ def precompile_ttt() -> None:
     weights and tokens (no data is read), as the eval runs it after loading the artifact."""
     t0 = time.perf_counter()
     h = Hyperparameters.from_env()  # the run itself validated them, at its world size
-    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    device = configure_device(0, 1)  # on local rank 0's GPU, with the run's settings
     model = GPT(h).to(device)
     use_device_paths(model, h, device)
     model.eval().requires_grad_(False)

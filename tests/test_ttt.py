@@ -674,3 +674,28 @@ def test_windows_grow_with_the_chunk_and_rows_shrink_with_the_batch():
     long_tail = tg.batch_cost([2048] + [48] * 63, h)
     assert long_tail == 64 * 256 + h.ttt_step_cost_tokens + sum(2 * tg.lora_window(48 * (j + 1), h) + h.ttt_step_cost_tokens
                                                                    for j in range(1, 43))
+
+
+@pytest.mark.parametrize("adapt", [True, False])
+def test_a_chunks_autograd_graph_is_gone_before_the_next_chunks_forward(adapt):
+    """Each chunk's losses (and with them its forward's saved activations) are released before the next chunk's
+    forward runs, with or without the update (a batch the time guard no longer adapts): never two windows' worth
+    of activations alive at once."""
+    import weakref
+    h = tiny_h(ttt_batch_docs=4)
+    tokens, target_bytes = tiny_stream("docs")
+    starts, lengths = tg.document_spans(tokens)
+    lora = tg.BatchedLoRA(tiny_model(h), h, CPU)
+    previous, alive_at_call = [], []
+
+    def loss_fn(x, y, positions):
+        alive_at_call.append(bool(previous) and previous[-1]() is not None)
+        losses = lora.token_losses(x, y, positions)
+        previous.append(weakref.ref(losses))
+        return losses
+
+    tg.lora_score_batch(lora, loss_fn, torch.from_numpy(tokens.astype(np.int64)), starts[:4].tolist(),
+                        lengths[:4].tolist(), h, tg.ScoreSums(target_bytes, CPU),
+                        tg.PartTimes(CPU, tg.time.perf_counter), adapt, None)
+    lora.close()
+    assert len(alive_at_call) > 2 and not any(alive_at_call)

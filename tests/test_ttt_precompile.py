@@ -74,3 +74,15 @@ def test_a_failed_run_leaves_no_side_process_running(smoke):
     precompile.stop()
     assert proc.poll() is not None and proc.returncode != 0  # killed, not finished
     precompile.stop()  # twice is harmless
+
+
+def test_the_side_process_sets_up_its_device_as_the_run_does(smoke, monkeypatch):
+    """The side process takes its device through configure_device, which sets the process-wide settings of a run's
+    process (TF32 on CUDA): they are part of torch.compile's cache keys, and a graph compiled without them is never
+    found by the run."""
+    calls = []
+    configure = tg.configure_device
+    monkeypatch.setattr(tg, "configure_device", lambda *args: calls.append(args) or configure(*args))
+    tg.setup_distributed()
+    tg.precompile_ttt()
+    assert calls == [(0, 1), (0, 1)]
