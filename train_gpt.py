@@ -291,8 +291,6 @@ class Hyperparameters:
     doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
     doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
     attn_cudnn: bool = True  # on CUDA, causal attention without document bounds (TTT) tries cuDNN's kernel first
-    doc_attn_kernel: str = "flash"  # document attention on CUDA without FlashAttention-3 nor a window: flash (torch
-    # varlen, FlashAttention-2) | cudnn (cuDNN's ragged kernel)
     attn_window: int = 0  # sliding-window attention: a query sees itself and the ATTN_WINDOW tokens before it; 0 = all
     attn_window_layers: str = ""  # the physical layers ATTN_WINDOW applies to ("0-7", "0,2,4-6"); "" = every layer
     key_offset_dims: int = 0  # partial key offset: this many channels of each key head (from those without RoPE) hold
@@ -416,7 +414,6 @@ class Hyperparameters:
 
 
 TTT_COMPILE_MODES = ("default", "reduce-overhead", "eager")  # eager: LoRA TTT's scoring graph is not compiled
-DOC_ATTN_KERNELS = ("flash", "cudnn")  # varlen_causal_attention's kernels
 
 # Allowed ranges, by field: (lowest, highest), None for no bound. Bit widths stop at 8: the payload stores int8.
 SETTING_RANGES = {
@@ -458,10 +455,9 @@ def range_problems(h: Hyperparameters) -> list[str]:
 def choice_problems(h: Hyperparameters) -> list[str]:
     choices = {"quant_method": ("rtn", "gptq"), "quant_grid": ("sdclip", "absmax"), "compressor": COMPRESSORS,
                "ttt_mode": ("none", "sgd", "lora"), "ttt_compile_mode": TTT_COMPILE_MODES,
-               "muon_backend": MUON_BACKENDS, "doc_attn_kernel": DOC_ATTN_KERNELS}
+               "muon_backend": MUON_BACKENDS}
     out = [f"{name.upper()}={getattr(h, name)!r} is unknown: use one of {', '.join(options)}"
            for name, options in choices.items() if getattr(h, name) not in options]
-    out += doc_attn_kernel_problems(h)
     if not 0 < h.eval_stride <= h.eval_seq_len:
         out.append(f"EVAL_STRIDE={h.eval_stride} must be in 1..EVAL_SEQ_LEN={h.eval_seq_len}")
     if h.ttt_chunk > h.eval_seq_len:
@@ -1222,107 +1218,6 @@ VARLEN_DEVICES = ("cuda",) if _flash_attn_3_varlen is not None or _torch_varlen 
 # whether that kernel also takes a sliding window; if not, a model with windows bounds documents by the mask
 VARLEN_WINDOWS = _flash_attn_3_varlen is not None or _TORCH_VARLEN_WINDOW
 
-# cuDNN's ragged attention (DOC_ATTN_KERNEL=cudnn), called by keyword: a torch whose ops lack one of these
-# arguments is refused at start-up rather than mid-training
-CUDNN_RAGGED_ARGS = {
-    "_cudnn_attention_forward": ("query", "key", "value", "attn_bias", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
-                                 "compute_log_sumexp", "dropout_p", "is_causal"),
-    "_cudnn_attention_backward": ("grad_out", "query", "key", "value", "out", "logsumexp", "philox_seed",
-                                  "philox_offset", "attn_bias", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
-                                  "dropout_p", "is_causal"),
-}
-
-
-def cudnn_varlen_missing() -> str:
-    """What this torch lacks to run cuDNN's ragged attention through a custom op; "" when nothing."""
-    if not hasattr(torch.library, "custom_op"):
-        return "torch.library.custom_op"
-    for name, args in CUDNN_RAGGED_ARGS.items():
-        op = getattr(torch.ops.aten, name, None)
-        missing = sorted(set(args) - {a.name for a in op.default._schema.arguments}) if op is not None else args
-        if missing:
-            return f"aten.{name} taking {', '.join(missing)}"
-    return ""
-
-
-CUDNN_VARLEN_MISSING = cudnn_varlen_missing()
-
-
-def doc_attn_kernel_problems(h: Hyperparameters) -> list[str]:
-    """DOC_ATTN_KERNEL=cudnn on a torch that cannot run it: refused before the run starts, not at its first step."""
-    if h.doc_attn_kernel != "cudnn" or not CUDNN_VARLEN_MISSING:
-        return []
-    return [f"DOC_ATTN_KERNEL=cudnn needs {CUDNN_VARLEN_MISSING}, which torch {torch.__version__} lacks: "
-            f"set DOC_ATTN_KERNEL=flash"]
-
-
-def cudnn_ragged_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                         max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cuDNN's causal attention inside each segment of packed (tokens, heads, head_dim) tensors with as many key
-    as query heads: (output, float32 log-sum-exp of each token and head, for the backward). The statistics are
-    only viewed as (tokens, heads), a fixed shape for the fake kernel: the backward gets the kernel's layout back.
-    Outputs are contiguous, as the fake kernel says (compiled code downstream indexes them by its strides)."""
-    out = torch.ops.aten._cudnn_attention_forward(
-        query=q, key=k, value=v, attn_bias=None, cum_seq_q=cu_seqlens, cum_seq_k=cu_seqlens, max_q=max_len,
-        max_k=max_len, compute_log_sumexp=True, dropout_p=0.0, is_causal=True)
-    return out[0].contiguous(), out[1].view(q.size(0), q.size(1))  # cuDNN's are (tokens, heads, 1) when ragged
-
-
-def cudnn_ragged_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                          lse: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv) of cudnn_ragged_forward, from its output and log-sum-exp. The output's gradient is made
-    contiguous: the ragged offsets assume the contiguous layout of the output for it too."""
-    philox = torch.zeros(1, dtype=torch.int64, device=q.device)  # dropout's random state, unread at dropout 0
-    grads = torch.ops.aten._cudnn_attention_backward(
-        grad_out=grad.contiguous(), query=q, key=k, value=v, out=out, logsumexp=lse.unsqueeze(-1),
-        philox_seed=philox, philox_offset=philox, attn_bias=None, cum_seq_q=cu_seqlens, cum_seq_k=cu_seqlens,
-        max_q=max_len, max_k=max_len, dropout_p=0.0, is_causal=True)
-    return tuple(g.contiguous() for g in grads)  # like q, k and v (contiguous), as the fake kernel says
-
-
-if not CUDNN_VARLEN_MISSING:
-    # Custom ops with fixed output shapes: torch.compile keeps each one opaque (aten's cuDNN ops have no fake
-    # kernels to trace), and autograd pairs the forward with cuDNN's backward.
-    @torch.library.custom_op("train_gpt::cudnn_varlen", mutates_args=(),
-                             schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, SymInt max_len) "
-                                    "-> (Tensor, Tensor)")
-    def _cudnn_varlen(q, k, v, cu_seqlens, max_len):
-        return cudnn_ragged_forward(q, k, v, cu_seqlens, max_len)
-
-    @_cudnn_varlen.register_fake
-    def _cudnn_varlen_fake(q, k, v, cu_seqlens, max_len):
-        return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
-
-    @torch.library.custom_op("train_gpt::cudnn_varlen_backward", mutates_args=(),
-                             schema="(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-                                    "Tensor cu_seqlens, SymInt max_len) -> (Tensor, Tensor, Tensor)")
-    def _cudnn_varlen_backward(grad, q, k, v, out, lse, cu_seqlens, max_len):
-        return cudnn_ragged_backward(grad, q, k, v, out, lse, cu_seqlens, max_len)
-
-    @_cudnn_varlen_backward.register_fake
-    def _cudnn_varlen_backward_fake(grad, q, k, v, out, lse, cu_seqlens, max_len):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-    def _cudnn_varlen_setup(ctx, inputs, output):
-        q, k, v, cu_seqlens, ctx.max_len = inputs
-        ctx.save_for_backward(q, k, v, cu_seqlens, *output)
-
-    def _cudnn_varlen_grad(ctx, grad, _grad_lse):
-        q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
-        return *torch.ops.train_gpt.cudnn_varlen_backward(grad, q, k, v, out, lse, cu_seqlens, ctx.max_len), None, None
-
-    _cudnn_varlen.register_autograd(_cudnn_varlen_grad, setup_context=_cudnn_varlen_setup)
-
-
-def cudnn_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           max_len: int) -> torch.Tensor:
-    """Causal attention inside each segment of packed (tokens, heads, head_dim) tensors on cuDNN's ragged kernel.
-    It takes no grouped queries: keys and values are repeated to the query heads (autograd sums their gradients
-    back over each group), and all three made contiguous, the layout the kernel's ragged offsets assume."""
-    group = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return torch.ops.train_gpt.cudnn_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_len)[0]
-
 
 def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
     """(time, time), True where query t may attend key s: t − window ≤ s ≤ t."""
@@ -1373,11 +1268,10 @@ def document_segments(starts: torch.Tensor, max_cuts: int) -> tuple[torch.Tensor
 
 
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                            max_len: int, window: int = 0, kernel: str = "flash") -> torch.Tensor:
+                            max_len: int, window: int = 0) -> torch.Tensor:
     """Causal attention inside each segment [cu[i], cu[i+1]) of packed (tokens, heads, head_dim) tensors, on
     FlashAttention-3 or PyTorch's varlen kernel (half precision only: float32 inputs go through bfloat16);
-    `window` > 0: each query sees only the `window` keys before it and itself (see causal_attention).
-    `kernel` "cudnn" (DOC_ATTN_KERNEL): cuDNN's ragged kernel instead of PyTorch's, on CUDA without a window."""
+    `window` > 0: each query sees only the `window` keys before it and itself (see causal_attention)."""
     dtype = q.dtype
     if dtype not in (torch.bfloat16, torch.float16):
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -1385,8 +1279,6 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         out = _flash_attn_3_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True,
                                    **({"window_size": (window, 0)} if window else {}))
         return (out[0] if isinstance(out, tuple) else out).to(dtype)
-    if kernel == "cudnn" and q.is_cuda and not window:
-        return cudnn_varlen_attention(q, k, v, cu_seqlens, max_len).to(dtype)
     causal = {"window_size": (window, 0)} if window else _TORCH_VARLEN_CAUSAL
     if _TORCH_VARLEN_GQA:
         out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, enable_gqa=True, **causal)
@@ -1398,12 +1290,11 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
 
 def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                              overflow_start: torch.Tensor, window: int = 0, kernel: str = "flash") -> torch.Tensor:
+                              overflow_start: torch.Tensor, window: int = 0) -> torch.Tensor:
     """Causal attention over (batch, time, heads, head_dim) inside the segments of document_segments, the batch
-    flattened into one packed sequence for the varlen kernel (`kernel`: varlen_causal_attention's)."""
+    flattened into one packed sequence for the varlen kernel."""
     batch, seq_len, heads, head_dim = q.shape
-    y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len, window,
-                                kernel)
+    y = varlen_causal_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, seq_len, window)
     # Past the first BOS left out, segments may span several documents: there each token attends to itself alone
     # (its output is its own value), so attention never crosses a boundary; GPT counts such batches, train() logs them.
     past = torch.arange(y.size(0), device=y.device)[:, None, None] >= overflow_start
@@ -1411,16 +1302,15 @@ def packed_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return y.view(batch, seq_len, heads, head_dim)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None, window: int = 0,
-                     doc_kernel: str = "flash") -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs=None, window: int = 0) -> torch.Tensor:
     """Causal attention over (batch, time, heads, head_dim); k and v may have fewer heads (grouped queries).
 
     `docs` bounds it by documents: a boolean mask from document_mask, or (cu_seqlens, overflow start) from
-    document_segments for the packed varlen kernels (`doc_kernel`: which one, varlen_causal_attention's `kernel`).
-    `window` > 0 bounds it by distance too: query t sees keys t − window..t only (FlashAttention's
-    window_size=(window, 0)). Every path applies both the same way: training, evaluation and TTT all come here."""
+    document_segments for the packed varlen kernels. `window` > 0 bounds it by distance too: query t sees keys
+    t − window..t only (FlashAttention's window_size=(window, 0)). Every path applies both the same way:
+    training, evaluation and TTT all come here."""
     if isinstance(docs, tuple):
-        return packed_document_attention(q, k, v, *docs, window=window, kernel=doc_kernel)
+        return packed_document_attention(q, k, v, *docs, window=window)
     if docs is None and _flash_attn_3 is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         out = _flash_attn_3(q, k, v, causal=True, **({"window_size": (window, 0)} if window else {}))
         return out[0] if isinstance(out, tuple) else out
@@ -1530,7 +1420,6 @@ class Attention(nn.Module):
     def __init__(self, h: Hyperparameters, window: int = 0):
         super().__init__()
         self.window = window  # sliding window of this layer (layer_window); 0: the whole causal context
-        self.doc_kernel = "flash"  # use_device_paths sets DOC_ATTN_KERNEL
         self.key_offset_dims = h.key_offset_dims
         self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
         self.head_dim = h.model_dim // h.num_heads
@@ -1558,7 +1447,7 @@ class Attention(nn.Module):
         k = self.rotary(rms_norm(k))
         if self.key_offset_dims:
             k = offset_keys(k, starts, self.key_offset_dims)
-        y = causal_attention(q, k, v, docs, self.window, self.doc_kernel)
+        y = causal_attention(q, k, v, docs, self.window)
         if self.xsa:
             y = exclusive_self_attention(y, v)
         if self.gated:
@@ -1797,10 +1686,7 @@ class GPT(nn.Module):
 
 def use_device_paths(model: GPT, h: Hyperparameters, device: torch.device) -> None:
     """The CUDA-only paths: the Triton loss (FUSED_CE) and MLP (FUSED_MLP) in training, the bfloat16 residual stream,
-    cuDNN's attention first (ATTN_CUDNN), document attention's kernel (DOC_ATTN_KERNEL)."""
-    problems = doc_attn_kernel_problems(h)  # the benches come here without validate()
-    if problems:
-        raise SystemExit("\n".join(problems))
+    cuDNN's attention first (ATTN_CUDNN)."""
     model.fused_ce = h.fused_ce and triton is not None and device.type == "cuda"
     model.residual_dtype = torch.bfloat16 if h.residual_bf16 and device.type == "cuda" else None
     if h.attn_cudnn and device.type == "cuda":
@@ -1808,8 +1694,6 @@ def use_device_paths(model: GPT, h: Hyperparameters, device: torch.device) -> No
     for module in model.modules():
         if isinstance(module, MLP):
             module.fused = h.fused_mlp and triton is not None and device.type == "cuda"
-        elif isinstance(module, Attention):
-            module.doc_kernel = h.doc_attn_kernel  # varlen_causal_attention runs cuDNN on CUDA tensors only
 
 
 # ----------------------------------------------------------------------------------------------------

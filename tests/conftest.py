@@ -58,9 +58,9 @@ def assert_causal(model, idx: torch.Tensor, t: int, vocab: int) -> None:
 
 # Document-bounded attention on the CPU, shared by the document and the sliding-window tests.
 
-def reference_varlen(q, k, v, cu_seqlens, max_len, window=0, kernel="flash"):
+def reference_varlen(q, k, v, cu_seqlens, max_len, window=0):
     """What a varlen kernel computes: causal attention inside each packed segment, nothing across them; with
-    `window`, only the `window` keys before each query and itself. Every `kernel` computes this."""
+    `window`, only the `window` keys before each query and itself."""
     assert cu_seqlens.dtype == torch.int32 and cu_seqlens[0] == 0 and cu_seqlens[-1] == q.size(0)
     assert max_len >= int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     out = torch.zeros_like(q)

@@ -352,17 +352,13 @@ def test_packed_path_equals_the_mask_path(monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not tg.VARLEN_DEVICES, reason="needs a GPU and a varlen kernel")
-@pytest.mark.parametrize("kernel", tg.DOC_ATTN_KERNELS)
-def test_varlen_kernel_on_the_gpu_matches_the_mask_path_compiled(monkeypatch, kernel):
+def test_varlen_kernel_on_the_gpu_matches_the_mask_path_compiled(monkeypatch):
     torch.manual_seed(0)
     h = tiny_hparams(**{**ALL_ON, "vocab_size": 512, "num_layers": 11, "model_dim": 256, "loop_start": 3,
                         "loop_end": 5, "num_loops": 2, "parallel_residual_start": 8})
     model = tg.GPT(h)
     perturb(model)
     model.cuda()
-    for module in model.modules():  # DOC_ATTN_KERNEL alone of use_device_paths' choices
-        if isinstance(module, tg.Attention):
-            module.doc_kernel = kernel
     idx = torch.randint(2, 512, (4, 1024), device="cuda")
     idx[idx % 211 == 0] = tg.BOS_ID  # ≈ 0.4 % of tokens: some 16 documents, within the 32 cuts allowed
     step = torch.compile(model, fullgraph=True)

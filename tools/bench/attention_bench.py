@@ -6,11 +6,13 @@
 For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat16) it times:
   - sdpa_<backend>: F.scaled_dot_product_attention, causal, each backend alone (flash, cudnn, efficient),
     key/value heads repeated to the query heads, and with enable_gqa where the backend takes it;
-  - varlen: train_gpt's packed variable-length kernel (FlashAttention-3 when installed, else torch's, which
-    DOC_ATTN_KERNEL=flash runs), on documents of FineWeb's lengths (median ~570 tokens), on one document per
-    row, and on training's segments of the same documents (fixed capacity: the unused ones empty);
-  - cudnn_varlen: cuDNN's ragged kernel on the same three layouts (what DOC_ATTN_KERNEL=cudnn runs), key/value
-    heads repeated to the query heads; its output and gradients are compared with varlen's on each layout;
+  - varlen: train_gpt's packed variable-length kernel (FlashAttention-3 when installed, else torch's), on
+    documents of FineWeb's lengths (median ~570 tokens), on one document per row, and on training's segments
+    of the same documents (fixed capacity: the unused ones empty);
+  - cudnn_varlen: cuDNN's ragged kernel (aten's _cudnn_attention_forward/_backward with cumulative sequence
+    offsets, called eagerly here) on the same three layouts, key/value heads repeated to the query heads; its
+    output and gradients are compared with varlen's on each layout. train_gpt.py does not use it: on torch 2.11
+    its dq and dk were wrong and it ran ~50x slower than torch's varlen; a later torch must fix both first;
   - flex_docs: flex_attention (compiled) with a block mask of the same FineWeb-length documents;
   - sdpa_mask_docs: SDPA with the explicit (rows, 1, T, T) document mask.
 Milliseconds are medians over BENCH_REPS runs (CUDA events) after warm-up; a kernel that refuses a shape says why.
@@ -76,6 +78,39 @@ def max_difference(attn, reference, q, k, v) -> str:
                     for name, a, b in zip(("out", "dq", "dk", "dv"), *results))
 
 
+class CudnnRagged(torch.autograd.Function):
+    """cuDNN's causal attention inside each segment of packed (tokens, heads, head_dim) tensors, contiguous, with
+    as many key as query heads; the backward gets the output (contiguous) and the log-sum-exp (tokens, heads, 1)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_len):
+        out, lse = torch.ops.aten._cudnn_attention_forward(
+            query=q, key=k, value=v, attn_bias=None, cum_seq_q=cu_seqlens, cum_seq_k=cu_seqlens, max_q=max_len,
+            max_k=max_len, compute_log_sumexp=True, dropout_p=0.0, is_causal=True)[:2]
+        out = out.contiguous()
+        ctx.save_for_backward(q, k, v, out, lse.view(q.size(0), q.size(1), 1), cu_seqlens)
+        ctx.max_len = max_len
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        philox = torch.zeros(1, dtype=torch.int64, device=q.device)  # dropout's random state, unread at dropout 0
+        grads = torch.ops.aten._cudnn_attention_backward(
+            grad_out=grad.contiguous(), query=q, key=k, value=v, out=out, logsumexp=lse, philox_seed=philox,
+            philox_offset=philox, attn_bias=None, cum_seq_q=cu_seqlens, cum_seq_k=cu_seqlens, max_q=ctx.max_len,
+            max_k=ctx.max_len, dropout_p=0.0, is_causal=True)
+        return *(g.contiguous() for g in grads), None, None
+
+
+def cudnn_varlen_attention(q, k, v, cu_seqlens, max_len):
+    """CudnnRagged with grouped queries: keys and values repeated to the query heads (the kernel takes no groups;
+    autograd sums their gradients back over each group), all three contiguous, as the ragged offsets assume."""
+    group = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return CudnnRagged.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_len)
+
+
 def main() -> None:
     reps = int(os.environ.get("BENCH_REPS", 20))
     shapes = [tuple(map(int, s.split("x"))) for s in os.environ.get("BENCH_SHAPES", "48x2048,64x2048").split(",")]
@@ -121,10 +156,7 @@ def main() -> None:
             layouts = {"fineweb_docs": cu_docs, "one_doc_per_row": cu_rows, "train_segments": cu_train}
             for layout, cu in layouts.items():
                 cases[f"varlen_{layout}"] = packed(tg.varlen_causal_attention, cu)
-                if not tg.CUDNN_VARLEN_MISSING:
-                    cases[f"cudnn_varlen_{layout}"] = packed(tg.cudnn_varlen_attention, cu)
-            if tg.CUDNN_VARLEN_MISSING:
-                print(f"cudnn_varlen: torch {torch.__version__} lacks {tg.CUDNN_VARLEN_MISSING}")
+                cases[f"cudnn_varlen_{layout}"] = packed(cudnn_varlen_attention, cu)
         except ImportError as exc:
             print(f"varlen: {exc}")
 
@@ -159,12 +191,11 @@ def main() -> None:
         print(f"== {rows}x{seq}: {len(lengths)} FineWeb-length documents")
         print(f"cudnn_gqa against flash: {max_difference(cases['sdpa_cudnn_gqa'], cases['sdpa_flash'], q, k, v)}")
         for layout in layouts:
-            if f"cudnn_varlen_{layout}" in cases:
-                try:
-                    diff = max_difference(cases[f"cudnn_varlen_{layout}"], cases[f"varlen_{layout}"], q, k, v)
-                except Exception as exc:  # noqa: BLE001
-                    diff = f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                print(f"cudnn_varlen against varlen, {layout}: {diff}")
+            try:
+                diff = max_difference(cases[f"cudnn_varlen_{layout}"], cases[f"varlen_{layout}"], q, k, v)
+            except Exception as exc:  # noqa: BLE001
+                diff = f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            print(f"cudnn_varlen against varlen, {layout}: {diff}")
         for name, attn in cases.items():
             try:
                 fb = median_ms(fwd_bwd(attn, q, k, v), CUDA, reps, warmup=3)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # tools/bench/attention_bench.py, then tools/bench/bench_step.py once per setting, one after the other on one GPU,
 # on the CaseOps proxy shards, from the repo root:
-#   STEP_RUNS="base cudnn:DOC_ATTN_KERNEL=cudnn fp8:FP8_MATMULS=1" GPU=1 tools/bench/step_bench.sh start
+#   STEP_RUNS="base fp8:FP8_MATMULS=1" GPU=1 tools/bench/step_bench.sh start
 #   tools/bench/step_bench.sh poll
 # A STEP_RUNS entry is NAME or NAME:VAR=V,VAR=V (default: one run of the defaults). Every run times the plain
 # layout (NUM_LOOPS=0) over BENCH_STEPS=20 steps unless the entry says otherwise; each compiles into its own cache.
