@@ -13,6 +13,9 @@ For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat
     offsets, called eagerly here) on the same three layouts, key/value heads repeated to the query heads; its
     output and gradients are compared with varlen's on each layout. train_gpt.py does not use it: on torch 2.11
     its dq and dk were wrong and it ran ~50x slower than torch's varlen; a later torch must fix both first;
+  - fa4 / fa4_varlen_<layout>: FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels with Hopper ones;
+    tools/bench/fa4_wheels.sh stages it on a machine without a package index), grouped queries, causal, dense
+    and on the three packed layouts, compared with SDPA flash and with varlen; skipped when not installed;
   - flex_docs: flex_attention (compiled) with a block mask of the same FineWeb-length documents;
   - sdpa_mask_docs: SDPA with the explicit (rows, 1, T, T) document mask.
 Milliseconds are medians over BENCH_REPS runs (CUDA events) after warm-up; a kernel that refuses a shape says why.
@@ -111,7 +114,28 @@ def cudnn_varlen_attention(q, k, v, cu_seqlens, max_len):
     return CudnnRagged.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_len)
 
 
+def flash_attn_4():
+    """FlashAttention-4's (dense, varlen) functions, or None when the package is not installed."""
+    try:
+        from flash_attn.cute.interface import flash_attn_func, flash_attn_varlen_func
+    except Exception as exc:  # noqa: BLE001 - not installed, or its CUDA libraries do not load here
+        print(f"fa4: {type(exc).__name__}: {exc}")
+        return None
+
+    def first(out):  # the output, without the log-sum-exp some versions return beside it
+        return out[0] if isinstance(out, tuple) else out
+
+    def dense(q, k, v):
+        return first(flash_attn_func(q, k, v, causal=True))
+
+    def varlen(q, k, v, cu_seqlens, max_len):
+        return first(flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
+                                            max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True))
+    return dense, varlen
+
+
 def main() -> None:
+    fa4 = flash_attn_4()
     reps = int(os.environ.get("BENCH_REPS", 20))
     shapes = [tuple(map(int, s.split("x"))) for s in os.environ.get("BENCH_SHAPES", "48x2048,64x2048").split(",")]
     rng = np.random.default_rng(0)
@@ -136,6 +160,8 @@ def main() -> None:
                               ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
             cases[f"sdpa_{name}"] = sdpa(backend, False)
             cases[f"sdpa_{name}_gqa"] = sdpa(backend, True)
+        if fa4:
+            cases["fa4"] = fa4[0]
 
         lengths = fineweb_lengths(rows * seq, rng)
         cu_docs = torch.tensor(row_cut_segments(rows, seq, lengths), device="cuda", dtype=torch.int32)
@@ -157,6 +183,8 @@ def main() -> None:
             for layout, cu in layouts.items():
                 cases[f"varlen_{layout}"] = packed(tg.varlen_causal_attention, cu)
                 cases[f"cudnn_varlen_{layout}"] = packed(cudnn_varlen_attention, cu)
+                if fa4:
+                    cases[f"fa4_varlen_{layout}"] = packed(fa4[1], cu)
         except ImportError as exc:
             print(f"varlen: {exc}")
 
@@ -190,12 +218,16 @@ def main() -> None:
 
         print(f"== {rows}x{seq}: {len(lengths)} FineWeb-length documents")
         print(f"cudnn_gqa against flash: {max_difference(cases['sdpa_cudnn_gqa'], cases['sdpa_flash'], q, k, v)}")
-        for layout in layouts:
+        pairs = [(f"{kernel}_{layout}", f"varlen_{layout}") for layout in layouts
+                 for kernel in ("cudnn_varlen", "fa4_varlen")]
+        for name, reference in [("fa4", "sdpa_flash")] + pairs:
+            if name not in cases:
+                continue
             try:
-                diff = max_difference(cases[f"cudnn_varlen_{layout}"], cases[f"varlen_{layout}"], q, k, v)
+                diff = max_difference(cases[name], cases[reference], q, k, v)
             except Exception as exc:  # noqa: BLE001
                 diff = f"refused: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-            print(f"cudnn_varlen against varlen, {layout}: {diff}")
+            print(f"{name} against {reference}: {diff}")
         for name, attn in cases.items():
             try:
                 fb = median_ms(fwd_bwd(attn, q, k, v), CUDA, reps, warmup=3)
