@@ -3601,6 +3601,7 @@ def evaluate_with_ttt(model: GPT, score_fn, train_fn, val: ValidationData, h: Hy
 
 
 PRECOMPILE_FLAG = "--ttt-precompile"  # train_gpt.py's argument for TTT_PRECOMPILE's side process
+PRECOMPILE_NICENESS = 10  # added to the side process's niceness
 # what torchrun gives each rank: the side process is one process of its own, on local rank 0's GPU
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
@@ -3654,6 +3655,8 @@ def precompile_ttt() -> None:
     """TTT_PRECOMPILE's side process: LoRA TTT's warm-up (warm_up_lora) on a model of the run's shape, random
     weights and tokens (no data is read), as the eval runs it after loading the artifact."""
     t0 = time.perf_counter()
+    # below the training processes in the CPU scheduler: their host threads feed the GPUs, this only compiles
+    niceness = os.nice(PRECOMPILE_NICENESS)
     h = Hyperparameters.from_env()  # the run itself validated them, at its world size
     device = configure_device(0, 1)  # on local rank 0's GPU, with the run's settings
     model = GPT(h).to(device)
@@ -3662,7 +3665,7 @@ def precompile_ttt() -> None:
     lora = BatchedLoRA(model, h, device)
     warm_up_lora(lora, lora_loss_fn(lora, h, device), h, device, lambda line: print(line, flush=True))
     lora.close()
-    print(f"ttt_precompile:done time:{time.perf_counter() - t0:.1f}s", flush=True)
+    print(f"ttt_precompile:done time:{time.perf_counter() - t0:.1f}s niceness:{niceness}", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
