@@ -1201,10 +1201,64 @@ def scaled_mm_runs(device: torch.device) -> bool:
 # Model: attention (causal, bounded by documents, windowed), the blocks' parts, the blocks, GPT
 # ----------------------------------------------------------------------------------------------------
 
+def define_fa4_ops(fwd, bwd, name: str = "train_gpt::fa4_varlen"):
+    """Custom ops `name` and `name`_backward around FlashAttention-4's varlen forward and backward (`fwd`, `bwd`:
+    flash_attn.cute.interface's _flash_attn_fwd and _flash_attn_bwd, or stand-ins with their signatures). They run
+    CuTe DSL kernels that torch.compile cannot trace: as custom ops it keeps each opaque, and autograd pairs them.
+    Causal attention inside each segment of contiguous packed (tokens, heads, head_dim) q and (tokens, kv_heads,
+    head_dim) k, v (grouped queries in the kernel); `window` > 0: window_size=(window, 0). The forward returns
+    (output, float32 log-sum-exp as FA4 lays it out when packed: (heads, tokens)); the backward takes both back.
+    Returns the forward op: op(q, k, v, cu_seqlens, max_len, window)."""
+    def bounds(cu_seqlens, max_len, window):
+        return dict(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                    causal=True, window_size_left=window or None)
+
+    @torch.library.custom_op(name, mutates_args=(), schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, "
+                             "SymInt max_len, int window) -> (Tensor, Tensor)")
+    def attend(q, k, v, cu_seqlens, max_len, window):
+        out, lse = fwd(q, k, v, return_lse=True, **bounds(cu_seqlens, max_len, window))[:2]
+        return out, lse
+
+    @attend.register_fake
+    def _(q, k, v, cu_seqlens, max_len, window):
+        return q.new_empty(q.shape), q.new_empty(q.size(1), q.size(0), dtype=torch.float32)
+
+    @torch.library.custom_op(name + "_backward", mutates_args=(), schema="(Tensor grad, Tensor q, Tensor k, "
+                             "Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, SymInt max_len, int window) "
+                             "-> (Tensor, Tensor, Tensor)")
+    def attend_backward(grad, q, k, v, out, lse, cu_seqlens, max_len, window):
+        dq, dk, dv = bwd(q, k, v, out, grad, lse, **bounds(cu_seqlens, max_len, window))
+        return dq, dk, dv
+
+    @attend_backward.register_fake
+    def _(grad, q, k, v, out, lse, cu_seqlens, max_len, window):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def setup(ctx, inputs, output):
+        q, k, v, cu_seqlens, ctx.max_len, ctx.window = inputs
+        ctx.save_for_backward(q, k, v, cu_seqlens, *output)
+
+    def backward(ctx, grad, _grad_lse):
+        q, k, v, cu_seqlens, out, lse = ctx.saved_tensors
+        grads = attend_backward(grad.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_len, ctx.window)
+        return *grads, None, None, None
+
+    attend.register_autograd(backward, setup_context=setup)
+    namespace, op = name.split("::")
+    return getattr(getattr(torch.ops, namespace), op)
+
+
 try:  # FlashAttention-3 (Hopper) when installed; PyTorch's SDPA otherwise
     from flash_attn_interface import flash_attn_func as _flash_attn_3, flash_attn_varlen_func as _flash_attn_3_varlen
 except ImportError:
     _flash_attn_3 = _flash_attn_3_varlen = None
+_fa4_varlen = None  # FlashAttention-4's varlen attention as a custom op, when FA3 is not installed
+if _flash_attn_3_varlen is None:
+    try:  # FlashAttention-4 (flash-attn-4's CuTe DSL kernels, Hopper's among them) for document attention
+        from flash_attn.cute.interface import _flash_attn_fwd, _flash_attn_bwd
+        _fa4_varlen = define_fa4_ops(_flash_attn_fwd, _flash_attn_bwd)
+    except Exception:  # not installed, or it failed to load its CUDA libraries
+        pass
 try:  # PyTorch's packed variable-length attention (FlashAttention-2 kernels); its keywords differ across versions
     from torch.nn.attention.varlen import varlen_attn as _torch_varlen
     _VARLEN_ARGS = inspect.signature(_torch_varlen).parameters
@@ -1213,10 +1267,13 @@ try:  # PyTorch's packed variable-length attention (FlashAttention-2 kernels); i
     _TORCH_VARLEN_WINDOW = "window_size" in _VARLEN_ARGS  # sliding windows as window_size=(left, 0)
 except ImportError:
     _torch_varlen, _TORCH_VARLEN_WINDOW = None, False
+# the varlen kernel of document-bounded attention, for the logs; "" when there is none
+VARLEN_KERNEL = ("flash_attn_3" if _flash_attn_3_varlen is not None else "flash_attn_4" if _fa4_varlen is not None
+                 else "torch" if _torch_varlen is not None else "")
 # device types on which document-bounded attention runs packed through a varlen kernel; elsewhere an explicit mask
-VARLEN_DEVICES = ("cuda",) if _flash_attn_3_varlen is not None or _torch_varlen is not None else ()
+VARLEN_DEVICES = ("cuda",) if VARLEN_KERNEL else ()
 # whether that kernel also takes a sliding window; if not, a model with windows bounds documents by the mask
-VARLEN_WINDOWS = _flash_attn_3_varlen is not None or _TORCH_VARLEN_WINDOW
+VARLEN_WINDOWS = VARLEN_KERNEL in ("flash_attn_3", "flash_attn_4") or _TORCH_VARLEN_WINDOW
 
 
 def window_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
@@ -1270,7 +1327,7 @@ def document_segments(starts: torch.Tensor, max_cuts: int) -> tuple[torch.Tensor
 def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                             max_len: int, window: int = 0) -> torch.Tensor:
     """Causal attention inside each segment [cu[i], cu[i+1]) of packed (tokens, heads, head_dim) tensors, on
-    FlashAttention-3 or PyTorch's varlen kernel (half precision only: float32 inputs go through bfloat16);
+    FlashAttention-3, else -4, else PyTorch's varlen kernel (half precision only: float32 inputs go through bfloat16);
     `window` > 0: each query sees only the `window` keys before it and itself (see causal_attention)."""
     dtype = q.dtype
     if dtype not in (torch.bfloat16, torch.float16):
@@ -1279,6 +1336,8 @@ def varlen_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
         out = _flash_attn_3_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=True,
                                    **({"window_size": (window, 0)} if window else {}))
         return (out[0] if isinstance(out, tuple) else out).to(dtype)
+    if _fa4_varlen is not None:
+        return _fa4_varlen(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, max_len, window)[0].to(dtype)
     causal = {"window_size": (window, 0)} if window else _TORCH_VARLEN_CAUSAL
     if _TORCH_VARLEN_GQA:
         out = _torch_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, enable_gqa=True, **causal)
@@ -3710,7 +3769,7 @@ def open_log(h: Hyperparameters, runtime: Runtime, warnings: list[str]) -> Logge
     device = runtime.device
     log(f"world_size:{runtime.world_size} device:{device} torch:{torch.__version__} "
         f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'} "
-        f"triton:{triton_description()}")
+        f"varlen:{VARLEN_KERNEL if h.doc_attention and device.type in VARLEN_DEVICES else 'none'} triton:{triton_description()}")
     return log
 
 

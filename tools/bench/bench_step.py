@@ -147,7 +147,7 @@ def main() -> None:
           f"fp8_matmuls: {fp8}")
     print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s "
           f"block passes: {sum(map(len, model.layout()))} doc_attention: {h.doc_attention} "
-          f"varlen: {'flash_attn_3' if tg._flash_attn_3_varlen is not None else 'torch' if tg.VARLEN_DEVICES else 'none (mask)'}")
+          f"varlen: {tg.VARLEN_KERNEL if tg.VARLEN_DEVICES else 'none (mask)'}")
     print("| measure | value |\n|---|---|")
     print(f"| ms per micro-step (fwd+bwd+optimizer+EMA, back to back) | {loop_ms:.1f} |")
     print(f"| ms forward+backward / optimizer+clip+EMA (median, events) | {fwd_bwd:.1f} / {optim:.1f} |")
