@@ -3769,7 +3769,8 @@ def open_log(h: Hyperparameters, runtime: Runtime, warnings: list[str]) -> Logge
     device = runtime.device
     log(f"world_size:{runtime.world_size} device:{device} torch:{torch.__version__} "
         f"attention:{'flash_attn_3' if _flash_attn_3 is not None and device.type == 'cuda' else 'sdpa'} "
-        f"varlen:{VARLEN_KERNEL if h.doc_attention and device.type in VARLEN_DEVICES else 'none'} triton:{triton_description()}")
+        f"varlen:{VARLEN_KERNEL if h.doc_attention and device.type in VARLEN_DEVICES else 'none'} "
+        f"triton:{triton_description()}")
     return log
 
 
