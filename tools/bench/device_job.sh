@@ -26,9 +26,10 @@ poll_job() {
   return 0
 }
 
-# run_overrides ENTRY: "NAME:VAR=V,VAR=V" -> "VAR=V VAR=V" (nothing for a bare NAME), for env
+# run_overrides ENTRY: "NAME:VAR=V,VAR=V" -> "VAR=V VAR=V" (nothing for a bare NAME), for env. Only a comma before
+# the next VAR= separates, so a value may hold commas: "ph:TTT_PHASE_DOCS=7,14,21,SEED=1" -> "TTT_PHASE_DOCS=7,14,21 SEED=1"
 run_overrides() {
-  case "$1" in *:*) echo "${1#*:}" | tr ',' ' ' ;; esac
+  case "$1" in *:*) echo "${1#*:}" | sed -E 's/,([A-Z_][A-Z0-9_]*=)/ \1/g' ;; esac
 }
 
 # The CaseOps proxy shards (with byte sidecars) and their tokenizer's file name, for the protocol-v1c jobs

@@ -6,6 +6,8 @@
 # A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol); the i-th entry runs on
 # GPU FIRST_GPU+i (FIRST_GPU defaults to 0). PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model is scored.
 # Each run compiles into its own cache (a run beside it would otherwise warm its compilation up).
+# Each run's artifact is kept as /tmp/v1c_artifacts/NAME.artifact, outside the next start's reach, for eval-only
+# entries: RUNS="ph:TTT_EVAL_ONLY=1,ARTIFACT_PATH=/tmp/v1c_artifacts/defaults.artifact,TTT_PHASE_DOCS=7,14,21".
 # The protocol: 65,536-token steps (one micro-step), 180 s of training, seed 1337, val_bpb on the byte
 # sidecars, the TTT phase boundaries scaled to the proxy's 416 validation documents.
 set -u
@@ -47,8 +49,10 @@ run)
     gpu=$((gpu + 1))
   done
   wait
+  mkdir -p /tmp/v1c_artifacts
   for entry in $RUNS; do
     name=${entry%%:*}
+    [ -f "out_$name/final_model.artifact" ] && cp "out_$name/final_model.artifact" "/tmp/v1c_artifacts/$name.artifact"
     echo "== $name"
     grep -E "^(model_params|stopping_early|step:[0-9]+/[0-9]+ val|pre_quant|Total submission|final_.*_exact|ttt_time_guard|ttt_lora|legal_ttt|peak memory)" "$name.out"
     tail -n 3 "$name.out" | grep -iE "error|Traceback" && tail -n 40 "$name.out"
