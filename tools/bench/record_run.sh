@@ -18,12 +18,12 @@ case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK/record"
   stage_caseops "$WORK" || exit 1
-  PYTHONPATH="$WORK/site" python3 tools/submission/pack_script.py "$WORK/record/train_gpt.py" train_gpt.py || exit 1
+  PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" python3 tools/submission/pack_script.py "$WORK/record/train_gpt.py" train_gpt.py || exit 1
   export NPROC EXTRA="${EXTRA:-}"
   start_job "$WORK" "$0"
   ;;
 run)
-  export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   # the TTT phase boundaries scaled to the proxy's 416 validation documents, as in protocol v1c
   common=(DATA_PATH="$DATA" TOKENIZER_PATH="$WORK/$TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 SEED=1337

@@ -5,7 +5,8 @@
 #   tools/bench/step_bench.sh poll
 # A STEP_RUNS entry is NAME or NAME:VAR=V,VAR=V (default: one run of the defaults). Every run times the plain
 # layout (NUM_LOOPS=0) over BENCH_STEPS=20 steps unless the entry says otherwise; each compiles into its own cache.
-# ATTENTION=0 skips attention_bench.py. Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
+# ATTENTION=0 skips attention_bench.py. A PYTHONPATH given at start comes after the staged wheels (FlashAttention-4:
+# PYTHONPATH=/tmp/fa4/site, see fa4_wheels.sh). Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
 # Writes only under /tmp/step_bench.
 set -u
 source "$(dirname "$0")/device_job.sh"
@@ -20,7 +21,7 @@ start)
   ;;
 run)
   cd "$WORK" || exit 1
-  export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=$GPU
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=$GPU
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   if [ "$ATTENTION" = 1 ]; then
     echo "== attention_bench"

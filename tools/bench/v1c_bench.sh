@@ -27,7 +27,7 @@ start)
   ;;
 run)
   cd "$WORK" || exit 1
-  export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   gpu=$FIRST_GPU
   for entry in $RUNS; do
