@@ -5,8 +5,10 @@
 #   tools/bench/fa4_wheels.sh pack       # here (PyPI reachable): the wheels into .fa4a/ and .fa4b/ (git-ignored)
 #   tools/bench/fa4_wheels.sh stage a    # device call 1, carry [".fa4a"]: the first part to /tmp/fa4
 #   tools/bench/fa4_wheels.sh stage b    # device call 2, carry [".fa4b"]: the rest; installs into /tmp/fa4/site
-# then `PYTHONPATH=/tmp/fa4/site python3 tools/bench/attention_bench.py` times its cases (fa4_*). The two calls
-# must follow each other while the machine is held (/tmp is lost when it is given back).
+# then `PYTHONPATH=/tmp/fa4/site:/tmp/fa4/site/nvidia_cutlass_dsl/dsl_packages python3 tools/bench/attention_bench.py`
+# times its cases (fa4_*): the second entry is what the package's .pth file adds in a site-packages, which a
+# PYTHONPATH entry does not read. The two calls must follow each other while the machine is held (/tmp is lost
+# when it is given back).
 set -eu
 VERSION=4.0.0b36 DSL=4.8.1
 PLATFORM=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
@@ -32,11 +34,13 @@ stage)
   case "${2:-}" in
     a) cp .fa4a/* /tmp/fa4/ ;;
     b) cp .fa4b/* /tmp/fa4/
-       mkdir -p /tmp/fa4/site
-       cat /tmp/fa4/libs_cu13.tar.xz.part-* | xz -d | tar xf - -C /tmp/fa4/site
+       # the wheels first: pip --upgrade --target replaces the top-level folders it installs, the libraries'
+       # nvidia_cutlass_dsl/ among them, so the CUDA 13 libraries are unpacked into it afterwards
        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fa4/site \
            /tmp/fa4/*.whl
-       PYTHONPATH=/tmp/fa4/site python3 -c "import flash_attn.cute.interface as f; print('flash-attn-4 imports:', f.__file__)" ;;
+       cat /tmp/fa4/libs_cu13.tar.xz.part-* | xz -d | tar xf - -C /tmp/fa4/site
+       PYTHONPATH=/tmp/fa4/site:/tmp/fa4/site/nvidia_cutlass_dsl/dsl_packages python3 -c \
+           "import flash_attn.cute.interface as f; print('flash-attn-4 imports:', f.__file__)" ;;
     *) echo "usage: $0 stage a|b" >&2; exit 2 ;;
   esac
   ;;

@@ -6,7 +6,7 @@
 # A STEP_RUNS entry is NAME or NAME:VAR=V,VAR=V (default: one run of the defaults). Every run times the plain
 # layout (NUM_LOOPS=0) over BENCH_STEPS=20 steps unless the entry says otherwise; each compiles into its own cache.
 # ATTENTION=0 skips attention_bench.py. A PYTHONPATH given at start comes after the staged wheels (FlashAttention-4:
-# PYTHONPATH=/tmp/fa4/site, see fa4_wheels.sh). Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
+# PYTHONPATH as fa4_wheels.sh says). Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
 # Writes only under /tmp/step_bench.
 set -u
 source "$(dirname "$0")/device_job.sh"
