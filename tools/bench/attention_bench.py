@@ -14,8 +14,9 @@ For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat
     output and gradients are compared with varlen's on each layout. train_gpt.py does not use it: on torch 2.11
     its dq and dk were wrong and it ran ~50x slower than torch's varlen; a later torch must fix both first;
   - fa4 / fa4_varlen_<layout>: FlashAttention-4 (the flash-attn-4 package, CuTe DSL kernels with Hopper ones;
-    tools/bench/fa4_wheels.sh stages it on a machine without a package index), grouped queries, causal, dense
-    and on the three packed layouts, compared with SDPA flash and with varlen; skipped when not installed;
+    tools/bench/fa4_wheels.sh stages it on a machine without a package index), grouped queries, causal: dense
+    (its own function) and on the three packed layouts (train_gpt's custom op around it, what training runs),
+    compared with SDPA flash and with torch's varlen; skipped when not installed;
   - flex_docs: flex_attention (compiled) with a block mask of the same FineWeb-length documents;
   - sdpa_mask_docs: SDPA with the explicit (rows, 1, T, T) document mask.
 Milliseconds are medians over BENCH_REPS runs (CUDA events) after warm-up; a kernel that refuses a shape says why.
@@ -115,9 +116,10 @@ def cudnn_varlen_attention(q, k, v, cu_seqlens, max_len):
 
 
 def flash_attn_4():
-    """FlashAttention-4's (dense, varlen) functions, or None when the package is not installed."""
+    """FlashAttention-4's dense causal attention, or None when the package is not installed (its varlen kernel is
+    timed through train_gpt's custom op, the path training runs)."""
     try:
-        from flash_attn.cute.interface import flash_attn_func, flash_attn_varlen_func
+        from flash_attn.cute.interface import flash_attn_func
     except Exception as exc:  # noqa: BLE001 - not installed, or its CUDA libraries do not load here
         print(f"fa4: {type(exc).__name__}: {exc}")
         return None
@@ -127,15 +129,28 @@ def flash_attn_4():
 
     def dense(q, k, v):
         return first(flash_attn_func(q, k, v, causal=True))
+    return dense
 
-    def varlen(q, k, v, cu_seqlens, max_len):
-        return first(flash_attn_varlen_func(q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens,
-                                            max_seqlen_q=max_len, max_seqlen_k=max_len, causal=True))
-    return dense, varlen
+
+def train_gpt_kernels():
+    """train_gpt (for its varlen kernel and training's segments) and FlashAttention-4's custom op from it, or None.
+    train_gpt's varlen then runs torch's kernel (FlashAttention-2), the reference of the comparisons, also where
+    it would pick FlashAttention-4's op; that one is timed on its own (fa4_varlen_<layout>)."""
+    try:
+        import train_gpt as tg
+    except ImportError as exc:
+        print(f"varlen: {exc}")
+        return None, None
+    fa4_op, tg._fa4_varlen = tg._fa4_varlen, None
+    if fa4_op is None:
+        return tg, None
+    return tg, lambda q, k, v, cu_seqlens, max_len: fa4_op(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                            cu_seqlens, max_len, 0)[0]
 
 
 def main() -> None:
     fa4 = flash_attn_4()
+    tg, fa4_varlen = train_gpt_kernels()
     reps = int(os.environ.get("BENCH_REPS", 20))
     shapes = [tuple(map(int, s.split("x"))) for s in os.environ.get("BENCH_SHAPES", "48x2048,64x2048").split(",")]
     rng = np.random.default_rng(0)
@@ -161,15 +176,13 @@ def main() -> None:
             cases[f"sdpa_{name}"] = sdpa(backend, False)
             cases[f"sdpa_{name}_gqa"] = sdpa(backend, True)
         if fa4:
-            cases["fa4"] = fa4[0]
+            cases["fa4"] = fa4
 
         lengths = fineweb_lengths(rows * seq, rng)
         cu_docs = torch.tensor(row_cut_segments(rows, seq, lengths), device="cuda", dtype=torch.int32)
         cu_rows = torch.arange(0, rows * seq + 1, seq, device="cuda", dtype=torch.int32)
         layouts = {}
-        try:
-            import train_gpt as tg
-
+        if tg is not None:
             def packed(attend, cu):
                 def attn(q, k, v):
                     out = attend(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, seq)
@@ -183,10 +196,8 @@ def main() -> None:
             for layout, cu in layouts.items():
                 cases[f"varlen_{layout}"] = packed(tg.varlen_causal_attention, cu)
                 cases[f"cudnn_varlen_{layout}"] = packed(cudnn_varlen_attention, cu)
-                if fa4:
-                    cases[f"fa4_varlen_{layout}"] = packed(fa4[1], cu)
-        except ImportError as exc:
-            print(f"varlen: {exc}")
+                if fa4_varlen is not None:
+                    cases[f"fa4_varlen_{layout}"] = packed(fa4_varlen, cu)
 
         doc_id = torch.zeros(rows * seq, dtype=torch.int32, device="cuda")
         doc_id[cu_docs[1:-1].long()] = 1
