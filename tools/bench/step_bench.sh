@@ -5,6 +5,7 @@
 #   tools/bench/step_bench.sh poll
 # A STEP_RUNS entry is NAME or NAME:VAR=V,VAR=V (default: one run of the defaults). Every run times the plain
 # layout (NUM_LOOPS=0) over BENCH_STEPS=20 steps unless the entry says otherwise; each compiles into its own cache.
+# TESTS="tests/test_fa4_varlen.py ..." runs those test files on the GPU first (GPU-only tests run only there).
 # ATTENTION=0 skips attention_bench.py. A PYTHONPATH given at start comes after the staged wheels (FlashAttention-4:
 # PYTHONPATH as fa4_wheels.sh says). Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
 # Writes only under /tmp/step_bench.
@@ -15,14 +16,19 @@ WORK=/tmp/step_bench
 case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK"
-  stage_caseops "$WORK" || exit 1
-  export STEP_RUNS="${STEP_RUNS:-base}" GPU="${GPU:-0}" ATTENTION="${ATTENTION:-1}"
+  stage_caseops "$WORK" && cp -r tests "$WORK/" || exit 1
+  export STEP_RUNS="${STEP_RUNS:-base}" GPU="${GPU:-0}" ATTENTION="${ATTENTION:-1}" TESTS="${TESTS:-}"
   start_job "$WORK" "$0"
   ;;
 run)
   cd "$WORK" || exit 1
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=$GPU
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  if [ -n "$TESTS" ]; then
+    echo "== GPU tests: $TESTS"
+    python3 -m pytest -q -p no:cacheprovider $TESTS > tests.out 2>&1 || echo "GPU tests failed"
+    tail -n 15 tests.out
+  fi
   if [ "$ATTENTION" = 1 ]; then
     echo "== attention_bench"
     python3 tools/bench/attention_bench.py > attention.out 2>&1 || echo "attention_bench exited non-zero"
