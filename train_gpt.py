@@ -391,7 +391,7 @@ class Hyperparameters:
     # guard and to deal batches: a step of 2 rows × 64 tokens takes a quarter of one of 64 × 2048
     ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs;
     # eager: not compiled)
-    ttt_precompile: bool = False  # lora on CUDA: a side process compiles TTT's scoring graph while training runs
+    ttt_precompile: bool = True  # lora on CUDA: a side process compiles TTT's scoring graph while training runs
     # (timed training time, spare CPU cores), so the eval's warm-up finds it in torch.compile's on-disk caches
     ttt_phase_compile: bool = False  # lora: compile the global phases' graph (off: at FineWeb's shape the phases train
     # ~4.4M tokens a GPU, seconds even eager, less than the compilation would take)
@@ -2206,6 +2206,7 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime
         model.set_qat(fake_quant)
         set_schedule(optimizers, step, 0.0, h)
         train_step(loss_fn, model, optimizers, loader, h, accum_steps, runtime)
+    warm_up_calibration(model, loader, h, runtime)
     synchronize(runtime.device)
     model.set_qat(False)
     model.load_state_dict(initial_model)
@@ -2214,6 +2215,18 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime
     seconds = time.perf_counter() - start
     log(f"compile_warmup_steps:{steps} compile_warmup_time:{seconds:.1f}s")
     return seconds
+
+
+def warm_up_calibration(model: GPT, loader, h: Hyperparameters, runtime: Runtime) -> None:
+    """One GPTQ calibration forward as finish_training runs it (eager, no gradients, the final layout), its result
+    dropped: kernels compiled on first use for that shape (FlashAttention-4 compiles one per call signature, ~2 s)
+    are then built before the clock instead of inside the quantization reserve."""
+    if h.quant_method != "gptq":
+        return
+    model.set_recurrence(True)
+    model.set_qat(False)
+    x, _ = loader.next_batch(h.train_batch_tokens // runtime.world_size, h.train_seq_len)
+    collect_hessians(model, [x[:GPTQ_MICRO_BATCH_SEQS]], runtime.device)
 
 
 def log_document_overflows(model: GPT, log) -> None:

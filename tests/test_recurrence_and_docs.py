@@ -380,8 +380,10 @@ def test_varlen_kernel_on_the_gpu_matches_the_mask_path_compiled(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- training loop
 
-def test_warm_up_runs_both_layouts_and_restores_the_initial_state():
-    h = sample_hparams(**ALL_ON, compile_warmup_steps=1)  # one step asked for: both layouts still get one
+@pytest.mark.parametrize("quant_method", ["gptq", "rtn"])
+def test_warm_up_runs_both_layouts_and_restores_the_initial_state(quant_method):
+    # one step asked for: both layouts still get one
+    h = sample_hparams(**ALL_ON, compile_warmup_steps=1, quant_method=quant_method)
     torch.manual_seed(0)
     model = tg.GPT(h)
     optimizers = tg.build_optimizers(model, h, tg.Runtime())
@@ -390,7 +392,8 @@ def test_warm_up_runs_both_layouts_and_restores_the_initial_state():
     lines = []
     calls = record_block_order(model, lambda: torch.enable_grad()(tg.warm_up_compile)(
         model, model, optimizers, h, 1, tg.Runtime(), lines.append))
-    assert calls == [0, 1, 2, 3, 4] + [0, 1, 2, 1, 2, 3, 4]  # the plain layout, then the looped one
+    # the plain layout, then the looped one, then GPTQ's calibration forward in the final (looped) layout
+    assert calls == [0, 1, 2, 3, 4] + [0, 1, 2, 1, 2, 3, 4] * (2 if quant_method == "gptq" else 1)
     assert lines[0].startswith("compile_warmup_steps:2 ")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, initial[name]), name

@@ -16,7 +16,7 @@ WORK=/tmp/step_bench
 case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK"
-  stage_caseops "$WORK" && cp -r tests "$WORK/" || exit 1
+  stage_caseops "$WORK" && cp -r tests data tokenizers "$WORK/" || exit 1  # the tests' sample shards and tokenizer
   export STEP_RUNS="${STEP_RUNS:-base}" GPU="${GPU:-0}" ATTENTION="${ATTENTION:-1}" TESTS="${TESTS:-}"
   start_job "$WORK" "$0"
   ;;
