@@ -315,6 +315,18 @@ def test_package_builds_a_folder_that_check_accepts(tmp_path, three_seeds, packe
     assert package_record.check_folder(str(folder)) == []
 
 
+def test_requirements_name_the_attention_kernel_the_runs_logged(tmp_path, three_seeds):
+    logs, arts, _ = three_seeds
+    for path in logs[:2]:  # seeds that ran on FlashAttention-4 and one that did not
+        text = Path(path).read_text().replace("attention:sdpa\n", "attention:sdpa varlen:flash_attn_4 triton:3.6.0\n")
+        Path(path).write_text(text)
+    assert build(tmp_path, logs, arts, ["--no-plot"]) == 0
+    lines = (tmp_path / "records" / "2026-11-24_Tiny_Test" / "requirements.txt").read_text().splitlines()
+    assert "torch>=2.5" in lines and [l for l in lines if "flash" in l] == [package_record.VARLEN_REQUIREMENTS["flash_attn_4"]]
+    parsed = [package_record.parse_log(p) for p in logs]  # torch's own varlen needs nothing more
+    assert package_record.requirements_text(parsed[2:]) == package_record.REQUIREMENTS.format(torch="2.11.0+cu130")
+
+
 def test_package_refuses_a_total_over_the_limit(tmp_path, packed_code_bytes, capsys):
     logs = [make_log(tmp_path / f"s{s}.txt", s, 1.08, 16_000_001 - packed_code_bytes + i, packed_code_bytes)
             for i, s in enumerate((1, 2))]

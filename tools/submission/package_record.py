@@ -76,6 +76,18 @@ numpy
 sentencepiece
 brotli
 """
+# what requirements.txt adds for the document-attention kernel the runs logged (`varlen:` on the start-up line):
+# train_gpt.py picks the fastest one installed, so a record names the one its speed came from
+VARLEN_REQUIREMENTS = {
+    "flash_attn_4": "flash-attn-4  # document attention's kernel in these runs (log: varlen:flash_attn_4)",
+    "flash_attn_3": "# FlashAttention-3 (flash_attn_interface, built from its hopper/ folder): document attention's "
+                    "kernel in these runs (log: varlen:flash_attn_3)",
+}
+
+
+def requirements_text(logs: list) -> str:
+    kernels = sorted({str(log.extras.get("varlen")) for log in logs} & VARLEN_REQUIREMENTS.keys())
+    return REQUIREMENTS.format(torch=logs[0].torch_version) + "".join(VARLEN_REQUIREMENTS[k] + "\n" for k in kernels)
 
 
 class PackageError(Exception):
@@ -446,7 +458,7 @@ def package(a) -> str:
             shutil.copyfile(a.requirements, os.path.join(tmp, "requirements.txt"))
         else:
             with open(os.path.join(tmp, "requirements.txt"), "w", encoding="utf-8") as f:
-                f.write(REQUIREMENTS.format(torch=logs[0].torch_version))
+                f.write(requirements_text(logs))
         plot_file = None
         if not a.no_plot:
             try:
