@@ -1841,6 +1841,16 @@ def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype, backend:
     return polar_express(update, steps, dtype)
 
 
+def orthogonal_update(nesterov: torch.Tensor, steps: int, dtype: torch.dtype, backend: str = "polar",
+                      gram_min_aspect: float = 1.5) -> torch.Tensor:
+    """A bucket's unscaled Muon update from its Nesterov momentum: MuonEq-R's equal-norm rows, then orthogonalise,
+    contiguous (what the all-gather sends). It holds no state and every argument but the tensor is the same at every
+    step, so torch.compile can build one graph per shape of a rank's stacked share, once (momentum, whose factor
+    changes every step, stays outside: Muon._nesterov)."""
+    update = nesterov / (nesterov.norm(dim=-1, keepdim=True) + NORM_EPS)
+    return orthogonalise(update, steps, dtype, backend, gram_min_aspect).contiguous()
+
+
 # PyTorch 2.13 renamed the single-tensor collectives (the old names warn); older versions have only the old names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -1865,11 +1875,12 @@ class Muon(torch.optim.Optimizer):
     itself unless optimizer_step already did (to clip the averaged gradients first).
 
     `params` may be param groups (dicts), e.g. one per role with its own weight decay: buckets never mix groups.
-    `backend` picks the orthogonalisation (MUON_BACKENDS; see orthogonalise)."""
+    `backend` picks the orthogonalisation (MUON_BACKENDS; see orthogonalise). `update_fn` computes a bucket's update
+    from its Nesterov momentum: orthogonal_update, or a compiled form of it."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int,
                  ns_dtype: torch.dtype, rank: int = 0, world_size: int = 1, backend: str = "polar",
-                 gram_min_aspect: float = 1.5):
+                 gram_min_aspect: float = 1.5, update_fn=orthogonal_update):
         if backend not in MUON_BACKENDS:
             raise ValueError(f"MUON_BACKEND={backend!r} must be one of {', '.join(MUON_BACKENDS)}")
         if not gram_min_aspect >= 1.0:
@@ -1877,6 +1888,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
         self.backend, self.gram_min_aspect = backend, gram_min_aspect
+        self.update_fn = update_fn
         self.rank, self.world_size = rank, world_size
         self.buckets, self.bucket_groups = [], []  # bucket_groups: the index in param_groups of each bucket's group
         for index, group in enumerate(self.param_groups):  # an index, not the dict: load_state_dict replaces those
@@ -1889,6 +1901,11 @@ class Muon(torch.optim.Optimizer):
 
     def _share(self, params: list) -> int:
         return -(-len(params) // self.world_size)
+
+    def _mine(self, params: list) -> list:
+        """This rank's matrices of a bucket: its contiguous share, shorter or empty on the last ranks."""
+        share = self._share(params)
+        return params[self.rank * share:(self.rank + 1) * share]
 
     @torch.no_grad()
     def reduce_grads(self) -> list:
@@ -1910,29 +1927,46 @@ class Muon(torch.optim.Optimizer):
             shard.div_(self.world_size)  # SUM then divide: AVG is not in every backend
         return self.shards
 
-    def _orthogonal_updates(self, mine: list, grads: torch.Tensor, group: dict) -> torch.Tensor:
-        state = self.state[mine[0]]  # the share's stacked momentum lives with its first matrix
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grads)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(grads)
-        update = grads.add_(buf, alpha=group["momentum"])  # Nesterov
-        update = update / (update.norm(dim=-1, keepdim=True) + NORM_EPS)  # MuonEq-R: equal-norm rows
-        # unscaled: step() applies the shape's scale
-        return orthogonalise(update, self.ns_steps, self.ns_dtype, self.backend, self.gram_min_aspect)
+    def _nesterov(self, shards: list) -> list:
+        """Each bucket's Nesterov momentum, for this rank's matrices: buf ← m·buf + g, then g ← g + m·buf in the
+        shard itself. Returned per bucket as the shard's first len(mine) matrices (none where the rank holds none).
+        All buckets at once, three foreach calls per momentum value (one value: the schedule sets every group's),
+        not three launches per bucket: at these sizes every launch counts (orthogonal_update)."""
+        nesterov, by_momentum = [], {}
+        for params, shard, index in zip(self.buckets, shards, self.bucket_groups):
+            mine = self._mine(params)
+            grads = shard[:len(mine)]
+            nesterov.append(grads)
+            if not mine:
+                continue
+            state = self.state[mine[0]]  # the share's stacked momentum lives with its first matrix
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grads)
+            bufs, gs = by_momentum.setdefault(self.param_groups[index]["momentum"], ([], []))
+            bufs.append(state["momentum_buffer"])
+            gs.append(grads)
+        for momentum, (bufs, grads) in by_momentum.items():
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(grads, bufs, alpha=momentum)  # Nesterov
+        return nesterov
 
     @torch.no_grad()
     def step(self):
         shards = self.shards if self.shards is not None else self.reduce_grads()
         self.shards = None  # the next step reduces its own gradients
         pending = []
-        for params, shard, index in zip(self.buckets, shards, self.bucket_groups):
+        for params, nesterov, index in zip(self.buckets, self._nesterov(shards), self.bucket_groups):
             group = self.param_groups[index]
             share = self._share(params)
-            mine = params[self.rank * share:(self.rank + 1) * share]
-            updates = torch.zeros(share, *params[0].shape, device=params[0].device, dtype=self.ns_dtype)
-            if mine:
-                updates[:len(mine)] = self._orthogonal_updates(mine, shard[:len(mine)], group)
+            # unscaled: the apply below scales by the shape
+            if len(nesterov) == share:
+                updates = self.update_fn(nesterov, self.ns_steps, self.ns_dtype, self.backend, self.gram_min_aspect)
+            else:  # a last rank's short share: zero updates for the padding
+                updates = torch.zeros(share, *params[0].shape, device=params[0].device, dtype=self.ns_dtype)
+                if len(nesterov):
+                    updates[:len(nesterov)] = self.update_fn(nesterov, self.ns_steps, self.ns_dtype, self.backend,
+                                                             self.gram_min_aspect)
             handle = None
             if self.world_size > 1:
                 gathered = updates.new_empty(share * self.world_size, *params[0].shape)
