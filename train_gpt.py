@@ -328,6 +328,8 @@ class Hyperparameters:
     muon_ns_steps: int = 5
     muon_backend: str = "polar"  # polar | gram: Gram Newton–Schulz on oblong matrices (PR #1809: with 4 steps)
     muon_gram_min_aspect: float = 1.5  # gram: matrices whose long side is at least this × the short side
+    muon_compile_mode: str = "default"  # on CUDA with COMPILE: torch.compile's mode for each bucket's update (MuonEq-R
+    # and the orthogonalisation, orthogonal_update), whose small kernels are launch-bound eager; eager: not compiled
     muon_weight_decay_mlp: float = -1.0  # Muon's decay on the MLP matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.115)
     muon_weight_decay_attn: float = -1.0  # on the attention matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.095)
     embed_lr: float = 0.03
@@ -455,7 +457,7 @@ def range_problems(h: Hyperparameters) -> list[str]:
 def choice_problems(h: Hyperparameters) -> list[str]:
     choices = {"quant_method": ("rtn", "gptq"), "quant_grid": ("sdclip", "absmax"), "compressor": COMPRESSORS,
                "ttt_mode": ("none", "sgd", "lora"), "ttt_compile_mode": TTT_COMPILE_MODES,
-               "muon_backend": MUON_BACKENDS}
+               "muon_backend": MUON_BACKENDS, "muon_compile_mode": MUON_COMPILE_MODES}
     out = [f"{name.upper()}={getattr(h, name)!r} is unknown: use one of {', '.join(options)}"
            for name, options in choices.items() if getattr(h, name) not in options]
     if not 0 < h.eval_stride <= h.eval_seq_len:
@@ -1772,6 +1774,10 @@ POLAR_EXPRESS_COEFFS = (
 
 NORM_EPS = 1e-7  # keeps a zero update zero instead of dividing by zero
 MUON_BACKENDS = ("polar", "gram")  # MUON_BACKEND: plain Polar Express, or Gram Newton–Schulz on oblong matrices
+# MUON_COMPILE_MODE: torch.compile modes for orthogonal_update, or eager. Not CUDA graphs (reduce-overhead), not yet:
+# their outputs live in the graphs' own memory pool, and each bucket's update is read (all-gather, apply) after later
+# buckets' graphs have run; whether that is safe with two buckets of one shape needs a GPU to check.
+MUON_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "eager")
 # Gram NS forms X = Q·X₀ explicitly and recomputes R = X·Xᵀ every this many steps (a restart): it carries the
 # iterate as Q (n×n) and A = Q·R·Qᵀ, whose bfloat16 errors grow with Q (Q's eigenvalues reach the product of the
 # steps' `a`, ≈ 1/s, for the small singular values s). Every 2 steps, as PR #1809 restarts at step 2 of 4: over
@@ -1844,8 +1850,9 @@ def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype, backend:
 def orthogonal_update(nesterov: torch.Tensor, steps: int, dtype: torch.dtype, backend: str = "polar",
                       gram_min_aspect: float = 1.5) -> torch.Tensor:
     """A bucket's unscaled Muon update from its Nesterov momentum: MuonEq-R's equal-norm rows, then orthogonalise,
-    contiguous (what the all-gather sends). It holds no state and every argument but the tensor is the same at every
-    step, so torch.compile can build one graph per shape of a rank's stacked share, once (momentum, whose factor
+    contiguous (what the all-gather sends). Muon compiles this with MUON_COMPILE_MODE on CUDA, so its elementwise
+    steps fuse: it holds no state and every argument but the tensor is the same at every step, so torch.compile builds
+    one graph per shape of a rank's stacked share, in the compile warm-up, and never again (momentum, whose factor
     changes every step, stays outside: Muon._nesterov)."""
     update = nesterov / (nesterov.norm(dim=-1, keepdim=True) + NORM_EPS)
     return orthogonalise(update, steps, dtype, backend, gram_min_aspect).contiguous()
@@ -1876,7 +1883,7 @@ class Muon(torch.optim.Optimizer):
 
     `params` may be param groups (dicts), e.g. one per role with its own weight decay: buckets never mix groups.
     `backend` picks the orthogonalisation (MUON_BACKENDS; see orthogonalise). `update_fn` computes a bucket's update
-    from its Nesterov momentum: orthogonal_update, or a compiled form of it."""
+    from its Nesterov momentum: orthogonal_update, or its compiled form (build_optimizers, MUON_COMPILE_MODE)."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int,
                  ns_dtype: torch.dtype, rank: int = 0, world_size: int = 1, backend: str = "polar",
@@ -2006,6 +2013,15 @@ def muon_param_groups(model: GPT, matrices: list, h: Hyperparameters) -> list[di
     return [dict(params=params, weight_decay=role_weight_decay(role, h), role=role) for role, params in by_role.items()]
 
 
+def muon_update_fn(h: Hyperparameters, device: torch.device):
+    """orthogonal_update compiled in MUON_COMPILE_MODE on CUDA (with COMPILE), else itself. Static shapes: one graph
+    per bucket, each with the matmuls for its exact sizes (4 at the defaults; past torch.compile's 8 per function the
+    rest would run eagerly, with a warning, where fullgraph would end the run). The tests trace it whole."""
+    if h.muon_compile_mode == "eager":
+        return orthogonal_update
+    return compile_on_gpu(orthogonal_update, h, device, mode=h.muon_compile_mode, dynamic=False)
+
+
 def build_optimizers(model: GPT, h: Hyperparameters, runtime: Runtime) -> list:
     matrices, embeddings, scalars = split_parameters(model)
     device = runtime.device
@@ -2013,7 +2029,8 @@ def build_optimizers(model: GPT, h: Hyperparameters, runtime: Runtime) -> list:
     try:
         muon = Muon(muon_param_groups(model, matrices, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                     weight_decay=h.muon_weight_decay, ns_steps=h.muon_ns_steps, ns_dtype=ns_dtype, rank=runtime.rank,
-                    world_size=runtime.world_size, backend=h.muon_backend, gram_min_aspect=h.muon_gram_min_aspect)
+                    world_size=runtime.world_size, backend=h.muon_backend, gram_min_aspect=h.muon_gram_min_aspect,
+                    update_fn=muon_update_fn(h, device))
     except ValueError as exc:  # a setting out of range: say which, without a traceback
         raise SystemExit(str(exc)) from None
     adam = torch.optim.AdamW(
