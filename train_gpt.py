@@ -328,6 +328,8 @@ class Hyperparameters:
     muon_ns_steps: int = 5
     muon_backend: str = "polar"  # polar | gram: Gram Newton–Schulz on oblong matrices (PR #1809: with 4 steps)
     muon_gram_min_aspect: float = 1.5  # gram: matrices whose long side is at least this × the short side
+    muon_compile_mode: str = "default"  # on CUDA with COMPILE: torch.compile's mode for each bucket's update (MuonEq-R
+    # and the orthogonalisation, orthogonal_update), whose small kernels are launch-bound eager; eager: not compiled
     muon_weight_decay_mlp: float = -1.0  # Muon's decay on the MLP matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.115)
     muon_weight_decay_attn: float = -1.0  # on the attention matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.095)
     embed_lr: float = 0.03
@@ -455,7 +457,7 @@ def range_problems(h: Hyperparameters) -> list[str]:
 def choice_problems(h: Hyperparameters) -> list[str]:
     choices = {"quant_method": ("rtn", "gptq"), "quant_grid": ("sdclip", "absmax"), "compressor": COMPRESSORS,
                "ttt_mode": ("none", "sgd", "lora"), "ttt_compile_mode": TTT_COMPILE_MODES,
-               "muon_backend": MUON_BACKENDS}
+               "muon_backend": MUON_BACKENDS, "muon_compile_mode": MUON_COMPILE_MODES}
     out = [f"{name.upper()}={getattr(h, name)!r} is unknown: use one of {', '.join(options)}"
            for name, options in choices.items() if getattr(h, name) not in options]
     if not 0 < h.eval_stride <= h.eval_seq_len:
@@ -1772,6 +1774,10 @@ POLAR_EXPRESS_COEFFS = (
 
 NORM_EPS = 1e-7  # keeps a zero update zero instead of dividing by zero
 MUON_BACKENDS = ("polar", "gram")  # MUON_BACKEND: plain Polar Express, or Gram Newton–Schulz on oblong matrices
+# MUON_COMPILE_MODE: torch.compile modes for orthogonal_update, or eager. Not CUDA graphs (reduce-overhead), not yet:
+# their outputs live in the graphs' own memory pool, and each bucket's update is read (all-gather, apply) after later
+# buckets' graphs have run; whether that is safe with two buckets of one shape needs a GPU to check.
+MUON_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "eager")
 # Gram NS forms X = Q·X₀ explicitly and recomputes R = X·Xᵀ every this many steps (a restart): it carries the
 # iterate as Q (n×n) and A = Q·R·Qᵀ, whose bfloat16 errors grow with Q (Q's eigenvalues reach the product of the
 # steps' `a`, ≈ 1/s, for the small singular values s). Every 2 steps, as PR #1809 restarts at step 2 of 4: over
@@ -1841,6 +1847,17 @@ def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype, backend:
     return polar_express(update, steps, dtype)
 
 
+def orthogonal_update(nesterov: torch.Tensor, steps: int, dtype: torch.dtype, backend: str = "polar",
+                      gram_min_aspect: float = 1.5) -> torch.Tensor:
+    """A bucket's unscaled Muon update from its Nesterov momentum: MuonEq-R's equal-norm rows, then orthogonalise,
+    contiguous (what the all-gather sends). Muon compiles this with MUON_COMPILE_MODE on CUDA, so its elementwise
+    steps fuse: it holds no state and every argument but the tensor is the same at every step, so torch.compile builds
+    one graph per shape of a rank's stacked share, in the compile warm-up, and never again (momentum, whose factor
+    changes every step, stays outside: Muon._nesterov)."""
+    update = nesterov / (nesterov.norm(dim=-1, keepdim=True) + NORM_EPS)
+    return orthogonalise(update, steps, dtype, backend, gram_min_aspect).contiguous()
+
+
 # PyTorch 2.13 renamed the single-tensor collectives (the old names warn); older versions have only the old names.
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -1865,11 +1882,12 @@ class Muon(torch.optim.Optimizer):
     itself unless optimizer_step already did (to clip the averaged gradients first).
 
     `params` may be param groups (dicts), e.g. one per role with its own weight decay: buckets never mix groups.
-    `backend` picks the orthogonalisation (MUON_BACKENDS; see orthogonalise)."""
+    `backend` picks the orthogonalisation (MUON_BACKENDS; see orthogonalise). `update_fn` computes a bucket's update
+    from its Nesterov momentum: orthogonal_update, or its compiled form (build_optimizers, MUON_COMPILE_MODE)."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, ns_steps: int,
                  ns_dtype: torch.dtype, rank: int = 0, world_size: int = 1, backend: str = "polar",
-                 gram_min_aspect: float = 1.5):
+                 gram_min_aspect: float = 1.5, update_fn=orthogonal_update):
         if backend not in MUON_BACKENDS:
             raise ValueError(f"MUON_BACKEND={backend!r} must be one of {', '.join(MUON_BACKENDS)}")
         if not gram_min_aspect >= 1.0:
@@ -1877,6 +1895,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         self.ns_steps, self.ns_dtype = ns_steps, ns_dtype
         self.backend, self.gram_min_aspect = backend, gram_min_aspect
+        self.update_fn = update_fn
         self.rank, self.world_size = rank, world_size
         self.buckets, self.bucket_groups = [], []  # bucket_groups: the index in param_groups of each bucket's group
         for index, group in enumerate(self.param_groups):  # an index, not the dict: load_state_dict replaces those
@@ -1889,6 +1908,11 @@ class Muon(torch.optim.Optimizer):
 
     def _share(self, params: list) -> int:
         return -(-len(params) // self.world_size)
+
+    def _mine(self, params: list) -> list:
+        """This rank's matrices of a bucket: its contiguous share, shorter or empty on the last ranks."""
+        share = self._share(params)
+        return params[self.rank * share:(self.rank + 1) * share]
 
     @torch.no_grad()
     def reduce_grads(self) -> list:
@@ -1910,29 +1934,46 @@ class Muon(torch.optim.Optimizer):
             shard.div_(self.world_size)  # SUM then divide: AVG is not in every backend
         return self.shards
 
-    def _orthogonal_updates(self, mine: list, grads: torch.Tensor, group: dict) -> torch.Tensor:
-        state = self.state[mine[0]]  # the share's stacked momentum lives with its first matrix
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(grads)
-        buf = state["momentum_buffer"]
-        buf.mul_(group["momentum"]).add_(grads)
-        update = grads.add_(buf, alpha=group["momentum"])  # Nesterov
-        update = update / (update.norm(dim=-1, keepdim=True) + NORM_EPS)  # MuonEq-R: equal-norm rows
-        # unscaled: step() applies the shape's scale
-        return orthogonalise(update, self.ns_steps, self.ns_dtype, self.backend, self.gram_min_aspect)
+    def _nesterov(self, shards: list) -> list:
+        """Each bucket's Nesterov momentum, for this rank's matrices: buf ← m·buf + g, then g ← g + m·buf in the
+        shard itself. Returned per bucket as the shard's first len(mine) matrices (none where the rank holds none).
+        All buckets at once, three foreach calls per momentum value (one value: the schedule sets every group's),
+        not three launches per bucket: at these sizes every launch counts (orthogonal_update)."""
+        nesterov, by_momentum = [], {}
+        for params, shard, index in zip(self.buckets, shards, self.bucket_groups):
+            mine = self._mine(params)
+            grads = shard[:len(mine)]
+            nesterov.append(grads)
+            if not mine:
+                continue
+            state = self.state[mine[0]]  # the share's stacked momentum lives with its first matrix
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(grads)
+            bufs, gs = by_momentum.setdefault(self.param_groups[index]["momentum"], ([], []))
+            bufs.append(state["momentum_buffer"])
+            gs.append(grads)
+        for momentum, (bufs, grads) in by_momentum.items():
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(grads, bufs, alpha=momentum)  # Nesterov
+        return nesterov
 
     @torch.no_grad()
     def step(self):
         shards = self.shards if self.shards is not None else self.reduce_grads()
         self.shards = None  # the next step reduces its own gradients
         pending = []
-        for params, shard, index in zip(self.buckets, shards, self.bucket_groups):
+        for params, nesterov, index in zip(self.buckets, self._nesterov(shards), self.bucket_groups):
             group = self.param_groups[index]
             share = self._share(params)
-            mine = params[self.rank * share:(self.rank + 1) * share]
-            updates = torch.zeros(share, *params[0].shape, device=params[0].device, dtype=self.ns_dtype)
-            if mine:
-                updates[:len(mine)] = self._orthogonal_updates(mine, shard[:len(mine)], group)
+            # unscaled: the apply below scales by the shape
+            if len(nesterov) == share:
+                updates = self.update_fn(nesterov, self.ns_steps, self.ns_dtype, self.backend, self.gram_min_aspect)
+            else:  # a last rank's short share: zero updates for the padding
+                updates = torch.zeros(share, *params[0].shape, device=params[0].device, dtype=self.ns_dtype)
+                if len(nesterov):
+                    updates[:len(nesterov)] = self.update_fn(nesterov, self.ns_steps, self.ns_dtype, self.backend,
+                                                             self.gram_min_aspect)
             handle = None
             if self.world_size > 1:
                 gathered = updates.new_empty(share * self.world_size, *params[0].shape)
@@ -1972,6 +2013,15 @@ def muon_param_groups(model: GPT, matrices: list, h: Hyperparameters) -> list[di
     return [dict(params=params, weight_decay=role_weight_decay(role, h), role=role) for role, params in by_role.items()]
 
 
+def muon_update_fn(h: Hyperparameters, device: torch.device):
+    """orthogonal_update compiled in MUON_COMPILE_MODE on CUDA (with COMPILE), else itself. Static shapes: one graph
+    per bucket, each with the matmuls for its exact sizes (4 at the defaults; past torch.compile's 8 per function the
+    rest would run eagerly, with a warning, where fullgraph would end the run). The tests trace it whole."""
+    if h.muon_compile_mode == "eager":
+        return orthogonal_update
+    return compile_on_gpu(orthogonal_update, h, device, mode=h.muon_compile_mode, dynamic=False)
+
+
 def build_optimizers(model: GPT, h: Hyperparameters, runtime: Runtime) -> list:
     matrices, embeddings, scalars = split_parameters(model)
     device = runtime.device
@@ -1979,7 +2029,8 @@ def build_optimizers(model: GPT, h: Hyperparameters, runtime: Runtime) -> list:
     try:
         muon = Muon(muon_param_groups(model, matrices, h), lr=h.matrix_lr, momentum=h.muon_momentum,
                     weight_decay=h.muon_weight_decay, ns_steps=h.muon_ns_steps, ns_dtype=ns_dtype, rank=runtime.rank,
-                    world_size=runtime.world_size, backend=h.muon_backend, gram_min_aspect=h.muon_gram_min_aspect)
+                    world_size=runtime.world_size, backend=h.muon_backend, gram_min_aspect=h.muon_gram_min_aspect,
+                    update_fn=muon_update_fn(h, device))
     except ValueError as exc:  # a setting out of range: say which, without a traceback
         raise SystemExit(str(exc)) from None
     adam = torch.optim.AdamW(

@@ -135,6 +135,7 @@ def test_the_listed_boolean_words_are_read(smoke_env, raw, value):
     ("QUANT_METHOD", "awq", "QUANT_METHOD='awq' is unknown: use one of rtn, gptq"),
     ("MUON_BACKEND", "grma", "MUON_BACKEND='grma' is unknown: use one of polar, gram"),
     ("MUON_GRAM_MIN_ASPECT", "0.5", "MUON_GRAM_MIN_ASPECT=0.5 is out of range: it must be at least 1"),
+    ("MUON_COMPILE_MODE", "reduce-overhead", "MUON_COMPILE_MODE='reduce-overhead' is unknown: use one of default, "),
     ("TTT_PHASE_DOCS", "10,x", "TTT_PHASE_DOCS='10,x' must be document counts"),
 ])
 def test_a_setting_out_of_range_is_refused_before_any_data_is_read(smoke_env, tmp_path, name, raw, message):

@@ -137,18 +137,21 @@ def _optimizer_case(seed: int = 0):
     return matrices, vectors, grads
 
 
-def _optimizers(matrices, vectors, rank: int, world_size: int) -> list:
+def _optimizers(matrices, vectors, rank: int, world_size: int, update_fn=tg.orthogonal_update) -> list:
     muon = tg.Muon(matrices, lr=0.05, momentum=0.9, weight_decay=0.1, ns_steps=5, ns_dtype=torch.float32,
-                   rank=rank, world_size=world_size)
+                   rank=rank, world_size=world_size, update_fn=update_fn)
     return [muon, torch.optim.AdamW(vectors, lr=0.01, weight_decay=0.0)]
 
 
-def _sharded_muon_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _sharded_muon_worker(rank: int, init_file: str, out_dir: str, compiled: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     matrices, vectors, grads = _optimizer_case()
     model = torch.nn.ParameterList(matrices + vectors)
-    optimizers = _optimizers(matrices, vectors, rank, 2)
+    # compiled: traced by torch.compile as on a GPU (the "eager" backend runs the captured graph: no C++ compiler)
+    update_fn = (torch.compile(tg.orthogonal_update, backend="eager", dynamic=False, fullgraph=True) if compiled
+                 else tg.orthogonal_update)
+    optimizers = _optimizers(matrices, vectors, rank, 2, update_fn)
     shards = None
     for step_grads in grads:
         for p, grad in zip(model.parameters(), step_grads[rank]):
@@ -160,10 +163,13 @@ def _sharded_muon_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_sharded_muon_and_global_clip_on_two_ranks_equal_one_process(tmp_path):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_sharded_muon_and_global_clip_on_two_ranks_equal_one_process(tmp_path, compiled):
     """Two gloo ranks (reduce-scattered Muon gradients, the clip norm summed over the shards, all-gathered
-    updates) against one process stepping on the averaged gradients with torch's clip_grad_norm_."""
-    torch.multiprocessing.spawn(_sharded_muon_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    updates) against one process stepping on the averaged gradients with torch's clip_grad_norm_. The ranks hold
+    shares of different sizes (2 and 1 of a bucket, 1 and none of another), also with the update compiled."""
+    torch.multiprocessing.spawn(_sharded_muon_worker, args=(str(tmp_path / "init"), str(tmp_path), compiled), nprocs=2,
+                                join=True)
     matrices, vectors, grads = _optimizer_case()
     params = matrices + vectors
     optimizers = _optimizers(matrices, vectors, 0, 1)
