@@ -187,8 +187,7 @@ def test_build_optimizers_compiles_the_update_in_the_chosen_mode(monkeypatch, mo
 
 
 def test_the_update_runs_eagerly_on_the_cpu():
-    h = tg.Hyperparameters(**SMALL_MODEL)
-    assert h.muon_compile_mode == "default"
+    h = tg.Hyperparameters(**SMALL_MODEL, muon_compile_mode="default")
     assert tg.build_optimizers(tg.GPT(h), h, tg.Runtime())[0].update_fn is tg.orthogonal_update
 
 

@@ -15,7 +15,7 @@ training (Muon's reduce-scatter and all-gather, the rest all-reduced); rank 0 pr
 Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12). With NUM_LOOPS > 0 it times
 the looped layout (set NUM_LOOPS=0 for the plain one). BENCH_DOC_MASK=1 makes DOC_ATTENTION=1 use the explicit
 mask with SDPA instead of the varlen kernel, to compare the two. FP8_MATMULS=1 times the block matrices in FP8.
-MUON_COMPILE_MODE=eager times Muon's update uncompiled, as it ran before; the optimizer figure shows the difference.
+MUON_COMPILE_MODE=default times Muon's update compiled (eager by default); the optimizer figure shows the difference.
 """
 import os
 import re
