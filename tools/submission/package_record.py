@@ -79,7 +79,8 @@ brotli
 # what requirements.txt adds for the document-attention kernel the runs logged (`varlen:` on the start-up line):
 # train_gpt.py picks the fastest one installed, so a record names the one its speed came from
 VARLEN_REQUIREMENTS = {
-    "flash_attn_4": "flash-attn-4  # document attention's kernel in these runs (log: varlen:flash_attn_4)",
+    # pinned: train_gpt.py calls its private _flash_attn_fwd/_bwd, tested with this version
+    "flash_attn_4": "flash-attn-4==4.0.0b36  # document attention's kernel in these runs (log: varlen:flash_attn_4)",
     "flash_attn_3": "# FlashAttention-3 (flash_attn_interface, built from its hopper/ folder): document attention's "
                     "kernel in these runs (log: varlen:flash_attn_3)",
 }
