@@ -91,7 +91,7 @@ PR1787_PRESET = {
     "LQER_ENABLED": "0",
     "COMPRESSOR": "brotli",
     "EMBED_BITS": "6",  # assumed: an int7 embedding fits the cap with rANS, not with brotli
-    "ATTN_GATE_ENABLED": "0",  # SmearGate stays on, with its BOS fix, which has no switch
+    # its sparse attention gate and SmearGate are the defaults' (SmearGate with the later BOS fix: no switch)
 }
 # PR #1812 (1.0729): whole-model score-first SGD TTT, Muon's weight decay by role.
 PR1812_PRESET = {
