@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Quality protocol v1c (the CaseOps proxy) with one run per GPU, side by side, from the repo root:
+# Quality protocol v1c (the CaseOps proxy), its runs dealt out to the GPUs and side by side, from the repo root:
 #   RUNS="defaults proxy:PRESET=proxy" tools/bench/v1c_bench.sh start   # the shards, then the runs detached
 #   tools/bench/v1c_bench.sh poll                                        # progress; the score lines once done
 # Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/). Writes only under /tmp/v1c_bench.
-# A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol); the i-th entry runs on
-# GPU FIRST_GPU+i (FIRST_GPU defaults to 0). PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model is scored.
-# Each run compiles into its own cache (a run beside it would otherwise warm its compilation up).
-# Each run's artifact is kept as /tmp/v1c_artifacts/NAME.artifact, outside the next start's reach, for eval-only
-# entries: RUNS="ph:TTT_EVAL_ONLY=1,ARTIFACT_PATH=/tmp/v1c_artifacts/defaults.artifact,TTT_PHASE_DOCS=7,14,21".
+# A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol). The entries are dealt out
+# to GPUS GPUs (default: all from FIRST_GPU, which defaults to 0): the i-th to GPU FIRST_GPU + i mod GPUS, and the
+# entries of one GPU run one after another. PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model
+# is scored.
+# Each run compiles into a fresh cache of its own, /tmp/v1c_compile/NAME (a run beside it would otherwise warm its
+# compilation up), kept with its artifact, /tmp/v1c_artifacts/NAME.artifact, outside the next start's reach. An
+# eval-only entry on that artifact with CACHE=NAME uses that run's cache as it is, TTT's graphs compiled beside
+# training (TTT_PRECOMPILE) included, so its TTT warm-up is a cache hit. Queued behind that run on its GPU:
+#   GPUS=1 RUNS="defaults ph:TTT_EVAL_ONLY=1,ARTIFACT_PATH=/tmp/v1c_artifacts/defaults.artifact,CACHE=defaults,TTT_PHASE_DOCS=7,14,21"
 # The protocol: 65,536-token steps (one micro-step), 180 s of training, seed 1337, val_bpb on the byte
 # sidecars, the TTT phase boundaries scaled to the proxy's 416 validation documents.
 set -u
@@ -22,37 +26,46 @@ case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK"
   stage_caseops "$WORK" || exit 1
-  export RUNS QUALITY_SECONDS FIRST_GPU=${FIRST_GPU:-0}
+  export RUNS QUALITY_SECONDS FIRST_GPU=${FIRST_GPU:-0} GPUS=${GPUS:-}
   start_job "$WORK" "$0"
   ;;
 run)
   cd "$WORK" || exit 1
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  gpu=$FIRST_GPU
+  run_entry() {  # ENTRY GPU
+    local name=${1%%:*} overrides cache run
+    overrides=$(run_overrides "$1")
+    cache=$(printf ' %s ' "$overrides" | grep -oE ' CACHE=[^ ]+' | cut -d= -f2)
+    overrides=$(printf '%s' "$overrides" | sed -E 's/(^| )CACHE=[^ ]*//')
+    if [ -z "$cache" ]; then cache=$name; rm -rf "/tmp/v1c_compile/$name"; fi
+    echo "== $name on GPU $2, compile cache $cache: $overrides"
+    env DATA_PATH="$DATA" TOKENIZER_PATH="$WORK/$TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 TRAIN_BATCH_TOKENS=65536 \
+        MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 TTT_PHASE_DOCS=33,66,100 RUN_ID="$name" \
+        OUTPUT_DIR="$WORK/out_$name" CUDA_VISIBLE_DEVICES=$2 TORCHINDUCTOR_CACHE_DIR="/tmp/v1c_compile/$cache" \
+        TRITON_CACHE_DIR="/tmp/v1c_compile/$cache/triton" $overrides python3 train_gpt.py > "$name.out" 2>&1 &
+    run=$!
+    case " $overrides " in
+      *" PREQUANT_ONLY=1 "*)
+        while kill -0 $run 2>/dev/null && ! grep -q "^pre_quant_ema" "$name.out"; do sleep 2; done
+        kill $run 2>/dev/null; wait $run 2>/dev/null; echo "$name: stopped after the pre-quant score" ;;
+      *) wait $run || echo "$name exited non-zero" ;;
+    esac
+    mkdir -p /tmp/v1c_artifacts  # at once, for an eval-only entry queued behind this run on its GPU
+    [ -f "out_$name/final_model.artifact" ] && cp "out_$name/final_model.artifact" "/tmp/v1c_artifacts/$name.artifact"
+  }
+  gpus=${GPUS:-$(( $(nvidia-smi -L | wc -l) - FIRST_GPU ))}
+  i=0
+  declare -A queue
   for entry in $RUNS; do
-    name=${entry%%:*}; overrides=$(run_overrides "$entry")
-    echo "== $name on GPU $gpu: $overrides"
-    (
-      env DATA_PATH="$DATA" TOKENIZER_PATH="$WORK/$TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 TRAIN_BATCH_TOKENS=65536 \
-          MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 TTT_PHASE_DOCS=33,66,100 RUN_ID="$name" \
-          OUTPUT_DIR="$WORK/out_$name" CUDA_VISIBLE_DEVICES=$gpu TORCHINDUCTOR_CACHE_DIR="$WORK/compile_$name" \
-          TRITON_CACHE_DIR="$WORK/compile_$name/triton" $overrides python3 train_gpt.py > "$name.out" 2>&1 &
-      run=$!
-      case " $overrides " in
-        *" PREQUANT_ONLY=1 "*)
-          while kill -0 $run 2>/dev/null && ! grep -q "^pre_quant_ema" "$name.out"; do sleep 2; done
-          kill $run 2>/dev/null; wait $run 2>/dev/null; echo "$name: stopped after the pre-quant score" ;;
-        *) wait $run || echo "$name exited non-zero" ;;
-      esac
-    ) &
-    gpu=$((gpu + 1))
+    gpu=$((FIRST_GPU + i % gpus)); queue[$gpu]+="$entry "; i=$((i + 1))
+  done
+  for gpu in "${!queue[@]}"; do
+    ( for entry in ${queue[$gpu]}; do run_entry "$entry" "$gpu"; done ) &
   done
   wait
-  mkdir -p /tmp/v1c_artifacts
   for entry in $RUNS; do
     name=${entry%%:*}
-    [ -f "out_$name/final_model.artifact" ] && cp "out_$name/final_model.artifact" "/tmp/v1c_artifacts/$name.artifact"
     echo "== $name"
     grep -E "^(model_params|stopping_early|step:[0-9]+/[0-9]+ val|pre_quant|Total submission|final_.*_exact|ttt_time_guard|ttt_lora|legal_ttt|peak memory)" "$name.out"
     tail -n 3 "$name.out" | grep -iE "error|Traceback" && tail -n 40 "$name.out"
