@@ -329,8 +329,8 @@ class Hyperparameters:
     muon_backend: str = "polar"  # polar | gram: Gram Newton–Schulz on oblong matrices (PR #1809: with 4 steps)
     muon_gram_min_aspect: float = 1.5  # gram: matrices whose long side is at least this × the short side
     muon_compile_mode: str = "eager"  # on CUDA with COMPILE: torch.compile's mode for each bucket's update (MuonEq-R
-    # and the orthogonalisation, orthogonal_update), whose small kernels are launch-bound eager; eager (until its
-    # time is measured on a GPU): not compiled
+    # and the orthogonalisation, orthogonal_update), whose small kernels are launch-bound eager; eager: not compiled
+    # (compiled, the step was slower on an H200: RESULTS.md)
     muon_weight_decay_mlp: float = -1.0  # Muon's decay on the MLP matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.115)
     muon_weight_decay_attn: float = -1.0  # on the attention matrices; < 0: MUON_WEIGHT_DECAY (PR #1812: 0.095)
     embed_lr: float = 0.03
