@@ -3789,7 +3789,10 @@ def precompile_ttt() -> None:
     lora = BatchedLoRA(model, h, device)
     warm_up_lora(lora, lora_loss_fn(lora, h, device), h, device, lambda line: print(line, flush=True))
     lora.close()
-    print(f"ttt_precompile:done time:{time.perf_counter() - t0:.1f}s niceness:{niceness}", flush=True)
+    # what it reserved adds to training's memory on local rank 0's GPU
+    peak = torch.cuda.max_memory_reserved(device) // 2**20 if device.type == "cuda" else 0
+    print(f"ttt_precompile:done time:{time.perf_counter() - t0:.1f}s niceness:{niceness} peak_mem:{peak}MiB",
+          flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ def test_the_side_process_runs_ttt_warm_up_alone_and_exits(tmp_path):
     out = run_script([sys.executable, SCRIPT, tg.PRECOMPILE_FLAG], {"TTT_BATCH_DOCS": "4", "DATA_PATH": "/absent"},
                      str(tmp_path), timeout=300)
     assert "ttt_warmup:lora" in out and "ttt_precompile:done" in out  # it read no data: DATA_PATH does not exist
+    assert "peak_mem:0MiB" in out  # what it holds beside training (none on the CPU)
     # and ran below this process in the CPU scheduler, leaving the training processes their cores
     assert f"niceness:{min(19, os.nice(0) + tg.PRECOMPILE_NICENESS)}" in out
     assert not os.path.exists(tmp_path / "logs")  # and opened no run log
