@@ -422,7 +422,7 @@ TTT_COMPILE_MODES = ("default", "reduce-overhead", "eager")  # eager: LoRA TTT's
 SETTING_RANGES = {
     **dict.fromkeys(("iterations", "vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                      "train_batch_tokens", "train_seq_len", "micro_batch_tokens", "eval_seq_len", "eval_batch_seqs",
-                     "muon_ns_steps", "doc_segment_tokens", "gptq_calibration_batches", "gptq_block", "lqer_rank",
+                     "doc_segment_tokens", "gptq_calibration_batches", "gptq_block", "lqer_rank",
                      "lqer_top_k", "artifact_limit_bytes", "time_sync_every", "ttt_chunk_tokens", "ttt_chunk",
                      "ttt_batch_docs", "ttt_lora_rank", "ttt_log_every", "ttt_width_step"), (1, None)),
     **dict.fromkeys(("seed", "val_tokens_limit", "warmup_steps", "grad_accum_steps", "compile_warmup_steps",
@@ -438,6 +438,7 @@ SETTING_RANGES = {
     **dict.fromkeys(("rope_base", "logit_softcap", "adam_eps", "clip_sigmas_mlp", "clip_sigmas_attn",
                      "clip_sigmas_embed", "clip_sigmas_other", "ttt_lora_alpha", "dist_timeout_seconds"), (1e-12, None)),
     **dict.fromkeys(("matrix_bits", "embed_bits"), (2, 8)),
+    "muon_ns_steps": (1, 5),  # POLAR_EXPRESS_COEFFS holds 5 steps' coefficients
     "brotli_quality": (0, 11),
     "parallel_residual_start": (-1, None),
     "muon_gram_min_aspect": (1, None),

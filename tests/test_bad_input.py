@@ -128,6 +128,7 @@ def test_the_listed_boolean_words_are_read(smoke_env, raw, value):
     ("MATRIX_LR", "-0.01", "MATRIX_LR=-0.01 is out of range: it must be at least 0"),
     ("LOGIT_SOFTCAP", "0", "LOGIT_SOFTCAP=0.0 is out of range: it must be positive"),
     ("MATRIX_BITS", "9", "MATRIX_BITS=9 is out of range: it must be between 2 and 8"),
+    ("MUON_NS_STEPS", "6", "MUON_NS_STEPS=6 is out of range: it must be between 1 and 5"),
     ("ADAM_BETA2", "1", "ADAM_BETA2=1.0 is out of range"),
     ("MAX_WALLCLOCK_SECONDS", "nan", "MAX_WALLCLOCK_SECONDS='nan' must be a finite number"),
     ("ITERATIONS", "1e3", "ITERATIONS='1e3' is not an integer"),
