@@ -109,6 +109,13 @@ def test_packing_tool_writes_the_file_it_reports(tmp_path):
     assert tg.counted_code_bytes(SCRIPT)[0] == out.stat().st_size
 
 
+def test_packing_tool_asked_for_help_prints_its_usage_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(SUBMISSION_TOOLS, "pack_script.py"), "--help"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "pack_script.py" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # Compiles each Triton kernel of the script at SCRIPT_PATH to a Hopper binary (sm_90), as the first training step
 # would on the GPU: Triton needs no GPU to compile, so this catches in CI what the interpreter lets through.
 COMPILE_KERNELS = """

@@ -17,8 +17,8 @@ For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat
     tools/bench/fa4_wheels.sh stages it on a machine without a package index), grouped queries, causal: dense
     (its own function) and on the three packed layouts (train_gpt's custom op around it, what training runs),
     compared with SDPA flash and with torch's varlen; skipped when not installed;
-  - flex_docs: flex_attention (compiled) with a block mask of the same FineWeb-length documents;
-  - sdpa_mask_docs: SDPA with the explicit (rows, 1, T, T) document mask.
+  - flex_fineweb_docs: flex_attention (compiled) with a block mask of the same FineWeb-length documents;
+  - sdpa_mask_fineweb_docs: SDPA with the explicit (rows, 1, T, T) document mask.
 Milliseconds are medians over BENCH_REPS runs (CUDA events) after warm-up; a kernel that refuses a shape says why.
 """
 import os

@@ -8,8 +8,8 @@ Prints, after compiling and warming up:
   - ms per micro-step (one GPU's share of a step on 8 GPUs: BENCH_MICRO_TOKENS, default 48 × 2048) and for the
     full 786,432-token step run on this one GPU as 8 micro-steps (the proxy protocol's throughput figure);
   - tokens/s, model FLOP utilisation against this GPU's measured bf16 matmul rate, peak memory;
-  - a breakdown of one step from the profiler: attention, matmuls, loss, other forward/backward kernels,
-    optimizer (with clipping and the EMA), and communication.
+  - forward+backward and optimizer (with clipping and the EMA) times from CUDA events, and the kernel time of
+    one step by class from the profiler: attention, matmuls, loss, communication and the other kernels.
 Under torchrun each GPU runs one micro-step of BENCH_MICRO_TOKENS per step and the gradients are reduced as in
 training (Muon's reduce-scatter and all-gather, the rest all-reduced); rank 0 prints.
 Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12). With NUM_LOOPS > 0 it times

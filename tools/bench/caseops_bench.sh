@@ -21,8 +21,8 @@ WORK=/tmp/caseops_bench
 VOCAB=${VOCAB:-8192}
 THREADS=${THREADS:-$(nproc)}
 QUALITY_SECONDS=${QUALITY_SECONDS:-180}
-BROTLI_QUALITY=${BROTLI_QUALITY:-5}  # val_bpb does not depend on it; brotli-11 would add ~80 s per run
-# ...but at level 5 the artifact is over 16 MB, which must not stop a comparison of val_bpb
+BROTLI_QUALITY=${BROTLI_QUALITY:-5}  # with COMPRESSOR=brotli only: val_bpb does not depend on it, and 11 adds ~80 s
+# a run over 16 MB (an older compressor, another vocabulary) must not stop a comparison of val_bpb
 ARTIFACT_LIMIT=${ARTIFACT_LIMIT:-1000000000}
 
 prepare() {
@@ -73,7 +73,7 @@ start)
   ;;
 run)
   cd "$WORK" || exit 1
-  export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   for mode in plain caseops; do
     env $(run_args $mode) python3 train_gpt.py || { echo BENCH_FAILED; exit 1; }
   done

@@ -1,4 +1,4 @@
-# Background jobs on the device machine, for tools/bench/proxy_bench.sh and tools/bench/caseops_bench.sh (source it).
+# Background jobs on the device machine, for the job scripts of tools/bench/ (source it).
 # A call of the device tool may last 10 minutes, so a long job runs detached and later calls poll it.
 
 # install_wheels WORK: the wheels carried in .whl/ (brotli: the device has none) into WORK/site

@@ -3,7 +3,7 @@
 #   tools/bench/proxy_bench.sh start   # from the repo root on the device: shards, then the whole job in the background
 #   tools/bench/proxy_bench.sh poll    # later calls: progress, then the logs and summary once it is done
 # Needs .bench/ (corpus, tokenizers, bench) and, on a machine without brotli, .whl/ with its wheel.
-# Writes only under /tmp/proxy_bench (the device re-sends the working tree on each call).
+# Writes only under /tmp/proxy_bench and the shards' /tmp/proxy_sp8192 (the device re-sends the working tree on each call).
 #   1. the kernel and model tests on the GPU (GPU_TESTS=0 skips them; GPU_TEST_FILES picks the files);
 #   2. throughput: tools/bench/bench_step.py on the full default model, once per entry of BENCH_RUNS (under torchrun on
 #      BENCH_NPROC GPUs when that is above 1, so the breakdown has the communication; an entry's own BENCH_NPROC=N
@@ -15,7 +15,7 @@
 #   5. once per entry of EVAL_RUNS, TTT_EVAL_ONLY=1 on the first quality run's artifact (e.g. sgd:TTT_MODE=sgd).
 # A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol), entries separated by spaces;
 # PREQUANT_ONLY=1 in a quality run's overrides stops it after the pre-quant score (no export, no round trip):
-#   BENCH_RUNS="base all:XSA_ENABLED=1,SMEAR_GATE_ENABLED=1" QUALITY_RUNS="rtn gptq:QUANT_METHOD=gptq" tools/bench/proxy_bench.sh start
+#   BENCH_RUNS="base all:XSA_ENABLED=1,SMEAR_GATE_ENABLED=1" QUALITY_RUNS="rtn:QUANT_METHOD=rtn gptq" tools/bench/proxy_bench.sh start
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/proxy_bench
@@ -54,7 +54,7 @@ start)
   ;;
 run)
   cd "$WORK" || exit 1
-  export PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   common=(DATA_PATH="$SHARDS" TOKENIZER_PATH="$WORK/fineweb_8192_bpe.model" VOCAB_SIZE=8192)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   if [ "$GPU_TESTS" = 1 ]; then

@@ -31,7 +31,7 @@ def random_model(h: tg.Hyperparameters) -> tg.GPT:
 
 
 def main() -> None:
-    if len(sys.argv) != 2:
+    if len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # --help: the usage, not a file named so
         raise SystemExit(__doc__)
     t0 = time.perf_counter()
     h = tg.Hyperparameters.from_env()

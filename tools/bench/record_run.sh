@@ -6,7 +6,8 @@
 # train_gpt.py is the packed script, at the defaults (786,432-token steps, 600 s of training, LoRA TTT inside
 # 600 s of eval, phases at 33,66,100 of the 416 documents) on the CaseOps proxy data with its byte sidecars. Then tools/bench/bench_step.py under torchrun
 # gives the share of a step spent in communication. EXTRA="VAR=V ..." adds settings to the run. Needs .bench/
-# (bench/caseops_proxy.tar.xz, tokenizers/) and .whl/ (python-minifier, brotli). Writes only under /tmp/record_run.
+# (bench/caseops_proxy.tar.xz, tokenizers/) and .whl/ (python-minifier, brotli). Writes only under /tmp/record_run and
+# the shards' /tmp/proxy_caseops.
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/record_run

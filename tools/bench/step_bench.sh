@@ -8,7 +8,7 @@
 # TESTS="tests/test_fa4_varlen.py ..." runs those test files on the GPU first (GPU-only tests run only there).
 # ATTENTION=0 skips attention_bench.py. A PYTHONPATH given at start comes after the staged wheels (FlashAttention-4:
 # PYTHONPATH as fa4_wheels.sh says). Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
-# Writes only under /tmp/step_bench.
+# Writes only under /tmp/step_bench and the shards' /tmp/proxy_caseops.
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/step_bench

@@ -6,8 +6,9 @@
 # 2. tools/submission/package_record.py builds a records folder from that run's log (its train_gpt.py is the packed script);
 # 3. from inside that folder, its train_gpt.py runs the same settings under torchrun on 2 GPUs;
 # 4. the readable script and the folder's script run side by side on 1 GPU each (CUDA_VISIBLE_DEVICES).
-# Then each pair's final lines are compared. ITERATIONS (default 200) and the other settings come from the
-# environment; the data and tokenizer are CaseOps-style (CASEOPS_ENABLED=1, byte sidecars next to the shards).
+# Then each pair's final lines are compared. ITERATIONS (default 200) and every setting that settings() below does
+# not fix come from the environment; the data and tokenizer are CaseOps-style (CASEOPS_ENABLED=1, byte sidecars
+# next to the shards).
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/dry_run
@@ -34,7 +35,7 @@ start)
   ;;
 run)
   source "$WORK/paths"
-  export DATA TOKENIZER PYTHONPATH="$WORK/site" PYTHONUNBUFFERED=1
+  export DATA TOKENIZER PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   cd "$WORK/repo" || exit 1
   echo "== 1. readable script, 2 GPUs"
   env $(settings readable2) torchrun --standalone --nproc_per_node=2 train_gpt.py > /dev/null || { echo DRY_RUN_FAILED; exit 1; }

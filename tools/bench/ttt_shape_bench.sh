@@ -3,7 +3,8 @@
 # the FineWeb-shaped share (6,250 documents, ~6.04M tokens: one GPU's on 8), phases at 104,208,312 documents.
 #   tools/bench/ttt_shape_bench.sh start   # from the repo root on the device: the data, an artifact, then the job detached
 #   tools/bench/ttt_shape_bench.sh poll    # later calls: progress, then the summary once it is done
-# Needs .bench/ (corpus, tokenizers, bench). Writes only under /tmp/ttt_shape_bench.
+# Needs .bench/ (corpus, tokenizers, bench). Writes only under /tmp/ttt_shape_bench and the
+# shards it makes (/tmp/proxy_sp8192, /tmp/fineweb_shaped*).
 #   ARTIFACT=random (default): the default model's shape, untrained (tools/bench/random_artifact.py, seconds);
 #   ARTIFACT=trained: a 60-step training run on the proxy shards that exports (make_shards.py first, minutes);
 #   ARTIFACT=/path/to/final_model.artifact: that one.

@@ -2,7 +2,8 @@
 # Quality protocol v1c (the CaseOps proxy), its runs dealt out to the GPUs and side by side, from the repo root:
 #   RUNS="defaults proxy:PRESET=proxy" tools/bench/v1c_bench.sh start   # the shards, then the runs detached
 #   tools/bench/v1c_bench.sh poll                                        # progress; the score lines once done
-# Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/). Writes only under /tmp/v1c_bench.
+# Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/). Writes only under /tmp/v1c_bench, the shards'
+# /tmp/proxy_caseops, and /tmp/v1c_compile and /tmp/v1c_artifacts (below).
 # A run entry is NAME or NAME:VAR=VALUE,VAR=VALUE (overrides on top of the protocol). The entries are dealt out
 # to GPUS GPUs (default: all from FIRST_GPU, which defaults to 0): the i-th to GPU FIRST_GPU + i mod GPUS, and the
 # entries of one GPU run one after another. PREQUANT_ONLY=1 in an entry stops that run once the float (EMA) model

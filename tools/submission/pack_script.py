@@ -97,7 +97,7 @@ def is_packed(script: bytes) -> bool:
 
 
 def main() -> None:
-    if len(sys.argv) not in (2, 3):
+    if len(sys.argv) not in (2, 3) or sys.argv[1].startswith("-"):  # --help: the usage, not a file named so
         raise SystemExit(__doc__)
     source_path = sys.argv[2] if len(sys.argv) == 3 else SOURCE
     with open(source_path, encoding="utf-8") as f:

@@ -28,7 +28,8 @@ checked with the same checks as --check, then moved into place.
 
 --check DIR re-reads the folder's logs and re-derives every number of submission.json, refusing a json that
 disagrees with the logs (a val_bpb, a byte count, a step count...), a packed script whose size is not the
-logs' code bytes, an unfinished log, or a total over the limit. With --artifact it also re-checks the
+logs' code bytes or that does not import under Triton (so Triton must be installed where --check runs), an
+unfinished log, a total over the limit, or a README.md that does not show each seed's val_bpb. With --artifact it also re-checks the
 artifacts against the logs and the json's sha256s. Exit status: 0 accepted, 1 refused, 2 bad usage.
 """
 from __future__ import annotations

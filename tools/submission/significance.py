@@ -6,7 +6,8 @@ current record by more than THRESHOLD nats (default 0.005) at p < ALPHA (default
       --record-json records/track_10min_16mb/<date>_<name>/submission.json
   python3 tools/submission/significance.py --new-bpb 1.0801 1.0805 1.0799 --record-stats 1.0861 0.0007 3 --ratio 2.0707
 
-Units. The threshold is in nats; the test runs on val_loss, the round-trip score in nats per token. val_bpb
+Units. The threshold is in nats; the test runs on val_loss in nats per token, of each run's score (the TTT
+score, legal_ttt_exact, unless TTT_MODE=none; else the round trip). val_bpb
 is bits per byte: val_loss = val_bpb · ln 2 · (validation bytes / validation tokens), so the factor
 R = val_loss / val_bpb is fixed by the tokenizer and validation set (about 2.07 for SP8192 on the proxy set).
   - From logs (--new-logs, --record-logs) or a record's submission.json, each run's own val_loss is used:
