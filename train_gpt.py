@@ -1025,12 +1025,13 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
 
 def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
-    """cap·tanh(z/cap): the logits' soft cap, in evaluation and in the unfused training loss."""
+    """cap·tanh(z/cap): the logits' soft cap (GPT.logits, and the losses' below)."""
     return cap * torch.tanh(logits / cap)
 
 
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float, fused: bool) -> torch.Tensor:
-    """Per-row losses of softcapped logits (rows, vocab); the Triton kernel when `fused`, else plain PyTorch."""
+    """Per-row losses of softcapped logits (rows, vocab), computed in float32: the Triton kernel when `fused`
+    (training), else plain PyTorch (evaluation, TTT, and training without FUSED_CE)."""
     if fused:
         return SoftcapCrossEntropy.apply(logits, targets, cap)
     return F.cross_entropy(softcap(logits.float(), cap), targets, reduction="none", ignore_index=CE_IGNORE_INDEX)
@@ -1736,9 +1737,11 @@ class GPT(nn.Module):
         return softcap(self.tied_logits(self.hidden(idx, one_document)), self.logit_softcap)
 
     def token_losses(self, idx: torch.Tensor, targets: torch.Tensor, one_document: bool = False) -> torch.Tensor:
-        """Evaluation: per-token losses through the plain, exact softcap and cross-entropy (one_document: hidden's)."""
-        logits = self.logits(idx, one_document).float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="none").view_as(targets)
+        """Evaluation: per-token losses through the plain softcap and cross-entropy, in float32 (one_document:
+        hidden's)."""
+        logits = self.tied_logits(self.hidden(idx, one_document))
+        losses = softcap_cross_entropy(logits.flatten(0, -2), targets.reshape(-1), self.logit_softcap, fused=False)
+        return losses.view_as(targets)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Training: mean loss, through the fused kernel when `fused_ce` is set."""
@@ -3397,8 +3400,8 @@ class BatchedLoRA:
         64 × 2048 window in float32 would take 4 GiB, and their gradient as much again)."""
         hidden = self.model.hidden(x, one_document=True).index_select(1, positions)
         head_delta = self.low_rank(hidden, self.live[len(self.A) - 1], self.live[-1])
-        logits = softcap((self.model.tied_logits(hidden) + head_delta).float(), self.model.logit_softcap)
-        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        logits = self.model.tied_logits(hidden) + head_delta
+        return softcap_cross_entropy(logits.flatten(0, 1), y.flatten(), self.model.logit_softcap, fused=False).view_as(y)
 
 
 def lora_loss_fn(lora: BatchedLoRA, h: Hyperparameters, device: torch.device):
