@@ -1615,8 +1615,8 @@ class GPT(nn.Module):
         if problems:
             raise SystemExit("\n".join(problems))
         self.logit_softcap = h.logit_softcap
-        self.fused_ce = False  # main() turns the Triton loss on where it can run
-        self.residual_dtype = None  # main() sets bfloat16 for RESIDUAL_BF16 on CUDA; None keeps the embedding's float32
+        self.fused_ce = False  # use_device_paths turns the Triton loss on where it can run
+        self.residual_dtype = None  # use_device_paths: bfloat16 for RESIDUAL_BF16 on CUDA; None: the embedding's float32
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.blocks = nn.ModuleList(Block(h, i) for i in range(h.num_layers))
         self.plain_layout = layer_order(h.num_layers, h.loop_start, h.loop_end, 0)
@@ -1855,10 +1855,10 @@ def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype, backend:
 def orthogonal_update(nesterov: torch.Tensor, steps: int, dtype: torch.dtype, backend: str = "polar",
                       gram_min_aspect: float = 1.5) -> torch.Tensor:
     """A bucket's unscaled Muon update from its Nesterov momentum: MuonEq-R's equal-norm rows, then orthogonalise,
-    contiguous (what the all-gather sends). Muon compiles this with MUON_COMPILE_MODE on CUDA, so its elementwise
-    steps fuse: it holds no state and every argument but the tensor is the same at every step, so torch.compile builds
-    one graph per shape of a rank's stacked share, in the compile warm-up, and never again (momentum, whose factor
-    changes every step, stays outside: Muon._nesterov)."""
+    contiguous (what the all-gather sends). With MUON_COMPILE_MODE other than eager, Muon compiles it on CUDA, so
+    its elementwise steps fuse: it holds no state and every argument but the tensor is the same at every step, so
+    torch.compile builds one graph per shape of a rank's stacked share, in the compile warm-up, and never again
+    (momentum, whose factor changes every step, stays outside: Muon._nesterov)."""
     update = nesterov / (nesterov.norm(dim=-1, keepdim=True) + NORM_EPS)
     return orthogonalise(update, steps, dtype, backend, gram_min_aspect).contiguous()
 
@@ -2847,8 +2847,9 @@ def rans_compress(payload: bytes) -> bytes:
     """The "q" section through rANS; everything else through lzma: the index, the float16 sections as byte
     planes, and the coder's side data. Each group of arrays (one bit width, or the LQER codes) has its own
     tables: one per class of columns (column_tables), and one for the rows coded as differences from their
-    array's prototype row (row_prototype). Side data: the tables (u16), then a byte per column (its table), a
-    byte per row (its table + 1, or 0), and each array's prototype (a byte per column).
+    array's prototype row (row_prototype). Side data: the number of tables (a byte), the tables (u16), then a
+    byte per column (its table), a byte per row (its table + 1, or 0), and each array's prototype (a byte per
+    column).
 
     Layout: u32 length of the lzma part, the lzma part, the lanes' final states (u32 each), the words (u16)."""
     meta, starts = payload_index(payload)
@@ -3021,13 +3022,20 @@ def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[i
     """(window start, first scored target, end) triples. The first window scores all of its targets, each
     later one only the `stride` newest, so every target is scored once with at least seq_len − stride of context."""
     if not 0 < stride <= seq_len:
-        raise SystemExit(f"EVAL_STRIDE={stride} must be in 1..EVAL_SEQ_LEN={seq_len}")
+        raise ValueError(f"a stride of {stride} must be in 1..{seq_len}, the window's length")
     windows, scored_to = [], 0
     while scored_to < num_targets:
         end = min(num_targets, seq_len if scored_to == 0 else scored_to + stride)
         windows.append((max(0, end - seq_len), scored_to, end))
         scored_to = end
     return windows
+
+
+def eval_windows(num_targets: int, h: Hyperparameters) -> list[tuple[int, int, int]]:
+    """The evaluation's sliding windows (EVAL_SEQ_LEN, EVAL_STRIDE; validate() keeps the stride within the length)
+    over `num_targets` targets, shortened to the validation set when it is shorter than one window."""
+    seq_len = min(h.eval_seq_len, num_targets)
+    return sliding_windows(num_targets, seq_len, min(h.eval_stride, seq_len))
 
 
 class ScoreSums:
@@ -3057,7 +3065,7 @@ class ScoreSums:
 
 
 def score_windows(loss_fn, tokens: torch.Tensor, batch: list, device: torch.device,
-                  pad_to: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  pad_to: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float64 losses of a batch of equal-length windows (start, first scored target, end), and the global target
     index of each position: −1 where the position is context only. Rows up to `pad_to` are copies of the first
     window with nothing scored, so a short last batch keeps the compiled graph's shape."""
@@ -3075,7 +3083,7 @@ def score_windows(loss_fn, tokens: torch.Tensor, batch: list, device: torch.devi
 def evaluate_bpb(loss_fn, val: ValidationData, h: Hyperparameters, runtime: Runtime) -> tuple[float, float]:
     """Return (mean loss in nats per token, bits per byte). loss_fn(x, y) gives per-token losses."""
     num_targets = val.num_targets
-    windows = sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride)
+    windows = eval_windows(num_targets, h)
     mine = windows[runtime.rank::runtime.world_size]
     tokens = torch.from_numpy(val.tokens.astype(np.int64))
     sums = ScoreSums(val.target_bytes, runtime.device)
@@ -3220,7 +3228,7 @@ def ttt_sgd(model: GPT, score_fn, train_fn, val: ValidationData, h: Hyperparamet
     is scored. The last chunk is not trained on."""
     num_targets = val.num_targets
     chunks, current = [], []
-    for window in sliding_windows(num_targets, min(h.eval_seq_len, num_targets), h.eval_stride):
+    for window in eval_windows(num_targets, h):
         current.append(window)
         if window[2] - current[0][1] >= h.ttt_chunk_tokens:
             chunks.append(current)
@@ -3743,7 +3751,7 @@ class TTTPrecompile:
     time, so no work escapes both clocks; if it failed, the eval's warm-up compiles as usual."""
 
     def __init__(self, h: Hyperparameters, runtime: Runtime, log):
-        self.h, self.log, self.proc, self.started = h, log, None, 0.0
+        self.log, self.proc, self.started = log, None, 0.0
         self.wanted = (h.ttt_precompile and h.ttt_mode == "lora" and h.compile and h.ttt_compile_mode != "eager"
                        and not h.ttt_eval_only and runtime.device.type == "cuda"
                        and os.environ.get("LOCAL_RANK", "0") == "0")

@@ -61,10 +61,12 @@ def test_evaluate_bpb_matches_a_direct_computation(sample_tokenizer):
     assert bpb == pytest.approx(total / math.log(2) / decoded_bytes, rel=1e-9)
 
 
-@pytest.mark.parametrize("n,seq_len,stride", [(10, 4, 2), (1000, 128, 64), (7, 16, 3), (100, 10, 10), (5, 5, 1)])
+# (7, 16, 12): a validation set shorter than the stride is one window
+@pytest.mark.parametrize("n,seq_len,stride", [(10, 4, 2), (1000, 128, 64), (7, 16, 3), (100, 10, 10), (5, 5, 1),
+                                              (7, 16, 12)])
 def test_sliding_windows_score_every_target_once(n, seq_len, stride):
     covered = []
-    windows = tg.sliding_windows(n, min(seq_len, n), stride)
+    windows = tg.eval_windows(n, tg.Hyperparameters(eval_seq_len=seq_len, eval_stride=stride))
     for start, first, end in windows:
         assert end - start == min(seq_len, n) and start <= first < end
         if first > 0:
