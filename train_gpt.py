@@ -611,6 +611,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def autocast_bf16(device: torch.device):
+    """The forward's precision: bfloat16 autocast on CUDA; off elsewhere (the CPU runs float32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def ceil_div(n: int, d: int) -> int:
+    return -(-n // d)
+
+
 class Logger:
     """Rank 0 writes each line to stdout and to logs/<RUN_ID>.txt (logs/<RUN_ID>_eval.txt with TTT_EVAL_ONLY, so
     the training run's log is kept), flushed at once so a crash loses nothing. main() opens it only once the
@@ -664,18 +673,27 @@ class ShardError(ValueError):
     """A token shard that is missing or not in the challenge's format."""
 
 
-def write_shard(path: str, tokens) -> None:
-    """Write uint16 tokens in the challenge format, atomically (a crash leaves no half-written shard)."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
-        raise ValueError(f"{path}: token ids must fit in uint16, got range [{tokens.min()}, {tokens.max()}]")
+def shard_header(num_values: int) -> np.ndarray:
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, num_values)
+    return header
+
+
+def write_u16_file(path: str, header: np.ndarray, values: np.ndarray, what: str) -> None:
+    """The header, then `values` as uint16, atomically (a crash leaves no half-written file)."""
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"{path}: {what} must fit in uint16, got range [{values.min()}, {values.max()}]")
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
+        f.write(values.astype("<u2").tobytes())
     os.replace(tmp, path)
+
+
+def write_shard(path: str, tokens) -> None:
+    """Write uint16 tokens in the challenge format."""
+    tokens = np.asarray(tokens)
+    write_u16_file(path, shard_header(tokens.size), tokens, "token ids")
 
 
 def read_shard_header(path: str) -> int:
@@ -869,19 +887,13 @@ def byte_sidecar_path(shard_path: str) -> str:
 
 def write_byte_sidecar(path: str, counts, total_bytes: int | None = None) -> None:
     counts = np.asarray(counts)
-    if counts.size and (counts.min() < 0 or counts.max() > 65535):
-        raise ValueError(f"{path}: byte counts must fit in uint16, got range [{counts.min()}, {counts.max()}]")
     total = int(counts.astype(np.int64).sum())
     if total_bytes is not None and int(total_bytes) != total:
         raise ValueError(f"{path}: byte counts sum to {total}, not the {total_bytes} bytes given")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[:4] = (SHARD_MAGIC, SHARD_VERSION, counts.size, BYTE_SIDECAR_TAG)
+    header = shard_header(counts.size)
+    header[3] = BYTE_SIDECAR_TAG
     header[4:6] = np.array([total], dtype="<i8").view("<i4")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(counts.astype("<u2").tobytes())
-    os.replace(tmp, path)
+    write_u16_file(path, header, counts, "byte counts")
 
 
 def read_byte_sidecar(path: str) -> tuple[np.ndarray, int | None]:
@@ -1912,7 +1924,7 @@ class Muon(torch.optim.Optimizer):
         self.shards = None  # per bucket: this rank's share of the averaged gradients, [share, rows, cols]
 
     def _share(self, params: list) -> int:
-        return -(-len(params) // self.world_size)
+        return ceil_div(len(params), self.world_size)
 
     def _mine(self, params: list) -> list:
         """This rank's matrices of a bucket: its contiguous share, shorter or empty on the last ranks."""
@@ -2123,7 +2135,7 @@ def forward_backward(loss_fn, loader: DistributedTokenLoader, h: Hyperparameters
     total = torch.zeros((), device=device)
     for _ in range(accum_steps):
         x, y = loader.next_batch(local_tokens, h.train_seq_len)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast_bf16(device):
             loss = loss_fn(x, y)
         (loss / accum_steps).backward()
         total += loss.detach()
@@ -2572,7 +2584,7 @@ def collect_hessians(model: GPT, batches, device: torch.device) -> dict[str, tor
     model.eval()
     try:
         for x in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast_bf16(device):
                 accumulate("tok_emb.weight", model.hidden(x))
     finally:
         for handle in handles:
@@ -2671,7 +2683,7 @@ def deserialize_quantized(payload: bytes) -> dict[str, dict]:
         return torch.from_numpy(array.copy()).view(*shape)
 
     def int4_groups(g: dict) -> dict[str, torch.Tensor]:
-        groups = [g["shape"][0], -(-g["shape"][1] // LQER_GROUP)]
+        groups = [g["shape"][0], ceil_div(g["shape"][1], LQER_GROUP)]
         return {"q": view("q", g["q"], "i1", g["shape"]), "scale": view("scale", g["scale"], "<f2", groups),
                 "zero": view("scale", g["zero"], "<f2", groups)}
 
@@ -3072,7 +3084,7 @@ def score_windows(loss_fn, tokens: torch.Tensor, batch: list, device: torch.devi
     padding = batch[:1] * max(0, pad_to - len(batch))
     x = torch.stack([tokens[s:e] for s, _, e in batch + padding]).to(device, non_blocking=True)
     y = torch.stack([tokens[s + 1:e + 1] for s, _, e in batch + padding]).to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast_bf16(device):
         losses = loss_fn(x, y).double()
     bounds = torch.tensor([(s, f) for s, f, _ in batch] + [(s, e + 1) for s, _, e in padding], device=device)
     index = bounds[:, :1] + torch.arange(x.size(1), device=device)
@@ -3196,7 +3208,7 @@ def sgd_step(model: GPT, opt, lr: float, train_fn, tokens: torch.Tensor, first: 
         starts = [s for s, e in spans if e - s == n]
         x = torch.stack([tokens[s:s + n] for s in starts]).to(device)
         y = torch.stack([tokens[s + 1:s + n + 1] for s in starts]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast_bf16(device):
             loss = train_fn(x, y)
         (loss * (world_size * x.numel() / (end - first))).backward()  # a share of the sum; the reduction averages
     apply_sgd_step(model, opt, lr, h, world_size)
@@ -3270,7 +3282,7 @@ MIN_ROWS = 2  # torch.compile specialises dimensions of size 1: two rows at leas
 
 
 def round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
+    return ceil_div(n, step) * step
 
 
 def lora_window(end: int, h: Hyperparameters) -> int:
@@ -3435,6 +3447,14 @@ def lora_chunk_inputs(tokens: torch.Tensor, first: torch.Tensor, length: torch.T
     return x, offsets, torch.where(scored, tokens[gather + 1], 0), first + pos, scored
 
 
+def lora_steps(lengths: list, h: Hyperparameters):
+    """(rows, chunk end, window width) of each step of lora_score_batch over documents of these lengths (longest
+    first): the documents not yet finished, and the window up to the chunk's end (lora_rows, lora_window)."""
+    for j in range(ceil_div(max(lengths), h.ttt_chunk)):
+        end = (j + 1) * h.ttt_chunk
+        yield lora_rows(sum(n > j * h.ttt_chunk for n in lengths), h.ttt_batch_docs), end, lora_window(end, h)
+
+
 def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: list, lengths: list, h: Hyperparameters,
                      sums: ScoreSums, timer: PartTimes, adapt: bool, trace) -> None:
     """Score a batch of documents (sorted longest first) TTT_CHUNK targets at a time, all side by side: each chunk
@@ -3449,20 +3469,18 @@ def lora_score_batch(lora: BatchedLoRA, loss_fn, tokens: torch.Tensor, starts: l
     lora.model.requires_grad_(False)  # the base weights are frozen here; only the adapters learn
     lora.start_batch()
     lora.active = True
-    chunks = -(-max(lengths) // chunk)
-    for j in range(chunks):
-        rows, end = lora_rows(sum(n > j * chunk for n in lengths), docs), (j + 1) * chunk
+    steps = list(lora_steps(lengths, h))
+    for j, (rows, end, width) in enumerate(steps):
         timer.start()
         lora.select_rows(rows)
-        x, offsets, y, index, scored = lora_chunk_inputs(tokens, first[:rows], length[:rows], end,
-                                                          lora_window(end, h), chunk)
+        x, offsets, y, index, scored = lora_chunk_inputs(tokens, first[:rows], length[:rows], end, width, chunk)
         losses = lora_chunk_losses(loss_fn, x, y, offsets)
         record, index = torch.where(scored, losses.detach().double(), 0), torch.where(scored, index, -1)
         sums.add(record, index)
         if trace:
             trace("score", index, record, lora)
         timer.mark("forward")
-        if adapt and j + 1 < chunks:
+        if adapt and j + 1 < len(steps):
             if trace:
                 trace("update", index, None, lora)
             adapt_on_chunk(lora, losses, scored, h, timer)
@@ -3477,7 +3495,7 @@ def lora_chunk_losses(loss_fn, x: torch.Tensor, y: torch.Tensor, offsets: torch.
     CUDA; the rows and the window's width are marked dynamic, so every step runs on one graph."""
     for t, dim in ((x, 0), (x, 1), (y, 0)):
         torch._dynamo.maybe_mark_dynamic(t, dim)
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+    with autocast_bf16(x.device):
         return loss_fn(x, y, offsets)
 
 
@@ -3502,7 +3520,7 @@ def warm_up_lora(lora: BatchedLoRA, loss_fn, h: Hyperparameters, device: torch.d
                      PartTimes(device, time.perf_counter), True, None)
     lora.restart()
     synchronize(device)
-    log(f"ttt_warmup:lora chunks:{-(-lengths[0] // chunk)} time:{time.perf_counter() - t0:.1f}s")
+    log(f"ttt_warmup:lora chunks:{ceil_div(lengths[0], chunk)} time:{time.perf_counter() - t0:.1f}s")
 
 
 def document_spans(val_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -3535,11 +3553,7 @@ def lora_segments(lengths: np.ndarray, h: Hyperparameters) -> tuple[list[int], l
 def batch_cost(lengths: list[int], h: Hyperparameters) -> int:
     """The work of one batch as lora_score_batch runs it, in token positions: rows × window width of every step,
     plus TTT_STEP_COST_TOKENS a step for what does not grow with them (kernel launches, the optimizer's pass)."""
-    cost = 0
-    for j in range(-(-max(lengths) // h.ttt_chunk)):
-        rows = lora_rows(sum(n > j * h.ttt_chunk for n in lengths), h.ttt_batch_docs)
-        cost += rows * lora_window((j + 1) * h.ttt_chunk, h) + h.ttt_step_cost_tokens
-    return cost
+    return sum(rows * width + h.ttt_step_cost_tokens for rows, _, width in lora_steps(lengths, h))
 
 
 def deal_batches(costs: list[int], world_size: int) -> list[list[int]]:
@@ -3597,7 +3611,7 @@ def phase_step(model: GPT, opt, lr: float, loss_fn, tokens: torch.Tensor, pieces
         x, y, mask = phase_rows(tokens, [(s, n) for s, n in mine if lora_window(n, h) == width], width)
         for t, dim in ((x, 0), (x, 1), (y, 0), (y, 1)):
             torch._dynamo.maybe_mark_dynamic(t, dim)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast_bf16(device):
             losses = loss_fn(x, y, one_document=True)  # a row holds its piece's document up to the piece's end
         (torch.where(mask, losses, 0).sum() * (world_size / total)).backward()  # a share of the sum; averaged
     apply_sgd_step(model, opt, lr, h, world_size)
