@@ -512,6 +512,13 @@ def model_problems(h: Hyperparameters) -> list[str]:
     return out
 
 
+def phase_cuts(h: Hyperparameters) -> list[int]:
+    try:
+        return sorted({int(p) for p in h.ttt_phase_docs.split(",") if p.strip()})
+    except ValueError:
+        raise SystemExit(f"TTT_PHASE_DOCS={h.ttt_phase_docs!r} must be document counts separated by commas") from None
+
+
 def windowed_layers(h: Hyperparameters) -> set[int]:
     """The physical layers ATTN_WINDOW applies to, from ATTN_WINDOW_LAYERS: ranges and single layers separated by
     commas ("0-7", "0,2,4-6"); empty: every layer. A looped layer's every pass is its physical layer's."""
@@ -2060,6 +2067,10 @@ def build_optimizers(model: GPT, h: Hyperparameters, runtime: Runtime) -> list:
     return [muon, adam]
 
 
+# ----------------------------------------------------------------------------------------------------
+# Training: the loop, its clock, EMA, and the GPTQ calibration hand-off
+# ----------------------------------------------------------------------------------------------------
+
 def lr_multiplier(step: int, progress: float, h: Hyperparameters) -> float:
     """Flat, then over the last WARMDOWN_FRAC of training (1 − progress)/WARMDOWN_FRAC, floored at MIN_LR: the
     floor comes at progress 1 − WARMDOWN_FRAC·MIN_LR (0.915 by default) and holds to the end. WARMUP_STEPS > 0
@@ -2075,10 +2086,6 @@ def muon_momentum(step: int, h: Hyperparameters) -> float:
     t = min(1.0, step / max(1, h.muon_momentum_warmup_steps))
     return h.muon_momentum_warmup_start + t * (h.muon_momentum - h.muon_momentum_warmup_start)
 
-
-# ----------------------------------------------------------------------------------------------------
-# Training: the loop, its clock, EMA, and the GPTQ calibration hand-off
-# ----------------------------------------------------------------------------------------------------
 
 class EMA:
     """Float32 exponential moving average of the weights, with the same decay from the first update on (as published);
@@ -2511,6 +2518,10 @@ def dequantize_entry(e: dict) -> torch.Tensor:
     return w
 
 
+def dequantize_state_dict(quantized: dict[str, dict]) -> dict[str, torch.Tensor]:
+    return {name: dequantize_entry(e) for name, e in quantized.items()}
+
+
 def export_grid(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[int, float, str] | None:
     """(bits, clip sigmas, QUANT_GRID) of the per-row grid on which the artifact stores a tensor as integers, or None
     for a tensor it stores as float16. Gate matrices: GATE_BITS on the absmax grid. QAT trains on these grids too."""
@@ -2598,10 +2609,6 @@ def all_reduce_sum(tensors: dict[str, torch.Tensor], world_size: int) -> None:
     if world_size > 1:
         for name in sorted(tensors):  # the same order on every rank
             dist.all_reduce(tensors[name])
-
-
-def dequantize_state_dict(quantized: dict[str, dict]) -> dict[str, torch.Tensor]:
-    return {name: dequantize_entry(e) for name, e in quantized.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3529,13 +3536,6 @@ def document_spans(val_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     num_targets = val_tokens.size - 1
     starts = np.union1d([0], np.flatnonzero(val_tokens[:num_targets] == BOS_ID))
     return starts, np.diff(np.append(starts, num_targets))
-
-
-def phase_cuts(h: Hyperparameters) -> list[int]:
-    try:
-        return sorted({int(p) for p in h.ttt_phase_docs.split(",") if p.strip()})
-    except ValueError:
-        raise SystemExit(f"TTT_PHASE_DOCS={h.ttt_phase_docs!r} must be document counts separated by commas") from None
 
 
 def lora_segments(lengths: np.ndarray, h: Hyperparameters) -> tuple[list[int], list[list[list[int]]]]:
