@@ -30,10 +30,12 @@ def test_defaults_are_the_published_choice():
 
 def test_switches_are_read_from_the_environment(monkeypatch):
     for name in ("XSA_ENABLED", "SMEAR_GATE_ENABLED", "ATTN_GATE_ENABLED"):
-        monkeypatch.setenv(name, "1")
-    monkeypatch.setenv("PARALLEL_RESIDUAL_START", "8")
-    h = tg.Hyperparameters.from_env()
-    assert (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start) == (True, True, True, 8)
+        monkeypatch.setenv(name, "0")
+    monkeypatch.setenv("PARALLEL_RESIDUAL_START", "3")
+    read, default = tg.Hyperparameters.from_env(), tg.Hyperparameters()
+    switches = lambda h: (h.xsa_enabled, h.smear_gate_enabled, h.attn_gate_enabled, h.parallel_residual_start)
+    assert switches(read) == (False, False, False, 3)
+    assert all(a != b for a, b in zip(switches(read), switches(default)))  # each differs from its default
 
 
 def test_all_off_is_the_handwritten_baseline():

@@ -232,7 +232,7 @@ def test_a_record_name_and_ours_set_to_different_values_are_refused(smoke_env):
         tg.Hyperparameters.from_env()
 
 
-@pytest.mark.parametrize("env,docs", [({"PHASED_TTT_PREFIX_DOCS": "2500", "PHASED_TTT_NUM_PHASES": "3"}, "833,1666,2500"),
+@pytest.mark.parametrize("env,docs", [({"PHASED_TTT_PREFIX_DOCS": "2400", "PHASED_TTT_NUM_PHASES": "3"}, "800,1600,2400"),
                                       ({"PHASED_TTT_PREFIX_DOCS": "2000"}, "666,1333,2000"),
                                       ({"PHASED_TTT_PREFIX_DOCS": "1000", "PHASED_TTT_NUM_PHASES": "1"}, "1000"),
                                       ({"PHASED_TTT_NUM_PHASES": "2"}, "1250,2500")])

@@ -32,11 +32,10 @@ def test_fused_softcap_ce_matches_float64(rows, vocab, dtype):
     (ref_loss * weights.double()).sum().backward()
 
     x = logits.to(DEVICE).requires_grad_(True)
-    poison = torch.full_like(x, float("nan"))
     loss = tg.softcap_cross_entropy(x, targets.to(DEVICE), 30.0, fused=True)
     assert loss.dtype == torch.float32 and loss.shape == (rows,)
     (loss * weights.to(DEVICE)).sum().backward()
-    assert torch.isfinite(x.grad).all() and not torch.equal(x.grad, poison)
+    assert torch.isfinite(x.grad).all()
     assert loss[1].item() == 0.0 and torch.all(x.grad[1] == 0)
     assert torch.allclose(loss.double().cpu(), ref_loss.detach(), rtol=1e-5, atol=1e-5)
     tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 gradients are rounded on the way out

@@ -1,4 +1,5 @@
 """Model, attention, optimizer and schedule: each checked against a slow reference."""
+import dataclasses
 import math
 import os
 
@@ -258,6 +259,13 @@ def test_residual_stream_dtype_follows_the_switch():
     h = tiny_hparams(residual_bf16=True)
     torch.manual_seed(0)
     model = tg.GPT(h)
+    cuda = torch.device("cuda")  # use_device_paths reads only the device's type: no GPU needed
+    for on in (True, False):
+        switches = dataclasses.replace(h, residual_bf16=on, fused_ce=on, fused_mlp=on, attn_cudnn=False)
+        tg.use_device_paths(model, switches, cuda)
+        assert model.residual_dtype == (torch.bfloat16 if on else None)
+        fused = on and tg.triton is not None
+        assert model.fused_ce == fused and all(m.fused == fused for m in model.modules() if isinstance(m, tg.MLP))
     tg.use_device_paths(model, h, torch.device("cpu"))
     assert model.residual_dtype is None and not model.fused_ce
     idx = torch.randint(0, 97, (2, 16))

@@ -162,7 +162,12 @@ def test_attention_output_gate_is_one_half_at_init_and_has_no_factor_two():
         gated = attn(x)
         attn.gated = False
         plain = attn(x)
+        attn.gate.normal_()  # the logit's scale shows only once the gate is not zero: σ(0.5·W·x[:12]), not σ(W·x[:12])
+        attn.gated = True
+        scaled = attn(x)
     assert torch.allclose(gated, 0.5 * plain, atol=1e-7)
+    factor = torch.sigmoid(0.5 * x[..., :12] @ attn.gate.detach().T)  # (batch, time, heads)
+    assert torch.allclose(scaled, (plain.view(2, 6, 4, -1) * factor[..., None]).view_as(plain), atol=1e-6)
 
 
 def test_partial_rope_is_16_of_64_dims_at_base_10000_without_yarn():

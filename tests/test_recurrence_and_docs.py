@@ -47,12 +47,12 @@ def test_defaults_are_the_published_ones_and_read_from_the_environment(monkeypat
     h = tg.Hyperparameters()
     assert (h.num_loops, h.doc_attention, h.parallel_residual_lanes, h.parallel_residual_start) == (2, True, 2, 8)
     assert (h.loop_start, h.loop_end, h.loop_enable_frac) == (3, 5, 0.35)
-    for name, value in dict(NUM_LOOPS="2", LOOP_START="2", LOOP_END="4", LOOP_ENABLE_FRAC="0.5", DOC_ATTENTION="1",
-                            DOC_SEGMENT_TOKENS="64", PARALLEL_RESIDUAL_LANES="2").items():
+    for name, value in dict(NUM_LOOPS="1", LOOP_START="2", LOOP_END="4", LOOP_ENABLE_FRAC="0.5", DOC_ATTENTION="0",
+                            DOC_SEGMENT_TOKENS="64", PARALLEL_RESIDUAL_LANES="1").items():  # none the default
         monkeypatch.setenv(name, value)
     h = tg.Hyperparameters.from_env()
-    assert (h.num_loops, h.loop_start, h.loop_end, h.loop_enable_frac) == (2, 2, 4, 0.5)
-    assert (h.doc_attention, h.doc_segment_tokens, h.parallel_residual_lanes) == (True, 64, 2)
+    assert (h.num_loops, h.loop_start, h.loop_end, h.loop_enable_frac) == (1, 2, 4, 0.5)
+    assert (h.doc_attention, h.doc_segment_tokens, h.parallel_residual_lanes) == (False, 64, 1)
 
 
 ON = {"loops": dict(num_loops=1, loop_start=1, loop_end=2), "docs": dict(doc_attention=True),
