@@ -1991,13 +1991,13 @@ class Muon(torch.optim.Optimizer):
             group = self.param_groups[index]
             share = self._share(params)
             # unscaled: the apply below scales by the shape
+            settings = self.ns_steps, self.ns_dtype, self.backend, self.gram_min_aspect
             if len(nesterov) == share:
-                updates = self.update_fn(nesterov, self.ns_steps, self.ns_dtype, self.backend, self.gram_min_aspect)
+                updates = self.update_fn(nesterov, *settings)
             else:  # a last rank's short share: zero updates for the padding
                 updates = torch.zeros(share, *params[0].shape, device=params[0].device, dtype=self.ns_dtype)
                 if len(nesterov):
-                    updates[:len(nesterov)] = self.update_fn(nesterov, self.ns_steps, self.ns_dtype, self.backend,
-                                                             self.gram_min_aspect)
+                    updates[:len(nesterov)] = self.update_fn(nesterov, *settings)
             handle = None
             if self.world_size > 1:
                 gathered = updates.new_empty(share * self.world_size, *params[0].shape)
