@@ -1,5 +1,6 @@
 """The GPU job scripts under tools/bench/ run only on the device, so CI checks what it can without one: that
-every script parses, and that a run entry's overrides reach `env` as the entry wrote them."""
+every script parses, that a run entry's overrides reach `env` as the entry wrote them, and that side-by-side runs
+get disjoint shares of the cores and a summary of each GPU's clocks that leaves its idle samples out."""
 import glob
 import os
 import subprocess
@@ -29,3 +30,34 @@ def test_run_entries_split_at_the_comma_before_each_variable():
     # a value may hold commas (TTT_PHASE_DOCS, PRESET lists): only a comma before the next VAR= separates
     assert run_overrides("ph:TTT_PHASE_DOCS=7,14,21,SEED=1") == "TTT_PHASE_DOCS=7,14,21 SEED=1"
     assert run_overrides("p:PRESET=smoke,pr1512") == "PRESET=smoke,pr1512"
+
+
+def device_job(function: str, *args: str) -> str:
+    command = f'source tools/bench/device_job.sh && {function} "$@"'
+    return subprocess.run(["bash", "-c", command, "device_job", *args], capture_output=True, text=True, cwd=REPO,
+                          check=True).stdout.strip()
+
+
+def test_cpu_shares_are_equal_disjoint_and_cover_the_cores():
+    for cores, n in ((32, 2), (16, 3), (64, 4), (2, 2), (7, 1)):
+        shares = [device_job("cpu_share", str(k), str(n), str(cores)) for k in range(n)]
+        ranges = [tuple(map(int, s.split("-"))) for s in shares]
+        used = [c for lo, hi in ranges for c in range(lo, hi + 1)]
+        assert len(used) == len(set(used)), shares  # disjoint
+        assert {hi - lo for lo, hi in ranges} == {cores // n - 1}, shares  # equal
+        assert min(used) == 0 and max(used) < cores and len(used) == n * (cores // n), shares
+    # more queues than cores: each still gets one core
+    assert [device_job("cpu_share", str(k), "3", "2") for k in range(3)] == ["0-0", "1-1", "0-0"]
+
+
+def test_gpu_summary_averages_only_the_busy_samples_of_each_gpu(tmp_path):
+    samples = tmp_path / "gpu.csv"
+    samples.write_text("0, 1980, 650.0, 60, 100\n"
+                       "1, 1755, 700.0, 71, 99\n"
+                       "0, 345, 80.0, 40, 0\n"        # idle (compiling): left out
+                       "0, 1900, 610.0, 62, 97\n"
+                       "1, 1805, [N/A], 69, 50\n")    # no power reading: left out of the power mean only
+    assert device_job("gpu_summary", str(samples)).splitlines() == [
+        "gpu:0 busy_samples:2 sm_mhz_mean:1940 sm_mhz_min:1900 power_w_mean:630 temp_max_c:62",
+        "gpu:1 busy_samples:2 sm_mhz_mean:1780 sm_mhz_min:1755 power_w_mean:700 temp_max_c:71",
+    ]

@@ -32,6 +32,38 @@ run_overrides() {
   case "$1" in *:*) echo "${1#*:}" | sed -E 's/,([A-Z_][A-Z0-9_]*=)/ \1/g' ;; esac
 }
 
+# cpu_share K N [CORES]: the K-th of N equal, disjoint shares of CORES cores (default: this process's), as taskset's
+# list "LO-HI". Runs side by side on different GPUs each get their own share, so that one run's compilation or
+# host-bound TTT does not slow the other's training.
+cpu_share() {
+  local cores=${3:-$(nproc)} size
+  size=$(( cores / $2 )); [ "$size" -ge 1 ] || size=1
+  local lo=$(( ($1 * size) % cores ))
+  echo "$lo-$(( lo + size - 1 ))"
+}
+
+# gpu_monitor_start FILE: sample every GPU every 5 s into FILE (index, SM clock MHz, power W, temperature C,
+# utilisation %) until killed; prints the sampler's pid
+gpu_monitor_start() {
+  nvidia-smi --query-gpu=index,clocks.sm,power.draw,temperature.gpu,utilization.gpu --format=csv,noheader,nounits \
+    -l 5 > "$1" 2>/dev/null &
+  echo $!
+}
+
+# gpu_summary FILE: per GPU, over the samples taken while it was busy (utilisation at least 50%), the mean and the
+# lowest SM clock, the mean power and the highest temperature: a GPU that clocks lower shows here, not in a run's log
+gpu_summary() {
+  awk -F', *' '$5 + 0 >= 50 {
+      g = $1; n[g]++; clock[g] += $2
+      if ($3 ~ /^[0-9.]+$/) { power[g] += $3; watts[g]++ }  # "[N/A]" where the driver does not report it
+      if (!(g in low) || $2 + 0 < low[g]) low[g] = $2 + 0
+      if ($4 + 0 > hot[g]) hot[g] = $4 + 0
+    }
+    END { for (g in n) printf "gpu:%s busy_samples:%d sm_mhz_mean:%.0f sm_mhz_min:%d power_w_mean:%s temp_max_c:%d\n",
+                              g, n[g], clock[g] / n[g], low[g], watts[g] ? sprintf("%.0f", power[g] / watts[g]) : "n/a",
+                              hot[g] }' "$1" | sort
+}
+
 # The CaseOps proxy shards (with byte sidecars) and their tokenizer's file name, for the protocol-v1c jobs
 CASEOPS_DATA=/tmp/proxy_caseops/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved
 CASEOPS_TOKENIZER=fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model

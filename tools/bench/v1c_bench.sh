@@ -13,6 +13,9 @@
 # eval-only entry on that artifact with CACHE=NAME uses that run's cache as it is, TTT's graphs compiled beside
 # training (TTT_PRECOMPILE) included, so its TTT warm-up is a cache hit. Queued behind that run on its GPU:
 #   GPUS=1 RUNS="defaults ph:TTT_EVAL_ONLY=1,ARTIFACT_PATH=/tmp/v1c_artifacts/defaults.artifact,CACHE=defaults,TTT_PHASE_DOCS=7,14,21"
+# With more than one GPU in use, each GPU's queue is pinned (taskset) to its own equal share of the cores, so that a
+# compilation or a host-bound TTT eval on one GPU does not slow a training on another; the GPUs' clocks are sampled
+# throughout, and the summary ends with each one's clock, power and temperature while busy.
 # The protocol: 65,536-token steps (one micro-step), 180 s of training, seed 1337, val_bpb on the byte
 # sidecars, the TTT phase boundaries scaled to the proxy's 416 validation documents.
 set -u
@@ -34,14 +37,15 @@ run)
   cd "$WORK" || exit 1
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  run_entry() {  # ENTRY GPU
-    local name=${1%%:*} overrides cache run
+  run_entry() {  # ENTRY GPU CORES
+    local name=${1%%:*} overrides cache run pin=()
     overrides=$(run_overrides "$1")
     cache=$(printf ' %s ' "$overrides" | grep -oE ' CACHE=[^ ]+' | cut -d= -f2)
     overrides=$(printf '%s' "$overrides" | sed -E 's/(^| )CACHE=[^ ]*//')
     if [ -z "$cache" ]; then cache=$name; rm -rf "/tmp/v1c_compile/$name"; fi
-    echo "== $name on GPU $2, compile cache $cache: $overrides"
-    env DATA_PATH="$DATA" TOKENIZER_PATH="$WORK/$TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 TRAIN_BATCH_TOKENS=65536 \
+    [ -n "$3" ] && pin=(taskset -c "$3")
+    echo "== $name on GPU $2, cores ${3:-all}, compile cache $cache: $overrides"
+    "${pin[@]}" env DATA_PATH="$DATA" TOKENIZER_PATH="$WORK/$TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 TRAIN_BATCH_TOKENS=65536 \
         MAX_WALLCLOCK_SECONDS="$QUALITY_SECONDS" SEED=1337 TTT_PHASE_DOCS=33,66,100 RUN_ID="$name" \
         OUTPUT_DIR="$WORK/out_$name" CUDA_VISIBLE_DEVICES=$2 TORCHINDUCTOR_CACHE_DIR="/tmp/v1c_compile/$cache" \
         TRITON_CACHE_DIR="/tmp/v1c_compile/$cache/triton" $overrides python3 train_gpt.py > "$name.out" 2>&1 &
@@ -61,10 +65,16 @@ run)
   for entry in $RUNS; do
     gpu=$((FIRST_GPU + i % gpus)); queue[$gpu]+="$entry "; i=$((i + 1))
   done
-  for gpu in "${!queue[@]}"; do
-    ( for entry in ${queue[$gpu]}; do run_entry "$entry" "$gpu"; done ) &
+  monitor=$(gpu_monitor_start "$WORK/gpu.csv")
+  command -v taskset >/dev/null || echo "no taskset: the runs share every core"
+  k=0 queues=()
+  for gpu in $(printf '%s\n' "${!queue[@]}" | sort -n); do  # each GPU's queue on its own share of the cores
+    cores=$(command -v taskset >/dev/null && [ ${#queue[@]} -gt 1 ] && cpu_share $k ${#queue[@]})
+    ( for entry in ${queue[$gpu]}; do run_entry "$entry" "$gpu" "$cores"; done ) &
+    queues+=($!); k=$((k + 1))
   done
-  wait
+  wait "${queues[@]}"
+  kill "$monitor" 2>/dev/null
   for entry in $RUNS; do
     name=${entry%%:*}
     echo "== $name"
@@ -72,6 +82,8 @@ run)
     grep -h "^ttt_precompile:done" "out_$name/logs/${name}_ttt_precompile.txt" 2>/dev/null  # its time and GPU memory
     tail -n 3 "$name.out" | grep -iE "error|Traceback" && tail -n 40 "$name.out"
   done
+  echo "== GPUs while busy"
+  gpu_summary "$WORK/gpu.csv"
   echo BENCH_DONE
   ;;
 poll)
