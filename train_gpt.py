@@ -230,10 +230,6 @@ def env_settings(environ) -> dict[str, str]:
     return settings
 
 
-def is_foreign_variable(name: str) -> bool:
-    return name in OTHER_SCRIPT_VARIABLES or name.startswith(FOREIGN_PREFIXES)
-
-
 def unknown_variable_warnings(environ) -> list[str]:
     """A warning for each upper-case variable that looks meant for this script but that it does not read: under one
     of its names' prefixes (TTT_, MUON_, ...) or close to one of its names (a misspelling such as ITERATONS)."""
@@ -244,7 +240,8 @@ def unknown_variable_warnings(environ) -> list[str]:
     out = [f"WARNING {name}={environ[name]!r} is ignored: {why}" for name, why in UNSUPPORTED_RECORD_VARIABLES.items()
            if name in environ]
     for name in sorted(environ):
-        if name != name.upper() or name in known or name in UNSUPPORTED_RECORD_VARIABLES or is_foreign_variable(name):
+        if (name != name.upper() or name in known or name in UNSUPPORTED_RECORD_VARIABLES
+                or name.startswith(FOREIGN_PREFIXES)):
             continue
         close = difflib.get_close_matches(name, list(kinds) + list(ENV_ALIASES), n=1, cutoff=0.85)
         if close or name.startswith(prefixes):
@@ -291,6 +288,7 @@ class Hyperparameters:
     doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
     doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
     attn_cudnn: bool = True  # on CUDA, causal attention without document bounds (TTT) tries cuDNN's kernel first
+    # Earlier stacks' features (PR #1512's), off by default as in the top stack
     attn_window: int = 0  # sliding-window attention: a query sees itself and the ATTN_WINDOW tokens before it; 0 = all
     attn_window_layers: str = ""  # the physical layers ATTN_WINDOW applies to ("0-7", "0,2,4-6"); "" = every layer
     key_offset_dims: int = 0  # partial key offset: this many channels of each key head (from those without RoPE) hold
@@ -392,7 +390,8 @@ class Hyperparameters:
     ttt_width_step: int = 64  # lora: window widths rounded up to a multiple of this (the compiled graph's width is
     # dynamic, so finer costs no compilation: 64 computes 7% fewer positions than 256 at FineWeb's shape)
     ttt_step_cost_tokens: int = 32768  # lora: a step's fixed cost (launches, optimizer) in token positions, for the
-    # guard and to deal batches: a step of 2 rows × 64 tokens takes a quarter of one of 64 × 2048
+    # guard and to deal batches (measured on an H200, a step of 16 rows × 128 tokens took about a quarter of the
+    # time of one of 64 × 2048; this cost makes it a fifth)
     ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs;
     # eager: not compiled)
     ttt_precompile: bool = True  # lora on CUDA: a side process compiles TTT's scoring graph while training runs
@@ -497,9 +496,8 @@ def model_problems(h: Hyperparameters) -> list[str]:
     if h.num_loops < 0 or h.num_loops and not 0 <= h.loop_start <= h.loop_end < h.num_layers:
         return out + [f"NUM_LOOPS={h.num_loops} must be ≥ 0, and with loops 0 ≤ LOOP_START={h.loop_start} "
                       f"≤ LOOP_END={h.loop_end} < NUM_LAYERS={h.num_layers}"]
-    if h.parallel_residual_lanes not in (1, 2) or h.doc_segment_tokens < 1:
-        return out + [f"PARALLEL_RESIDUAL_LANES={h.parallel_residual_lanes} must be 1 or 2, and "
-                      f"DOC_SEGMENT_TOKENS={h.doc_segment_tokens} at least 1"]
+    if h.parallel_residual_lanes not in (1, 2):  # DOC_SEGMENT_TOKENS's bound is in the range checks
+        return out + [f"PARALLEL_RESIDUAL_LANES={h.parallel_residual_lanes} must be 1 or 2"]
     # Two lanes hold from the first two-lane layer to the output, so those layers must run last, after the
     # encoder half (whose outputs feed the skips as single streams), in every layout.
     two_lane = {i for i in range(h.num_layers) if h.parallel_residual_lanes == 2 and 0 <= h.parallel_residual_start <= i}
@@ -629,8 +627,8 @@ def ceil_div(n: int, d: int) -> int:
 
 
 class Logger:
-    """Rank 0 writes each line to stdout and to logs/<RUN_ID>.txt (logs/<RUN_ID>_eval.txt with TTT_EVAL_ONLY, so
-    the training run's log is kept), flushed at once so a crash loses nothing. main() opens it only once the
+    """Rank 0 writes each line to stdout and to OUTPUT_DIR/logs/<RUN_ID>.txt (<RUN_ID>_eval.txt with TTT_EVAL_ONLY,
+    so the training run's log is kept), flushed at once so a crash loses nothing. main() opens it only once the
     inputs passed their checks, and an earlier log of the same name is kept as <name>.txt.1 (.2, ...), not
     overwritten: a run that fails later never costs an earlier run its log."""
 
@@ -1685,7 +1683,7 @@ class GPT(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if name.endswith(("attn.proj", "mlp.down")):
-                    nn.init.zeros_(module.weight)  # every block starts as the identity
+                    nn.init.zeros_(module.weight)  # every sublayer's output starts at zero
                 else:  # q, k, v and MLP-up: orthogonal (gain 1), every direction of the input kept at one scale
                     nn.init.orthogonal_(module.weight)
 
@@ -1693,7 +1691,8 @@ class GPT(nn.Module):
         return self.looped_layout if self.looped_layout and (self.looping or not self.training) else self.plain_layout
 
     def documents(self, idx: torch.Tensor):
-        """What causal_attention needs to keep each token inside its document (found from BOS)."""
+        """What causal_attention needs to keep each token inside its document (found from BOS). Counts, in
+        doc_overflows, the batches with more documents than the varlen capacity holds."""
         starts = document_starts(idx)
         if idx.device.type not in VARLEN_DEVICES or self.windowed and not VARLEN_WINDOWS:
             return document_mask(starts)
@@ -1813,9 +1812,9 @@ POLAR_EXPRESS_COEFFS = (
 
 NORM_EPS = 1e-7  # keeps a zero update zero instead of dividing by zero
 MUON_BACKENDS = ("polar", "gram")  # MUON_BACKEND: plain Polar Express, or Gram Newton–Schulz on oblong matrices
-# MUON_COMPILE_MODE: torch.compile modes for orthogonal_update, or eager. Not CUDA graphs (reduce-overhead), not yet:
-# their outputs live in the graphs' own memory pool, and each bucket's update is read (all-gather, apply) after later
-# buckets' graphs have run; whether that is safe with two buckets of one shape needs a GPU to check.
+# MUON_COMPILE_MODE: torch.compile modes for orthogonal_update, or eager. Not CUDA graphs (reduce-overhead): their
+# outputs live in the graphs' own memory pool, and each bucket's update is read (all-gather, apply) after later
+# buckets' graphs have run, which a later replay of a graph of the same shape may overwrite.
 MUON_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "eager")
 # Gram NS forms X = Q·X₀ explicitly and recomputes R = X·Xᵀ every this many steps (a restart): it carries the
 # iterate as Q (n×n) and A = Q·R·Qᵀ, whose bfloat16 errors grow with Q (Q's eigenvalues reach the product of the
@@ -1889,8 +1888,8 @@ def orthogonalise(update: torch.Tensor, steps: int, dtype: torch.dtype, backend:
 def orthogonal_update(nesterov: torch.Tensor, steps: int, dtype: torch.dtype, backend: str = "polar",
                       gram_min_aspect: float = 1.5) -> torch.Tensor:
     """A bucket's unscaled Muon update from its Nesterov momentum: MuonEq-R's equal-norm rows, then orthogonalise,
-    contiguous (what the all-gather sends). With MUON_COMPILE_MODE other than eager, Muon compiles it on CUDA, so
-    its elementwise steps fuse: it holds no state and every argument but the tensor is the same at every step, so
+    contiguous (what the all-gather sends). With MUON_COMPILE_MODE other than eager, muon_update_fn compiles it on
+    CUDA (with COMPILE), so its elementwise steps fuse: it holds no state and every argument but the tensor is the same at every step, so
     torch.compile builds one graph per shape of a rank's stacked share, in the compile warm-up, and never again
     (momentum, whose factor changes every step, stays outside: Muon._nesterov)."""
     update = nesterov / (nesterov.norm(dim=-1, keepdim=True) + NORM_EPS)
@@ -2030,7 +2029,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def split_parameters(model: GPT) -> tuple[list, list, list]:
-    """(matrices of the blocks → Muon, the tied embedding → Adam, vectors and gains → Adam)."""
+    """(matrices of the blocks → Muon, the tied embedding → Adam, everything else → Adam: vectors, gains and the
+    small gate matrices)."""
     matrices = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
     taken = {id(p) for p in matrices} | {id(model.tok_emb.weight)}
     scalars = [p for p in model.parameters() if id(p) not in taken]
@@ -2122,11 +2122,11 @@ class EMA:
 
 def derive_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
     """Micro-steps per optimizer step so the global batch is TRAIN_BATCH_TOKENS for any world size."""
-    per_rank_step = world_size * h.train_seq_len
-    if h.train_batch_tokens % per_rank_step:
+    seq_on_every_rank = world_size * h.train_seq_len
+    if h.train_batch_tokens % seq_on_every_rank:
         raise SystemExit(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must be a multiple of world size {world_size} "
                          f"× TRAIN_SEQ_LEN={h.train_seq_len}")
-    seqs_per_rank = h.train_batch_tokens // per_rank_step
+    seqs_per_rank = h.train_batch_tokens // seq_on_every_rank
     if h.grad_accum_steps:
         if seqs_per_rank % h.grad_accum_steps:
             raise SystemExit(f"GRAD_ACCUM_STEPS={h.grad_accum_steps} must divide the {seqs_per_rank} sequences "
@@ -2281,7 +2281,8 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime
     optimizer states: the timed run starts from step 0 with the graphs already built. The steps are shared out
     among the training graphs (training_graphs, at least one step each): with NUM_LOOPS > 0 the first half runs
     the plain layout and the rest the looped one, and with QAT each layout runs without, then with it, so the
-    switches in mid-training find every graph built (they flip flags on which the compiled graph is guarded)."""
+    switches in mid-training find every graph built (they flip flags on which the compiled graph is guarded). One
+    GPTQ calibration forward follows (warm_up_calibration), for the kernels the quantization reserve would build."""
     graphs = training_graphs(h)
     steps = max(h.compile_warmup_steps, len(graphs)) if h.compile_warmup_steps > 0 else 0
     if steps <= 0:
@@ -2539,7 +2540,8 @@ def dequantize_state_dict(quantized: dict[str, dict]) -> dict[str, torch.Tensor]
 
 def export_grid(name: str, tensor: torch.Tensor, h: Hyperparameters) -> tuple[int, float, str] | None:
     """(bits, clip sigmas, QUANT_GRID) of the per-row grid on which the artifact stores a tensor as integers, or None
-    for a tensor it stores as float16. Gate matrices: GATE_BITS on the absmax grid. QAT trains on these grids too."""
+    for a tensor it stores as float16. Gate matrices: GATE_BITS on the absmax grid. QAT trains the block matrices on
+    these grids too."""
     if is_gate_matrix(name, tensor):
         return GATE_BITS, 0.0, "absmax"
     if tensor.ndim != 2 or tensor.numel() <= h.float_max_numel:
@@ -3054,7 +3056,8 @@ def load_artifact(path: str, model: GPT) -> None:
 
 def sliding_windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(window start, first scored target, end) triples. The first window scores all of its targets, each
-    later one only the `stride` newest, so every target is scored once with at least seq_len − stride of context."""
+    later one only the `stride` newest, so every target is scored once, and every target after the first window with
+    at least seq_len − stride of context."""
     if not 0 < stride <= seq_len:
         raise ValueError(f"a stride of {stride} must be in 1..{seq_len}, the window's length")
     windows, scored_to = [], 0
@@ -3424,7 +3427,7 @@ class BatchedLoRA:
     @torch.no_grad()
     def adam_step(self, lr: float, weight_decay: float) -> None:
         """AdamW with self.betas on the rows of this step only, in torch's fused kernel (torch.optim.AdamW with
-        fused=True): one pass over the adapters and their state instead of one a foreach operation. With β1 = 0 the
+        fused=True): one pass over the adapters and their state instead of one per foreach operation. With β1 = 0 the
         first moment equals the gradient, so the gradients stand in for it (no buffer to keep)."""
         rows = self.live[0].size(0)
         grads = [p.grad for p in self.live]
@@ -3448,7 +3451,7 @@ class BatchedLoRA:
 
 def lora_loss_fn(lora: BatchedLoRA, h: Hyperparameters, device: torch.device):
     """The function LoRA TTT scores a chunk with: lora.token_losses compiled in TTT_COMPILE_MODE (one graph for the
-    whole model: compiling each block on its own took as long and ran slower steps), or eager."""
+    whole model: per-block graphs compile no faster and run slower steps), or eager."""
     return (compile_on_gpu(lora.token_losses, h, device, mode=h.ttt_compile_mode) if h.ttt_compile_mode != "eager"
             else lora.token_losses)
 
@@ -3689,10 +3692,10 @@ def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runt
     the model's own, eager); then the adapters start fresh (A back to its initialisation) on the new weights."""
     device = runtime.device
     starts, lengths = document_spans(val.tokens)
-    all_batches, segments = dealt_batches(lengths, h, runtime.rank, runtime.world_size)
-    costs = [[batch_cost(lengths[b].tolist(), h) for b in batches] for batches in segments]
+    all_segments, my_segments = dealt_batches(lengths, h, runtime.rank, runtime.world_size)
+    costs = [[batch_cost(lengths[b].tolist(), h) for b in batches] for batches in my_segments]
     guard = EvalGuard(h, sum(map(sum, costs)), runtime, clock, start)
-    my_targets = int(sum(lengths[b].sum() for batches in segments for b in batches))
+    my_targets = int(sum(lengths[b].sum() for batches in my_segments for b in batches))
     tokens = torch.from_numpy(val.tokens.astype(np.int64)).to(device)
     sums, lora, timer = ScoreSums(val.target_bytes, device), BatchedLoRA(model, h, device), PartTimes(device, clock)
     # only the rows and the window's width are dynamic (lora_chunk_losses marks them): making every size symbolic
@@ -3700,7 +3703,7 @@ def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runt
     loss_fn = lora_loss_fn(lora, h, device)
     phase_compiled = h.compile and device.type == "cuda" and h.ttt_phase_compile
     phase_fn = score_fn if phase_compiled else model.token_losses
-    units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, segments)), 0, 0, 0.0, 0.0, 0.0
+    units, unit, adapted, host_s, phase_s, warm_s = sum(map(len, my_segments)), 0, 0, 0.0, 0.0, 0.0
     phase_pace = None  # seconds per target of the last global phase
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the closing line's peak is TTT's own
@@ -3708,10 +3711,10 @@ def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runt
         if h.ttt_warmup:
             t0 = time.perf_counter()
             warm_up_lora(lora, loss_fn, h, device, log)
-            if len(segments) > 1 and phase_compiled:
+            if len(my_segments) > 1 and phase_compiled:
                 warm_up_phase(model, phase_fn, h, runtime, log)
             warm_s = time.perf_counter() - t0
-        for k, batches in enumerate(segments):
+        for k, batches in enumerate(my_segments):
             for batch, work in zip(batches, costs[k]):
                 adapt = guard.allows(log, collective=False, upcoming_s=guard.adapt_pace() * work)
                 t0 = guard.now()
@@ -3726,9 +3729,9 @@ def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runt
                 unit += 1
                 if unit % h.ttt_log_every == 0 or unit == units:
                     log_progress(log, sums, guard, unit, units, time_parts(timer.totals, host_s))
-            if k + 1 == len(segments):
+            if k + 1 == len(my_segments):
                 break
-            scored_docs = [d for batches in all_batches[:k + 1] for b in batches for d in b]
+            scored_docs = [d for batches in all_segments[:k + 1] for b in batches for d in b]
             phase_targets = int(lengths[scored_docs].sum())
             # a phase trains on each scored target once; until one is measured, PHASE_TARGET_WORK units of LoRA work
             unit_s = guard.score_pace() + guard.adapt_pace()
