@@ -25,8 +25,8 @@ def counting_linears(monkeypatch) -> list:
     return calls
 
 
-def fused_and_plain(qat: bool) -> tuple[tg.GPT, tg.GPT]:
-    fused = make_model(fused_qkv=True, xsa_enabled=True, attn_gate_enabled=True)
+def fused_and_plain(qat: bool, num_layers: int = 5) -> tuple[tg.GPT, tg.GPT]:
+    fused = make_model(fused_qkv=True, xsa_enabled=True, attn_gate_enabled=True, num_layers=num_layers)
     perturb(fused)
     plain = copy.deepcopy(fused)
     for m in plain.modules():
@@ -37,7 +37,7 @@ def fused_and_plain(qat: bool) -> tuple[tg.GPT, tg.GPT]:
             for m in model.modules():
                 if isinstance(m, tg.QuantAwareLinear):
                     m.grid = (6, 4.0, "sdclip")
-            assert model.set_qat(True) == 30
+            assert model.set_qat(True) == 6 * num_layers
         model.train()
     return fused, plain
 
@@ -64,7 +64,7 @@ def test_the_stacked_product_computes_what_the_three_projections_do(monkeypatch,
 
 
 def test_the_compiled_training_graph_takes_the_stacked_product_whole():
-    fused, _ = fused_and_plain(qat=False)
+    fused, _ = fused_and_plain(qat=False, num_layers=2)  # two layers: the compilation is what takes the time
     idx = torch.randint(2, 97, (2, 16), generator=torch.Generator().manual_seed(4))
     compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)(idx, idx)  # a graph break is an error
     grads = torch.autograd.grad(compiled, list(fused.parameters()))

@@ -8,6 +8,7 @@
 # TESTS="tests/test_fa4_varlen.py ..." runs those test files on the GPU first (GPU-only tests run only there).
 # ATTENTION=0 skips attention_bench.py. A PYTHONPATH given at start comes after the staged wheels (FlashAttention-4:
 # PYTHONPATH as fa4_wheels.sh says). Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
+# The GPUs' clocks are sampled throughout; the summary ends with each busy GPU's clock, power and temperature.
 # Writes only under /tmp/step_bench and the shards' /tmp/proxy_caseops.
 set -u
 source "$(dirname "$0")/device_job.sh"
@@ -24,6 +25,7 @@ run)
   cd "$WORK" || exit 1
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=$GPU
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  monitor=$(gpu_monitor_start "$WORK/gpu.csv")
   if [ -n "$TESTS" ]; then
     echo "== GPU tests: $TESTS"
     python3 -m pytest -q -p no:cacheprovider $TESTS > tests.out 2>&1 || echo "GPU tests failed"
@@ -43,6 +45,9 @@ run)
         > "step_$name.out" 2>&1 || echo "bench_step $name exited non-zero"
     grep -vE "^(W|I)[0-9]{4} " "step_$name.out" | tail -n 45
   done
+  kill "$monitor" 2>/dev/null
+  echo "== GPUs while busy (a lower clock than another session's explains a slower step)"
+  gpu_summary "$WORK/gpu.csv"
   echo BENCH_DONE
   ;;
 poll)
