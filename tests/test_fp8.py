@@ -229,7 +229,7 @@ def test_qat_hands_fp8_its_fake_quantized_weight():
 
 
 def test_the_compiled_training_graph_takes_fp8_whole_and_follows_the_switch():
-    model = make_model().train()
+    model = make_model(num_layers=2).train()  # two layers: the compilations are what take the time
     perturb(model)
     idx = torch.randint(2, 97, (2, 16), generator=torch.Generator().manual_seed(2))
     step = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
