@@ -3770,17 +3770,29 @@ def evaluate_with_ttt(model: GPT, score_fn, train_fn, val: ValidationData, h: Hy
 
 PRECOMPILE_FLAG = "--ttt-precompile"  # train_gpt.py's argument for TTT_PRECOMPILE's side process
 PRECOMPILE_NICENESS = 10  # added to the side process's niceness
+# Cores the side process leaves to each training process of its machine (the thread that launches the kernels, and
+# the threads of NCCL and the loader), so that a step never waits on the host for a core that compilation holds
+TRAINER_CORES = 2
 # what torchrun gives each rank: the side process is one process of its own, on local rank 0's GPU
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
+def spare_cores(allowed: set[int], trainers: int) -> set[int] | None:
+    """The cores TTT_PRECOMPILE's side process may use: all of `allowed` but the TRAINER_CORES × `trainers`
+    lowest-numbered, which the machine's training processes then find free; None where fewer than two would be
+    left (the side process then shares every core, niced)."""
+    spare = sorted(allowed)[TRAINER_CORES * trainers:]
+    return set(spare) if len(spare) >= 2 else None
+
+
 class TTTPrecompile:
     """TTT_PRECOMPILE: LoRA TTT's compilation moved into the training time. Local rank 0 of each machine starts
     a side process (train_gpt.py --ttt-precompile: precompile_ttt) as the training clock starts; it compiles the
-    scoring graph and its backward on a model of the run's shape, on spare CPU cores, and leaves the result in
-    torch.compile's on-disk caches, where the eval's warm-up finds it. The eval waits for it inside its own
-    time, so no work escapes both clocks; if it failed, the eval's warm-up compiles as usual."""
+    scoring graph and its backward on a model of the run's shape, niced and on the cores the machine's training
+    processes leave (spare_cores), and leaves the result in torch.compile's on-disk caches, where the eval's
+    warm-up finds it. The eval waits for it inside its own time, so no work escapes both clocks; if it failed, the
+    eval's warm-up compiles as usual."""
 
     def __init__(self, h: Hyperparameters, runtime: Runtime, log):
         self.log, self.proc, self.started = log, None, 0.0
@@ -3798,7 +3810,12 @@ class TTTPrecompile:
             self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), PRECOMPILE_FLAG], env=env,
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.started = time.perf_counter()
-        self.log(f"ttt_precompile:started pid:{self.proc.pid} log:{self.path}")
+        spare = None
+        if hasattr(os, "sched_setaffinity"):  # Linux; the child's compile workers inherit its cores
+            spare = spare_cores(os.sched_getaffinity(0), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            if spare:
+                os.sched_setaffinity(self.proc.pid, spare)
+        self.log(f"ttt_precompile:started pid:{self.proc.pid} cores:{len(spare) if spare else 'all'} log:{self.path}")
 
     def wait(self) -> None:
         """Block until the side process ends (the caller's clock runs), and log how it went."""

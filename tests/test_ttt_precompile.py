@@ -1,6 +1,7 @@
 """TTT_PRECOMPILE: the side process that compiles LoRA TTT's graphs during training. On the CPU nothing compiles,
 so these check the plumbing: when the side process is wanted, that it runs TTT's warm-up alone and exits, that the
-run waits for it and logs how it went, and that a failed run leaves none behind."""
+run waits for it and logs how it went, that it leaves the training processes cores of their own, and that a failed
+run leaves none behind."""
 import dataclasses
 import os
 import sys
@@ -57,6 +58,28 @@ def test_the_run_waits_for_the_side_process_and_logs_its_end(smoke):
         assert "ttt_precompile:done" in f.read()
     precompile.wait()  # nothing left to wait for: no second line
     assert len(lines) == 2
+
+
+def test_the_side_process_leaves_two_cores_to_each_training_process():
+    assert tg.spare_cores(set(range(16)), 1) == set(range(2, 16))
+    assert tg.spare_cores(set(range(64)), 8) == set(range(16, 64))
+    assert tg.spare_cores(set(range(16, 32)), 1) == set(range(18, 32))  # a share of the machine: its own lowest
+    assert tg.spare_cores({5, 1, 9, 3}, 1) == {5, 9}
+    assert tg.spare_cores({0, 1, 2}, 1) is None and tg.spare_cores({0, 1}, 1) is None  # too few: all, niced
+
+
+def test_the_side_process_is_started_on_the_spare_cores(smoke, monkeypatch):
+    pinned, lines = [], []
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append((pid, cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    precompile = tg.TTTPrecompile(tg.Hyperparameters.from_env(), tg.Runtime(), lines.append)
+    precompile.wanted = True
+    precompile.start()
+    pid = precompile.proc.pid
+    precompile.wait()
+    assert pinned == [(pid, set(range(4, 16)))]
+    assert lines[0].startswith(f"ttt_precompile:started pid:{pid} cores:12 log:")
 
 
 def test_a_failed_side_process_is_named_in_the_log(smoke, monkeypatch):
