@@ -1889,9 +1889,9 @@ def orthogonal_update(nesterov: torch.Tensor, steps: int, dtype: torch.dtype, ba
                       gram_min_aspect: float = 1.5) -> torch.Tensor:
     """A bucket's unscaled Muon update from its Nesterov momentum: MuonEq-R's equal-norm rows, then orthogonalise,
     contiguous (what the all-gather sends). With MUON_COMPILE_MODE other than eager, muon_update_fn compiles it on
-    CUDA (with COMPILE), so its elementwise steps fuse: it holds no state and every argument but the tensor is the same at every step, so
-    torch.compile builds one graph per shape of a rank's stacked share, in the compile warm-up, and never again
-    (momentum, whose factor changes every step, stays outside: Muon._nesterov)."""
+    CUDA (with COMPILE), so its elementwise steps fuse: it holds no state and every argument but the tensor is the
+    same at every step, so torch.compile builds one graph per shape of a rank's stacked share, in the compile
+    warm-up, and never again (momentum, whose factor changes every step, stays outside: Muon._nesterov)."""
     update = nesterov / (nesterov.norm(dim=-1, keepdim=True) + NORM_EPS)
     return orthogonalise(update, steps, dtype, backend, gram_min_aspect).contiguous()
 
