@@ -312,7 +312,6 @@ class Hyperparameters:
     compile_warmup_steps: int = 20
     fused_ce: bool = True  # Triton softcapped cross-entropy in training, on CUDA
     fused_mlp: bool = True  # Triton matmuls with LeakyReLU² (and its derivative) fused in, training on CUDA
-    fused_qkv: bool = False  # in training, q, k and v as one product with their weights stacked (Attention.qkv)
     fp8_matmuls: bool = False  # training's block matrices (q, k, v, proj, MLP up and down) in FP8 (FP8Linear);
     # evaluation, GPTQ calibration and TTT stay bfloat16
     residual_bf16: bool = True  # on CUDA: carry the residual stream in bfloat16, not float32 (half the bytes moved)
@@ -1511,7 +1510,6 @@ class Attention(nn.Module):
         self.proj = QuantAwareLinear(h.num_heads * self.head_dim, h.model_dim)
         self.q_gain = nn.Parameter(torch.full((h.num_heads, 1), h.qk_gain_init))
         self.rotary = PartialRotary(h.rope_dims, h.rope_base)
-        self.fused_qkv = h.fused_qkv
         self.xsa, self.gated = h.xsa_enabled, h.attn_gate_enabled
         if self.gated:
             # A plain Parameter, not an nn.Linear: split_parameters gives it to Adam (Muon is for the big matrices;
@@ -1519,25 +1517,12 @@ class Attention(nn.Module):
             # skip it, and the artifact stores it int8 per row (GATE_MATRICES).
             self.gate = nn.Parameter(torch.zeros(h.num_heads, ATTN_GATE_WIDTH))  # sigmoid(0): every head starts at 0.5
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The three projections of x. With FUSED_QKV, in training and with no hooks on them, one product with the
-        three (effective) weights stacked: x is read once and the backward's three input gradients are one product
-        (in FP8, x is cast once). Evaluation, GPTQ's hooked calibration and TTT's adapters take the modules, which
-        are what the artifact stores."""
-        parts = (self.q, self.k, self.v)
-        if not (self.fused_qkv and self.training) or any(m._forward_hooks for m in parts):
-            return tuple(m(x) for m in parts)
-        weight = torch.cat([m.effective_weight() for m in parts])
-        out = fp8_linear(x, weight) if self.q.fp8 and fp8_fits(x, weight) else F.linear(x, weight)
-        return out.split([m.out_features for m in parts], dim=-1)
-
     def forward(self, x: torch.Tensor, docs=None, starts: torch.Tensor | None = None) -> torch.Tensor:
         """`docs` as causal_attention takes it; `starts` (document_starts) for the key offset."""
         batch, seq_len, _ = x.shape
-        q, k, v = self.qkv(x)
-        q = q.view(batch, seq_len, self.num_heads, self.head_dim)
-        k = k.view(batch, seq_len, self.num_kv_heads, self.head_dim)
-        v = v.view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        q = self.q(x).view(batch, seq_len, self.num_heads, self.head_dim)
+        k = self.k(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.v(x).view(batch, seq_len, self.num_kv_heads, self.head_dim)
         # q and k are unit-RMS per head, so the learned gain alone sets how sharp attention can get
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)
         k = self.rotary(rms_norm(k))

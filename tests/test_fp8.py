@@ -198,21 +198,6 @@ def test_the_fused_triton_mlp_gives_way_to_two_fp8_linears(monkeypatch):
     assert torch.equal(y, tg.fp8_linear(F.leaky_relu(tg.fp8_linear(x, mlp.up.weight), 0.5).square(), mlp.down.weight))
 
 
-def test_fused_qkv_casts_the_attention_input_once(monkeypatch):
-    """FUSED_QKV with FP8: one FP8 product of the input with the three weights stacked, not three casts of it."""
-    calls = counting_fp8(monkeypatch)
-    torch.manual_seed(0)
-    attn = tg.Attention(tiny_hparams(fused_qkv=True)).train()
-    for m in (attn.q, attn.k, attn.v, attn.proj):
-        m.fp8 = True
-    x = spread(32, 64, 12).view(2, 16, 64)
-    q, k, v = attn.qkv(x)
-    assert calls == [torch.Size([128, 64])]  # q's 64 rows, k's 32 and v's 32
-    stacked = tg.fp8_linear(x, torch.cat((attn.q.weight, attn.k.weight, attn.v.weight)))
-    assert torch.equal(torch.cat((q, k, v), dim=-1), stacked)
-    assert [t.size(-1) for t in (q, k, v)] == [64, 32, 32]
-
-
 def test_qat_hands_fp8_its_fake_quantized_weight():
     linear = tg.QuantAwareLinear(64, 48)
     with torch.no_grad():

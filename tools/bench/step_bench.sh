@@ -2,23 +2,25 @@
 # tools/bench/attention_bench.py, then tools/bench/bench_step.py once per setting, one after the other on one GPU,
 # on the CaseOps proxy shards, from the repo root:
 #   STEP_RUNS="base fp8:FP8_MATMULS=1" GPU=1 tools/bench/step_bench.sh start
-#   tools/bench/step_bench.sh poll
+#   GPU=1 tools/bench/step_bench.sh poll
 # A STEP_RUNS entry is NAME or NAME:VAR=V,VAR=V (default: one run of the defaults). Every run times the plain
 # layout (NUM_LOOPS=0) over BENCH_STEPS=20 steps unless the entry says otherwise; each compiles into its own cache.
 # TESTS="tests/test_fa4_varlen.py ..." runs those test files on the GPU first (GPU-only tests run only there).
 # ATTENTION=0 skips attention_bench.py. A PYTHONPATH given at start comes after the staged wheels (FlashAttention-4:
 # PYTHONPATH as fa4_wheels.sh says). Needs .bench/ (bench/caseops_proxy.tar.xz, tokenizers/).
 # The GPUs' clocks are sampled throughout; the summary ends with each busy GPU's clock, power and temperature.
-# Writes only under /tmp/step_bench and the shards' /tmp/proxy_caseops.
+# Each GPU has its own job (so two can run side by side, each with its own `base` for reference): poll with the
+# same GPU. Writes only under /tmp/step_bench/gpuN and the shards' /tmp/proxy_caseops.
 set -u
 source "$(dirname "$0")/device_job.sh"
-WORK=/tmp/step_bench
+export GPU="${GPU:-0}"
+WORK=/tmp/step_bench/gpu$GPU
 
 case "${1:-}" in
 start)
   rm -rf "$WORK" && mkdir -p "$WORK"
   stage_caseops "$WORK" && cp -r tests data tokenizers "$WORK/" || exit 1  # the tests' sample shards and tokenizer
-  export STEP_RUNS="${STEP_RUNS:-base}" GPU="${GPU:-0}" ATTENTION="${ATTENTION:-1}" TESTS="${TESTS:-}"
+  export STEP_RUNS="${STEP_RUNS:-base}" ATTENTION="${ATTENTION:-1}" TESTS="${TESTS:-}"
   start_job "$WORK" "$0"
   ;;
 run)
