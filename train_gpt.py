@@ -314,6 +314,7 @@ class Hyperparameters:
     fused_mlp: bool = True  # Triton matmuls with LeakyReLU² (and its derivative) fused in, training on CUDA
     fp8_matmuls: bool = False  # training's block matrices (q, k, v, proj, MLP up and down) in FP8 (FP8Linear);
     # evaluation, GPTQ calibration and TTT stay bfloat16
+    fp8_scaling: str = "tensor"  # tensor: a scale per operand | row: per row, dL/dW in bfloat16 (FP8RowLinear)
     residual_bf16: bool = True  # on CUDA: carry the residual stream in bfloat16, not float32 (half the bytes moved)
     time_sync_every: int = 10  # steps between device syncs that read the training clock
     dist_timeout_seconds: float = 300.0  # a collective that waits longer (a rank died or hangs) ends the whole job
@@ -458,7 +459,8 @@ def range_problems(h: Hyperparameters) -> list[str]:
 def choice_problems(h: Hyperparameters) -> list[str]:
     choices = {"quant_method": ("rtn", "gptq"), "quant_grid": ("sdclip", "absmax"), "compressor": COMPRESSORS,
                "ttt_mode": ("none", "sgd", "lora"), "ttt_compile_mode": TTT_COMPILE_MODES,
-               "muon_backend": MUON_BACKENDS, "muon_compile_mode": MUON_COMPILE_MODES}
+               "muon_backend": MUON_BACKENDS, "muon_compile_mode": MUON_COMPILE_MODES,
+               "fp8_scaling": ("tensor", "row")}
     out = [f"{name.upper()}={getattr(h, name)!r} is unknown: use one of {', '.join(options)}"
            for name, options in choices.items() if getattr(h, name) not in options]
     if not 0 < h.eval_stride <= h.eval_seq_len:
@@ -1149,12 +1151,15 @@ FP8_AMAX_FLOOR = 1e-12
 FP8_SIZE_MULTIPLE = 16  # _scaled_mm on CUDA takes inner dimensions and second operands only in multiples of 16
 
 
-def to_fp8(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(t cast to the float8 `dtype`, row-major; the inverse of its scale): one scale for the whole tensor, which puts
-    t's largest magnitude on the format's largest finite value, so t ≈ cast · inverse. The scale stays a device
+def to_fp8(t: torch.Tensor, dtype: torch.dtype, rows: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t cast to the float8 `dtype`, row-major; the inverse of its scale): one scale for the whole tensor, or with
+    `rows` one per row (the inverses then (rows, 1)), which puts the largest magnitude on the format's largest
+    finite value, so t ≈ cast · inverse. A row's scale reads that row alone, so torch.compile can fuse its cast into
+    the kernel that makes the row; a whole tensor's needs a reduction over all of it first. The scale stays a device
     tensor: no host sync, nothing for torch.compile to break the graph on."""
     top = torch.finfo(dtype).max
-    amax = t.detach().abs().amax().float().clamp_min(FP8_AMAX_FLOOR)
+    magnitude = t.detach().abs()
+    amax = (magnitude.amax(dim=-1, keepdim=True) if rows else magnitude.amax()).float().clamp_min(FP8_AMAX_FLOOR)
     scale = top / amax
     # in float32, so a bfloat16 t is rounded once; |t|·scale exceeds top by a rounding at most, which the cast
     # rounds back to top, so no clamp is needed
@@ -1192,18 +1197,49 @@ class FP8Linear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+class FP8RowLinear(torch.autograd.Function):
+    """FP8Linear with one scale per row (FP8_SCALING=row), every operand e4m3 as _scaled_mm's row-wise kernels take
+    them: x per token and W per output row in the forward; for dL/dx = g·W, g per token and W per input column (a
+    cast of Wᵀ, the small operand). dL/dW = gᵀ·x stays a product of the unscaled tensors in their own dtype: its
+    inner dimension is the tokens, which per-row scales cannot run along, and so the step needs no transposed FP8
+    copy of an activation. _scaled_mm takes the first operand's scales as (rows, 1), the second's as (1, columns)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        x2 = x.reshape(-1, x.size(-1))
+        x8, x_inv = to_fp8(x2, torch.float8_e4m3fn, rows=True)
+        w8, w_inv = to_fp8(weight, torch.float8_e4m3fn, rows=True)
+        y = torch._scaled_mm(x8, w8.t(), scale_a=x_inv, scale_b=w_inv.t(), out_dtype=out_dtype)
+        ctx.save_for_backward(x2, weight)
+        return y.view(*x.shape[:-1], weight.size(0))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        g2 = grad_out.reshape(-1, grad_out.size(-1))
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            g8, g_inv = to_fp8(g2, torch.float8_e4m3fn, rows=True)
+            wt8, wt_inv = to_fp8(weight.t(), torch.float8_e4m3fn, rows=True)
+            grad_x = torch._scaled_mm(g8, wt8.t(), scale_a=g_inv, scale_b=wt_inv.t(), out_dtype=g2.dtype)
+            grad_x = grad_x.to(x2.dtype).view(*grad_out.shape[:-1], weight.size(1))
+        if ctx.needs_input_grad[1]:
+            grad_w = (g2.t() @ x2.to(g2.dtype)).to(weight.dtype)
+        return grad_x, grad_w, None
+
+
 def fp8_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether _scaled_mm on CUDA takes x·Wᵀ and both of its gradients' products: tokens, input and output features
     all multiples of 16. The same rule on every device, so the CPU tests take the path a GPU would."""
     return all(n % FP8_SIZE_MULTIPLE == 0 for n in (math.prod(x.shape[:-1]), *weight.shape))
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, weight) through FP8Linear, the output in the dtype F.linear's would have: autocast's (bfloat16 in
-    training on CUDA), else x's."""
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """F.linear(x, weight) through FP8Linear (FP8RowLinear with `rows`), the output in the dtype F.linear's would
+    have: autocast's (bfloat16 in training on CUDA), else x's."""
     device = x.device.type
     out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-    return FP8Linear.apply(x, weight, out_dtype)
+    return (FP8RowLinear if rows else FP8Linear).apply(x, weight, out_dtype)
 
 
 @functools.cache
@@ -1474,7 +1510,7 @@ class QuantAwareLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.grid = None
         self.fake_quant = False  # a flag the compiled training graph is guarded on, as GPT.looping
-        self.fp8 = False  # likewise
+        self.fp8 = ""  # likewise: "" off, else FP8_SCALING's value
 
     def effective_weight(self) -> torch.Tensor:
         return fake_quantize(self.weight, *self.grid) if self.fake_quant else self.weight
@@ -1482,7 +1518,7 @@ class QuantAwareLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.effective_weight()
         if self.fp8 and self.training and fp8_fits(x, weight):  # other shapes: the plain matmul
-            return fp8_linear(x, weight)
+            return fp8_linear(x, weight, rows=self.fp8 == "row")
         return F.linear(x, weight)
 
 
@@ -1705,14 +1741,14 @@ class GPT(nn.Module):
         self.qat = bool(on)
         return len(matrices)
 
-    def set_fp8(self, on: bool) -> int:
-        """FP8 matmuls (FP8_MATMULS) on or off for every block matrix, on where torch._scaled_mm runs on the model's
-        device; returns how many are on. They compute in FP8 in train mode only; the compiled training graph is
-        guarded on each one's flag."""
+    def set_fp8(self, on: bool, scaling: str = "tensor") -> int:
+        """FP8 matmuls (FP8_MATMULS, scaled as FP8_SCALING says) on or off for every block matrix, on where
+        torch._scaled_mm runs on the model's device; returns how many are on. They compute in FP8 in train mode only;
+        the compiled training graph is guarded on each one's flag."""
         on = bool(on) and scaled_mm_runs(self.tok_emb.weight.device)
         matrices = [m for m in self.blocks.modules() if isinstance(m, QuantAwareLinear)]
         for m in matrices:
-            m.fp8 = on
+            m.fp8 = scaling if on else ""
         return len(matrices) if on else 0
 
     def hidden(self, idx: torch.Tensor, one_document: bool = False) -> torch.Tensor:
@@ -3898,7 +3934,7 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ru
     accum_steps = derive_grad_accum_steps(h, runtime.world_size)
     log(f"grad_accum_steps:{accum_steps} "
         f"micro_batch_tokens:{h.train_batch_tokens // (runtime.world_size * accum_steps)}")
-    fp8 = model.set_fp8(h.fp8_matmuls)  # training only: evaluation, GPTQ's calibration and TTT stay bfloat16
+    fp8 = model.set_fp8(h.fp8_matmuls, h.fp8_scaling)  # training only: evaluation, GPTQ's calibration and TTT stay bfloat16
     if h.fp8_matmuls:
         log(f"fp8_matmuls:{fp8}" if fp8 else f"WARNING FP8_MATMULS=1, but torch._scaled_mm does not run on "
                                               f"{runtime.device}: the matmuls stay bfloat16")

@@ -135,6 +135,7 @@ def test_the_listed_boolean_words_are_read(smoke_env, raw, value):
     ("EVAL_STRIDE", "999", r"EVAL_STRIDE=999 must be in 1..EVAL_SEQ_LEN=256"),
     ("QUANT_METHOD", "awq", "QUANT_METHOD='awq' is unknown: use one of rtn, gptq"),
     ("MUON_BACKEND", "grma", "MUON_BACKEND='grma' is unknown: use one of polar, gram"),
+    ("FP8_SCALING", "column", "FP8_SCALING='column' is unknown: use one of tensor, row"),
     ("MUON_GRAM_MIN_ASPECT", "0.5", "MUON_GRAM_MIN_ASPECT=0.5 is out of range: it must be at least 1"),
     ("MUON_COMPILE_MODE", "reduce-overhead", "MUON_COMPILE_MODE='reduce-overhead' is unknown: use one of default, "),
     ("TTT_PHASE_DOCS", "10,x", "TTT_PHASE_DOCS='10,x' must be document counts"),

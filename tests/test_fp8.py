@@ -1,6 +1,6 @@
 """FP8 matmuls (FP8_MATMULS): the forward and both gradients are exact arithmetic on the FP8 values (e4m3 operands,
-an e5m2 gradient, per-tensor scales), within FP8's rounding of the bfloat16 result; an all-zero tensor casts
-cleanly; the path is taken in training only, by every block matrix, under torch.compile and with QAT; off (the
+an e5m2 gradient, per-tensor scales; with FP8_SCALING=row, e4m3 with a scale per row and the weight's gradient
+unscaled), within FP8's rounding of the bfloat16 result; an all-zero tensor casts cleanly; the path is taken in training only, by every block matrix, under torch.compile and with QAT; off (the
 default), the model is what it was without it. torch._scaled_mm runs on the CPU, so all of it runs here."""
 import copy
 import math
@@ -134,6 +134,61 @@ def test_shapes_off_multiples_of_16_take_the_plain_matmul(monkeypatch, tokens, f
     assert torch.equal(linear(x), F.linear(x, linear.weight))
 
 
+def row_dequantized(t: torch.Tensor) -> torch.Tensor:
+    """What FP8_SCALING=row multiplies: t's e4m3 cast with a scale per row, times the inverses, in float64."""
+    t8, inverse = tg.to_fp8(t, E4M3, rows=True)
+    assert inverse.shape == (t.size(0), 1)
+    return t8.double() * inverse.double()
+
+
+def test_row_scales_put_each_rows_largest_magnitude_on_the_formats_largest_value():
+    t = spread(16, 64, 13) * torch.logspace(-6, 6, 16)[:, None]  # rows twelve decades apart
+    t[3] = 0.0
+    t8, inverse = tg.to_fp8(t, E4M3, rows=True)
+    peaks = t8.float().abs().amax(dim=1)
+    assert torch.isfinite(inverse).all() and (inverse > 0).all()
+    assert not t8[3].float().any() and (peaks[torch.arange(16) != 3] == torch.finfo(E4M3).max).all()
+    # one scale for the whole tensor would have flushed the smallest rows to zero
+    assert not tg.to_fp8(t, E4M3)[0][0].float().any() and t8[0].float().abs().min() > 0
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_row_scaling_is_exact_arithmetic_on_the_rows_casts_and_keeps_the_weight_gradient_unscaled(x_dtype):
+    x = spread(64, 64, 14).to(x_dtype).view(2, 32, 64).requires_grad_()
+    w = spread(48, 64, 15).requires_grad_()
+    y = tg.fp8_linear(x, w, rows=True)  # bfloat16 out for a bfloat16 x (CPU autocast reroutes _scaled_mm's rounding)
+    assert y.dtype == x_dtype and y.shape == (2, 32, 48)
+    grad_out = spread(64, 48, 16, low=-6.0, high=0.0).to(y.dtype)
+    y.backward(grad_out.view_as(y))
+    out_rounding = BF16_UNIT if x_dtype == torch.bfloat16 else 0.0
+    xd, wd = row_dequantized(x.detach().reshape(-1, 64)), row_dequantized(w.detach())
+    want_y = xd @ wd.T
+    assert_within(y.reshape(-1, 48), want_y, out_rounding * want_y.abs() + FLOAT32_SUMS * (xd.abs() @ wd.abs().T))
+    gd, wtd = row_dequantized(grad_out), row_dequantized(w.detach().T)  # W per input column: rows of Wᵀ
+    want_x = gd @ wtd.T
+    assert x.grad.dtype == x_dtype and w.grad.dtype == torch.float32
+    assert_within(x.grad.reshape(-1, 64), want_x, out_rounding * want_x.abs() + FLOAT32_SUMS * (gd.abs() @ wtd.abs().T))
+    g, xs = grad_out.double(), x.detach().reshape(-1, 64).double()  # dL/dW from the tensors themselves
+    want_w = g.T @ xs
+    assert_within(w.grad, want_w, out_rounding * want_w.abs() + FLOAT32_SUMS * (g.abs().T @ xs.abs()))
+
+
+def test_fp8_scaling_row_sends_every_block_matrix_through_the_row_kernel(monkeypatch):
+    rows = []
+    apply = tg.FP8RowLinear.apply
+    monkeypatch.setattr(tg.FP8RowLinear, "apply", lambda *a: rows.append(a[1].shape) or apply(*a))
+    calls = counting_fp8(monkeypatch)
+    model = make_model().train()
+    perturb(model)
+    idx = torch.randint(2, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    model.set_fp8(True)
+    model(idx, idx).backward()
+    assert len(calls) == 30 and rows == []
+    assert model.set_fp8(True, "row") == 30
+    model(idx, idx).backward()
+    assert len(rows) == 30 and len(calls) == 30
+
+
 def counting_fp8(monkeypatch) -> list:
     calls, apply = [], tg.FP8Linear.apply
     monkeypatch.setattr(tg.FP8Linear, "apply", lambda *a: calls.append(a[1].shape) or apply(*a))
@@ -219,17 +274,17 @@ def test_the_compiled_training_graph_takes_fp8_whole_and_follows_the_switch():
     idx = torch.randint(2, 97, (2, 16), generator=torch.Generator().manual_seed(2))
     step = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break is an error
     losses = {}
-    for on in (True, False, True):
-        model.set_fp8(on)
+    for scaling in ("tensor", "", "row", "tensor"):
+        model.set_fp8(bool(scaling), scaling or "tensor")
         eager = model(idx, idx)
         eager_grads = torch.autograd.grad(eager, list(model.parameters()))
         compiled = step(idx, idx)
         compiled_grads = torch.autograd.grad(compiled, list(model.parameters()))
-        assert torch.allclose(compiled, eager, rtol=1e-6, atol=0), on
+        assert torch.allclose(compiled, eager, rtol=1e-6, atol=0), scaling
         for a, b in zip(compiled_grads, eager_grads):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), on
-        losses.setdefault(on, compiled.detach())
-    assert not torch.equal(losses[True], losses[False])
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), scaling
+        losses.setdefault(scaling, compiled.detach())
+    assert len({loss.item() for loss in losses.values()}) == 3  # three computations
 
 
 def test_training_switches_fp8_on_and_leaves_calibration_and_evaluation_bf16(tmp_path):
@@ -241,7 +296,7 @@ def test_training_switches_fp8_on_and_leaves_calibration_and_evaluation_bf16(tmp
     model.blocks[0].mlp.up.register_forward_pre_hook(lambda m, _x: seen.append((m.training, m.fp8)))
     torch.enable_grad()(tg.train_and_export)(model, model, lambda: (0.0, 0.0), h, tg.Runtime(), lines.append)
     assert "fp8_matmuls:30" in lines
-    assert seen[:2] == [(True, True)] * 2  # the two training steps
+    assert seen[:2] == [(True, "tensor")] * 2  # the two training steps, with FP8_SCALING's default
     assert len(seen) > 2 and not any(fp8 for _, fp8 in seen[2:])  # GPTQ's calibration
     assert not any(getattr(m, "fp8", False) for m in model.modules())  # what evaluation and TTT get
 
