@@ -329,3 +329,16 @@ def test_the_step_bench_counts_fp8_gemms_as_matmuls_and_the_casts_apart():
         assert bench_step.classify(gemm) == "matmul", gemm
     for cast in ("triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_min_mul_0", "triton_poi_fused__to_copy_clone_t_1"):
         assert bench_step.classify(cast) == "other", cast
+
+
+def test_the_fp8_mlp_bench_runs_every_scaling_against_bf16_and_refuses_unknown_modes():
+    import fp8_mlp_bench
+    reported = []
+    results = fp8_mlp_bench.bench(["row", "tensor"], 64, 64, 4, 1, torch.device("cpu"),
+                                  lambda mode, r: reported.append(mode))
+    assert reported == ["row", "tensor"] and list(results) == ["row", "tensor"]  # bf16 runs as the reference
+    for mode, r in results.items():
+        assert r["ms"] is None and len(r["errors"]) == 4  # a CPU run checks, it does not time
+        assert all(0 < e < 0.15 for e in r["errors"]), (mode, r["errors"])  # FP8's rounding, not another function
+    with pytest.raises(SystemExit, match="use some of fused, bf16, tensor, row"):
+        fp8_mlp_bench.main(["--modes", "bf16 int4"])
