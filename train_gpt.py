@@ -1198,9 +1198,9 @@ class FP8Linear(torch.autograd.Function):
 
 
 class FP8RowLinear(torch.autograd.Function):
-    """FP8Linear with one scale per row (FP8_SCALING=row), every operand e4m3 as _scaled_mm's row-wise kernels take
-    them: x per token and W per output row in the forward; for dL/dx = g·W, g per token and W per input column (a
-    cast of Wᵀ, the small operand). dL/dW = gᵀ·x stays a product of the unscaled tensors in their own dtype: its
+    """FP8Linear with one scale per row (FP8_SCALING=row), every operand e4m3 (each row gets the format's whole
+    range, so the gradient needs no e5m2): x per token and W per output row in the forward; for dL/dx = g·W, g per
+    token and W per input column (a cast of Wᵀ, the small operand). dL/dW = gᵀ·x stays a product of the unscaled tensors in their own dtype: its
     inner dimension is the tokens, which per-row scales cannot run along, and so the step needs no transposed FP8
     copy of an activation. _scaled_mm takes the first operand's scales as (rows, 1), the second's as (1, columns)."""
 
