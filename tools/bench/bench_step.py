@@ -14,7 +14,8 @@ Under torchrun each GPU runs one micro-step of BENCH_MICRO_TOKENS per step and t
 training (Muon's reduce-scatter and all-gather, the rest all-reduced); rank 0 prints.
 Medians over BENCH_STEPS timed steps (CUDA events), after BENCH_WARMUP untimed ones; BENCH_TOP kernels listed (12). With NUM_LOOPS > 0 it times
 the looped layout (set NUM_LOOPS=0 for the plain one). BENCH_DOC_MASK=1 makes DOC_ATTENTION=1 use the explicit
-mask with SDPA instead of the varlen kernel, to compare the two. FP8_MATMULS=1 times the block matrices in FP8.
+mask with SDPA instead of the varlen kernel, to compare the two. FP8_MATMULS=1 times the block matrices in FP8
+(scaled as FP8_SCALING says).
 MUON_COMPILE_MODE=default times Muon's update compiled (eager by default); the optimizer figure shows the difference.
 """
 import os
@@ -82,7 +83,7 @@ def main() -> None:
     torch.manual_seed(h.seed)
     model = tg.GPT(h).to(device)
     tg.use_device_paths(model, h, device)
-    fp8 = model.set_fp8(h.fp8_matmuls)  # as train_and_export does for training
+    fp8 = model.set_fp8(h.fp8_matmuls, h.fp8_scaling)  # as train_and_export does for training
     params = sum(p.numel() for p in model.parameters())
     optimizers = tg.build_optimizers(model, h, runtime)
     ema = tg.EMA(model, h.ema_decay)
@@ -145,7 +146,8 @@ def main() -> None:
         return
     print(f"device: {torch.cuda.get_device_name()} × {world_size} torch {torch.__version__} attention: "
           f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile} "
-          f"fp8_matmuls: {fp8} muon_compile: {h.muon_compile_mode if h.compile else 'eager'}")
+          f"fp8_matmuls: {fp8}{f' ({h.fp8_scaling})' if fp8 else ''} "
+          f"muon_compile: {h.muon_compile_mode if h.compile else 'eager'}")
     print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s "
           f"block passes: {sum(map(len, model.layout()))} doc_attention: {h.doc_attention} "
           f"varlen: {tg.VARLEN_KERNEL if tg.VARLEN_DEVICES else 'none (mask)'}")
