@@ -1200,9 +1200,10 @@ class FP8Linear(torch.autograd.Function):
 class FP8RowLinear(torch.autograd.Function):
     """FP8Linear with one scale per row (FP8_SCALING=row), every operand e4m3 (each row gets the format's whole
     range, so the gradient needs no e5m2): x per token and W per output row in the forward; for dL/dx = g·W, g per
-    token and W per input column (a cast of Wᵀ, the small operand). dL/dW = gᵀ·x stays a product of the unscaled tensors in their own dtype: its
-    inner dimension is the tokens, which per-row scales cannot run along, and so the step needs no transposed FP8
-    copy of an activation. _scaled_mm takes the first operand's scales as (rows, 1), the second's as (1, columns)."""
+    token and W per input column (a cast of Wᵀ, the small operand). dL/dW = gᵀ·x stays a product of the unscaled
+    tensors in their own dtype: its inner dimension is the tokens, which per-row scales cannot run along, and so the
+    step needs no transposed FP8 copy of an activation. _scaled_mm takes the first operand's scales as (rows, 1),
+    the second's as (1, columns)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -1503,8 +1504,8 @@ class QuantAwareLinear(nn.Linear):
     artifact stores it on (`grid`: (bits, clip sigmas, QUANT_GRID) from export_grid; None for a weight stored as
     float16, which QAT leaves alone). The parameter stays the latent float weight: the optimizer steps it, the EMA
     averages it and the exporter quantizes that average on the same grid. While `fp8` is on (FP8_MATMULS,
-    GPT.set_fp8) and in train mode, the product runs in FP8 (FP8Linear), with the weight QAT gives it. Both off, it
-    is nn.Linear to the bit."""
+    GPT.set_fp8) and in train mode, the product runs in FP8 (FP8Linear, or FP8RowLinear with FP8_SCALING=row), with
+    the weight QAT gives it. Both off, it is nn.Linear to the bit."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
