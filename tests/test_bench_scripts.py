@@ -1,9 +1,11 @@
 """The GPU job scripts under tools/bench/ run only on the device, so CI checks what it can without one: that
 every script parses, that a run entry's overrides reach `env` as the entry wrote them, and that side-by-side runs
-get disjoint shares of the cores and a summary of each GPU's clocks that leaves its idle samples out."""
+get disjoint shares of the cores and a summary of each GPU's clocks that leaves its idle samples out, and that
+stopping a job ends its processes and no other."""
 import glob
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -61,3 +63,38 @@ def test_gpu_summary_averages_only_the_busy_samples_of_each_gpu(tmp_path):
         "gpu:0 busy_samples:2 sm_mhz_mean:1940 sm_mhz_min:1900 power_w_mean:630 temp_max_c:62",
         "gpu:1 busy_samples:2 sm_mhz_mean:1780 sm_mhz_min:1755 power_w_mean:700 temp_max_c:71",
     ]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie (ended, not yet reaped by its parent) counts as ended
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_stop_job_ends_the_job_and_its_children_and_leaves_everything_else(tmp_path):
+    job = tmp_path / "job.sh"
+    job.write_text('sleep 300 & echo $! > "$(dirname "$0")/child"; wait\n')
+    assert device_job("start_job", str(tmp_path), str(job)).startswith("started pid")
+    pid = int((tmp_path / "pid").read_text())
+    for _ in range(100):
+        if (tmp_path / "child").exists() and (tmp_path / "child").read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int((tmp_path / "child").read_text())
+    # a process whose command line names the job, as the device call's own shell does: stopping by name takes it
+    bystander = subprocess.Popen(["bash", "-c", f"sleep 300 # {job}"])
+    try:
+        assert alive(pid) and alive(child)
+        assert device_job("stop_job", str(tmp_path)) == f"stopped {pid}"
+        for _ in range(100):
+            if not alive(pid) and not alive(child):
+                break
+            time.sleep(0.05)
+        assert not alive(pid) and not alive(child)
+        assert bystander.poll() is None
+        assert device_job("stop_job", str(tmp_path)) == "not running"
+    finally:
+        bystander.kill()

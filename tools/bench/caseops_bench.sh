@@ -80,10 +80,13 @@ run)
   python3 tools/bench/bench_summary.py logs/caseops_bench_plain.txt logs/caseops_bench_caseops.txt
   echo BENCH_DONE
   ;;
+stop)
+  stop_job "$WORK"
+  ;;
 poll)
   poll_job "$WORK" "$WORK"/logs/*.txt "$WORK/prepare.log"
   grep -h "val_tokens:\|roundtrip_exact" "$WORK"/logs/*.txt 2>/dev/null
   ;;
 *)
-  echo "usage: $0 prepare|start [CORPUS_DIR] | poll" >&2; exit 2 ;;
+  echo "usage: $0 prepare|start [CORPUS_DIR] | poll | stop" >&2; exit 2 ;;
 esac

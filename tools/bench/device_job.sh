@@ -15,6 +15,19 @@ start_job() {
   echo "started pid $(cat "$1/pid")"
 }
 
+# stop_job WORK: end the job started in WORK with all its processes (its process group: start_job's setsid makes the
+# job a group of its own), and nothing else on the machine; says "stopped PID" or "not running". Never stop a job by
+# name (pkill -f NAME): that also matches the shell whose command line holds NAME, the device call's own among them.
+stop_job() {
+  local pid
+  pid=$(cat "$1/pid" 2>/dev/null)
+  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then echo "not running"; return 0; fi
+  kill -TERM -- "-$pid" 2>/dev/null
+  for _ in $(seq 1 20); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL -- "-$pid" 2>/dev/null
+  echo "stopped $pid"
+}
+
 # poll_job WORK FILE...: "running" and the log's last 30 lines, or, once done, the whole log to $OUT and FILEs in $OUT/files.tgz
 poll_job() {
   local work=$1; shift

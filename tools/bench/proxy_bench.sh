@@ -101,9 +101,12 @@ run)
   done
   echo BENCH_DONE
   ;;
+stop)
+  stop_job "$WORK"
+  ;;
 poll)
   poll_job "$WORK" "$WORK"/out_*/logs/*.txt "$WORK"/*.err "$WORK"/*.out
   ;;
 *)
-  echo "usage: $0 start|poll" >&2; exit 2 ;;
+  echo "usage: $0 start|poll|stop" >&2; exit 2 ;;
 esac

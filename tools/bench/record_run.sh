@@ -43,10 +43,13 @@ run)
   tail -n 3 "$WORK/record.out" | grep -iE "error|Traceback" && tail -n 40 "$WORK/record.out"
   echo BENCH_DONE
   ;;
+stop)
+  stop_job "$WORK"
+  ;;
 poll)
   poll_job "$WORK" "$WORK"/*.out "$WORK"/record/logs/*.txt
   grep -E "^step:" "$WORK/record.out" 2>/dev/null | tail -n 1
   ;;
 *)
-  echo "usage: $0 start|poll" >&2; exit 2 ;;
+  echo "usage: $0 start|poll|stop" >&2; exit 2 ;;
 esac

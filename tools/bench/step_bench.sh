@@ -52,9 +52,12 @@ run)
   gpu_summary "$WORK/gpu.csv"
   echo BENCH_DONE
   ;;
+stop)
+  stop_job "$WORK"
+  ;;
 poll)
   poll_job "$WORK" "$WORK"/*.out
   ;;
 *)
-  echo "usage: $0 start|poll" >&2; exit 2 ;;
+  echo "usage: $0 start|poll|stop" >&2; exit 2 ;;
 esac

@@ -60,9 +60,12 @@ run)
   python3 tools/submission/package_record.py --check "$folder" && echo CHECK_OK
   echo DRY_RUN_DONE
   ;;
+stop)
+  stop_job "$WORK"
+  ;;
 poll)
   poll_job "$WORK" "$WORK"/repo/logs "$WORK"/records
   ;;
 *)
-  echo "usage: $0 start DATA_DIR TOKENIZER | poll" >&2; exit 2 ;;
+  echo "usage: $0 start DATA_DIR TOKENIZER | poll | stop" >&2; exit 2 ;;
 esac

@@ -86,10 +86,13 @@ run)
   gpu_summary "$WORK/gpu.csv"
   echo BENCH_DONE
   ;;
+stop)
+  stop_job "$WORK"
+  ;;
 poll)
   poll_job "$WORK" "$WORK"/*.out
   for f in "$WORK"/*.out; do echo "-- $f"; grep -E "^step:" "$f" | tail -n 1; done
   ;;
 *)
-  echo "usage: $0 start|poll" >&2; exit 2 ;;
+  echo "usage: $0 start|poll|stop" >&2; exit 2 ;;
 esac
