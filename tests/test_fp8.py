@@ -1,7 +1,8 @@
 """FP8 matmuls (FP8_MATMULS): the forward and both gradients are exact arithmetic on the FP8 values (e4m3 operands,
 an e5m2 gradient, per-tensor scales; with FP8_SCALING=row, e4m3 with a scale per row and the weight's gradient
-unscaled), within FP8's rounding of the bfloat16 result; an all-zero tensor casts cleanly; the path is taken in training only, by every block matrix, under torch.compile and with QAT; off (the
-default), the model is what it was without it. torch._scaled_mm runs on the CPU, so all of it runs here."""
+unscaled), within FP8's rounding of the bfloat16 result; an all-zero tensor casts cleanly; the path is taken in
+training only, by every block matrix, under torch.compile and with QAT; off (the default), the model is what it
+was without it. torch._scaled_mm runs on the CPU, so all of it runs here."""
 import copy
 import math
 import os
@@ -156,7 +157,7 @@ def test_row_scales_put_each_rows_largest_magnitude_on_the_formats_largest_value
 def test_row_scaling_is_exact_arithmetic_on_the_rows_casts_and_keeps_the_weight_gradient_unscaled(x_dtype):
     x = spread(64, 64, 14).to(x_dtype).view(2, 32, 64).requires_grad_()
     w = spread(48, 64, 15).requires_grad_()
-    y = tg.fp8_linear(x, w, rows=True)  # bfloat16 out for a bfloat16 x (CPU autocast reroutes _scaled_mm's rounding)
+    y = tg.fp8_linear(x, w, rows=True)  # bfloat16 out for a bfloat16 x (under CPU autocast _scaled_mm rounds otherwise)
     assert y.dtype == x_dtype and y.shape == (2, 32, 48)
     grad_out = spread(64, 48, 16, low=-6.0, high=0.0).to(y.dtype)
     y.backward(grad_out.view_as(y))
