@@ -3935,7 +3935,7 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ru
     accum_steps = derive_grad_accum_steps(h, runtime.world_size)
     log(f"grad_accum_steps:{accum_steps} "
         f"micro_batch_tokens:{h.train_batch_tokens // (runtime.world_size * accum_steps)}")
-    fp8 = model.set_fp8(h.fp8_matmuls, h.fp8_scaling)  # training only: evaluation, GPTQ's calibration and TTT stay bfloat16
+    fp8 = model.set_fp8(h.fp8_matmuls, h.fp8_scaling)  # training only: evaluation, calibration and TTT stay bf16
     if h.fp8_matmuls:
         log(f"fp8_matmuls:{fp8}" if fp8 else f"WARNING FP8_MATMULS=1, but torch._scaled_mm does not run on "
                                               f"{runtime.device}: the matmuls stay bfloat16")

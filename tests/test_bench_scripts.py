@@ -98,3 +98,22 @@ def test_stop_job_ends_the_job_and_its_children_and_leaves_everything_else(tmp_p
         assert device_job("stop_job", str(tmp_path)) == "not running"
     finally:
         bystander.kill()
+
+
+def test_stop_job_ends_children_that_outlive_the_jobs_own_shell(tmp_path):
+    # a job whose shell has ended (and been reaped) while its child runs on in the job's process group
+    leader = subprocess.Popen(["bash", "-c", f'sleep 300 & echo $! > {tmp_path}/child'], start_new_session=True)
+    leader.wait()
+    (tmp_path / "pid").write_text(f"{leader.pid}\n")
+    child = int((tmp_path / "child").read_text())
+    try:
+        assert alive(child)
+        assert device_job("stop_job", str(tmp_path)) == f"stopped {leader.pid}"
+        for _ in range(100):
+            if not alive(child):
+                break
+            time.sleep(0.05)
+        assert not alive(child)
+    finally:
+        if alive(child):
+            os.kill(child, 9)

@@ -21,7 +21,8 @@ start_job() {
 stop_job() {
   local pid
   pid=$(cat "$1/pid" 2>/dev/null)
-  if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then echo "not running"; return 0; fi
+  # the group, not the leader: children that outlive the job's own shell are still the job
+  if [ -z "$pid" ] || ! kill -0 -- "-$pid" 2>/dev/null; then echo "not running"; return 0; fi
   kill -TERM -- "-$pid" 2>/dev/null
   for _ in $(seq 1 20); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.5; done
   kill -KILL -- "-$pid" 2>/dev/null
