@@ -579,10 +579,21 @@ class Runtime:
         return self.rank == 0
 
 
+def configure_compiler() -> None:
+    """Inductor's mixed-order reductions fuse a row reduction (an RMSNorm's backward) with the column sums of
+    per-channel gradients over every token into one kernel. Where blocks run more than once (recurrence) that kernel
+    reads ten columns and is the slowest outside the matmuls and attention, so they are off; an explicit
+    TORCHINDUCTOR_MIX_ORDER_REDUCTION still decides."""
+    import torch._inductor.config as inductor
+    if hasattr(inductor.triton, "mix_order_reduction") and "TORCHINDUCTOR_MIX_ORDER_REDUCTION" not in os.environ:
+        inductor.triton.mix_order_reduction = False
+
+
 def configure_device(local_rank: int, world_size: int) -> torch.device:
-    """This process's device, with the process-wide settings every process of the run shares: TF32 matmuls on CUDA,
-    a share of the CPU's threads elsewhere. TF32 is part of torch.compile's cache keys, so a process that compiles
-    for the run (TTT_PRECOMPILE's too) must set it as the run does, or the run finds none of its graphs."""
+    """This process's device, with the process-wide settings every process of the run shares: TF32 matmuls and the
+    compiler's options on CUDA, a share of the CPU's threads elsewhere. Both are part of torch.compile's cache keys,
+    so a process that compiles for the run (TTT_PRECOMPILE's too) must set them as the run does, or the run finds
+    none of its graphs."""
     if not torch.cuda.is_available():
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
@@ -591,6 +602,7 @@ def configure_device(local_rank: int, world_size: int) -> torch.device:
     torch.cuda.set_device(device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    configure_compiler()
     return device
 
 

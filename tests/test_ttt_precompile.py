@@ -113,3 +113,17 @@ def test_the_side_process_sets_up_its_device_as_the_run_does(smoke, monkeypatch)
     tg.setup_distributed()
     tg.precompile_ttt()
     assert calls == [(0, 1), (0, 1)]
+
+
+@pytest.mark.parametrize("given, expected", [(None, False), ("1", True)])
+def test_mixed_order_reductions_are_off_unless_the_environment_asks(monkeypatch, given, expected):
+    """configure_compiler (which configure_device calls on CUDA) turns inductor's mixed-order reductions off, the
+    same in every process of a run; an explicit TORCHINDUCTOR_MIX_ORDER_REDUCTION is left to decide."""
+    import torch._inductor.config as inductor
+    monkeypatch.setattr(inductor.triton, "mix_order_reduction", True)
+    if given is None:
+        monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", given)
+    tg.configure_compiler()
+    assert inductor.triton.mix_order_reduction is expected

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     modes = args.modes.split()
     if not modes or any(m not in MODES for m in modes):
         raise SystemExit(f"--modes {args.modes!r}: use some of {', '.join(MODES)}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = tg.configure_device(0, 1)  # the run's TF32 and compiler options on CUDA
     if "fused" in modes and (device.type != "cuda" or tg.triton is None):
         raise SystemExit("mode fused needs CUDA and Triton: leave it out of --modes here")
     if any(m in modes for m in ("tensor", "row")) and not tg.scaled_mm_runs(device):

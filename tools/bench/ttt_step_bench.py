@@ -41,7 +41,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("ttt_step_bench.py measures a GPU: none is visible")
     h = tg.Hyperparameters.from_env()
-    device = torch.device("cuda")
+    device = tg.configure_device(0, 1)  # the run's TF32 and compiler options
     reps = int(os.environ.get("BENCH_REPS", 10))
     shapes = [tuple(map(int, s.split("x"))) for s in
               os.environ.get("BENCH_SHAPES", "64x2048,64x1024,64x512,64x256,16x128").split(",")]
