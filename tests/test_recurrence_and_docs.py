@@ -431,3 +431,17 @@ def test_smoke_run_with_recurrence_documents_and_two_lanes(tmp_path):
     state = torch.load(tmp_path / "final_model.pt")
     assert state["skip_gates"].shape == state["skip_weights"].shape == (3, 128)
     assert F.mse_loss(state["blocks.3.lane_post"], torch.ones(2, 2)) > 0  # the lane lambdas did train
+
+
+def test_the_attention_bench_lays_out_training_segments_at_each_capacity():
+    """attention_bench.py times training's segments at several DOC_SEGMENT_TOKENS: each layout holds every
+    document's segments (the batch has room for them at every size here), and a larger size fewer empty ones."""
+    import attention_bench
+    starts = torch.zeros(4, 2048, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[0, [300, 900]] = starts[2, 1500] = True  # 7 segments: 4 row starts and 3 BOS
+    layouts = attention_bench.train_segment_layouts(tg, starts, [128, 512])
+    assert list(layouts) == ["train_segments", "train_segments512"]  # 128 is the model's default
+    for tokens, cu in zip((128, 512), layouts.values()):
+        assert cu.numel() == 4 + 4 * (2048 // tokens) + 1  # row starts, the capacity's cuts, the end
+        assert cu.unique().tolist() == [0, 300, 900, 2048, 4096, 4096 + 1500, 6144, 8192]

@@ -19,9 +19,13 @@ For each shape (rows × tokens, 8 query and 4 key/value heads of 64 dims, bfloat
     compared with SDPA flash and with torch's varlen; skipped when not installed;
   - flex_fineweb_docs: flex_attention (compiled) with a block mask of the same FineWeb-length documents;
   - sdpa_mask_fineweb_docs: SDPA with the explicit (rows, 1, T, T) document mask.
+Training's segments are laid out for each BENCH_DOC_SEGMENT_TOKENS size (default "128 256 512"; the model's
+default is `train_segments`, another `train_segmentsN`): a smaller capacity launches fewer empty segments.
+BENCH_CASES (a regular expression, e.g. "varlen") times only the cases it matches.
 Milliseconds are medians over BENCH_REPS runs (CUDA events) after warm-up; a kernel that refuses a shape says why.
 """
 import os
+import re
 import sys
 
 import numpy as np
@@ -53,6 +57,15 @@ def row_cut_segments(rows: int, seq: int, lengths: list[int]) -> list[int]:
         bounds.add(min(pos, rows * seq))
     bounds |= {r * seq for r in range(rows)}
     return sorted(bounds)
+
+
+def train_segment_layouts(tg, starts: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """cu_seqlens of the batch whose document starts are `starts` (rows, seq), as training lays them out at each
+    DOC_SEGMENT_TOKENS in `sizes`: the model's default is named train_segments, another size N train_segmentsN."""
+    rows, seq = starts.shape
+    default = tg.Hyperparameters.doc_segment_tokens
+    return {("train_segments" if n == default else f"train_segments{n}"):
+            tg.document_segments(starts, rows * (seq // n))[0] for n in sizes}
 
 
 def fwd_bwd(attn, q, k, v):
@@ -153,6 +166,8 @@ def main() -> None:
     tg, fa4_varlen = train_gpt_kernels()
     reps = int(os.environ.get("BENCH_REPS", 20))
     shapes = [tuple(map(int, s.split("x"))) for s in os.environ.get("BENCH_SHAPES", "48x2048,64x2048").split(",")]
+    segment_sizes = [int(n) for n in os.environ.get("BENCH_DOC_SEGMENT_TOKENS", "128 256 512").split()]
+    only = re.compile(os.environ.get("BENCH_CASES", ""))
     rng = np.random.default_rng(0)
     print(f"torch {torch.__version__} {torch.cuda.get_device_name()}")
     for rows, seq in shapes:
@@ -190,9 +205,8 @@ def main() -> None:
                 return attn
             starts = torch.zeros(rows * seq, dtype=torch.bool, device="cuda")
             starts[cu_docs[:-1].long()] = True
-            capacity = rows * (seq // tg.Hyperparameters.doc_segment_tokens)  # BOS cuts, as training allows
-            cu_train, _ = tg.document_segments(starts.view(rows, seq), capacity)
-            layouts = {"fineweb_docs": cu_docs, "one_doc_per_row": cu_rows, "train_segments": cu_train}
+            layouts = {"fineweb_docs": cu_docs, "one_doc_per_row": cu_rows,
+                       **train_segment_layouts(tg, starts.view(rows, seq), segment_sizes)}
             for layout, cu in layouts.items():
                 cases[f"varlen_{layout}"] = packed(tg.varlen_causal_attention, cu)
                 cases[f"cudnn_varlen_{layout}"] = packed(cudnn_varlen_attention, cu)
@@ -227,12 +241,14 @@ def main() -> None:
             return out.transpose(1, 2)
         cases["sdpa_mask_fineweb_docs"] = sdpa_mask
 
+        cases = {name: attn for name, attn in cases.items() if only.search(name) or name == "sdpa_flash"}
         print(f"== {rows}x{seq}: {len(lengths)} FineWeb-length documents")
-        print(f"cudnn_gqa against flash: {max_difference(cases['sdpa_cudnn_gqa'], cases['sdpa_flash'], q, k, v)}")
+        if "sdpa_cudnn_gqa" in cases:
+            print(f"cudnn_gqa against flash: {max_difference(cases['sdpa_cudnn_gqa'], cases['sdpa_flash'], q, k, v)}")
         pairs = [(f"{kernel}_{layout}", f"varlen_{layout}") for layout in layouts
                  for kernel in ("cudnn_varlen", "fa4_varlen")]
         for name, reference in [("fa4", "sdpa_flash")] + pairs:
-            if name not in cases:
+            if name not in cases or reference not in cases:
                 continue
             try:
                 diff = max_difference(cases[name], cases[reference], q, k, v)
