@@ -17,6 +17,9 @@ the looped layout (set NUM_LOOPS=0 for the plain one). BENCH_DOC_MASK=1 makes DO
 mask with SDPA instead of the varlen kernel, to compare the two. FP8_MATMULS=1 times the block matrices in FP8
 (scaled as FP8_SCALING says).
 MUON_COMPILE_MODE=default times Muon's update compiled (eager by default); the optimizer figure shows the difference.
+BENCH_COMPILE_MODE sets torch.compile's mode for the model (default: "default"; "reduce-overhead" replays the
+forward and backward as CUDA graphs, which train_gpt.py does not offer: a "skipping cudagraphs" warning in the
+output says where they were not used).
 """
 import os
 import re
@@ -87,7 +90,8 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     optimizers = tg.build_optimizers(model, h, runtime)
     ema = tg.EMA(model, h.ema_decay)
-    loss_fn = torch.compile(model) if h.compile else model
+    compile_mode = os.environ.get("BENCH_COMPILE_MODE", "default")
+    loss_fn = torch.compile(model, mode=compile_mode) if h.compile else model
     loader = tg.DistributedTokenLoader(h.data_path, runtime)
 
     def step(i: int, marks=None):
@@ -147,7 +151,8 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()} × {world_size} torch {torch.__version__} attention: "
           f"{'flash_attn_3' if tg._flash_attn_3 is not None else 'sdpa'} fused_ce: {model.fused_ce} compile: {h.compile} "
           f"fp8_matmuls: {fp8}{f' ({h.fp8_scaling})' if fp8 else ''} "
-          f"muon_compile: {h.muon_compile_mode if h.compile else 'eager'}")
+          f"muon_compile: {h.muon_compile_mode if h.compile else 'eager'} "
+          f"model_compile: {compile_mode if h.compile else 'eager'}")
     print(f"model_params: {params} micro_batch_tokens: {micro_tokens} warmup+compile: {compile_s:.1f}s "
           f"block passes: {sum(map(len, model.layout()))} doc_attention: {h.doc_attention} "
           f"varlen: {tg.VARLEN_KERNEL if tg.VARLEN_DEVICES else 'none (mask)'}")
