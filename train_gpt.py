@@ -286,7 +286,7 @@ class Hyperparameters:
     loop_end: int = 5
     loop_enable_frac: float = 0.35  # training runs the plain layout until this fraction of training has passed
     doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
-    doc_segment_tokens: int = 128  # varlen capacity: rows·(seq_len // this) BOS cuts per batch, besides row starts
+    doc_segment_tokens: int = 512  # in training, tokens // this varlen BOS cuts per batch (row starts aside)
     attn_cudnn: bool = True  # on CUDA, causal attention without document bounds (TTT) tries cuDNN's kernel first
     # Earlier stacks' features (PR #1512's), off by default as in the top stack
     attn_window: int = 0  # sliding-window attention: a query sees itself and the ATTN_WINDOW tokens before it; 0 = all
@@ -1377,6 +1377,13 @@ def document_mask(starts: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
+# Evaluation's varlen capacity in tokens per BOS cut, when DOC_SEGMENT_TOKENS is coarser. Its windows overlap
+# (EVAL_STRIDE apart), so a batch counts the documents of one short stretch once per window: 32 windows of 2,048
+# tokens 64 apart span 4,032 tokens, and a stretch of 200-token documents makes ~320 cuts, where a training batch
+# averages its documents' lengths over all of its tokens.
+EVAL_DOC_SEGMENT_TOKENS = 128
+
+
 def document_segments(starts: torch.Tensor, max_cuts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Segments of the flattened batch for the varlen kernels, in fixed shapes whatever the number of documents
     (no host sync, no recompilation). Every row start is a cut, so every segment fits in one row and every token
@@ -1731,8 +1738,11 @@ class GPT(nn.Module):
         if idx.device.type not in VARLEN_DEVICES or self.windowed and not VARLEN_WINDOWS:
             return document_mask(starts)
         # A fixed capacity keeps the graph static; FlashAttention launches blocks for every segment, empty or not,
-        # so it is sized for documents of DOC_SEGMENT_TOKENS on average, far below FineWeb's (≈ 1,000 tokens).
-        cu_seqlens, overflow_start = document_segments(starts, idx.size(0) * (idx.size(1) // self.doc_segment_tokens))
+        # so it is sized for documents of DOC_SEGMENT_TOKENS on average, half FineWeb's (≈ 1,100 tokens): the most
+        # any of 112,800 simulated 98,304-token FineWeb batches held was 157 documents, against 192 cuts.
+        segment_tokens = self.doc_segment_tokens if self.training else min(self.doc_segment_tokens,
+                                                                           EVAL_DOC_SEGMENT_TOKENS)
+        cu_seqlens, overflow_start = document_segments(starts, idx.numel() // segment_tokens)
         self.doc_overflows += overflow_start < idx.numel()
         return cu_seqlens, overflow_start
 

@@ -305,13 +305,27 @@ def test_no_output_depends_on_an_earlier_document():
     assert_later_documents_unchanged(isolated_model(), three_cut_tokens())
 
 
-@pytest.mark.parametrize("segment_tokens", [1, 13])  # BOS cuts allowed: 2·24 (ample), then 2·1: row 1's is left out
+@pytest.mark.parametrize("segment_tokens", [1, 17])  # BOS cuts allowed: 48 (ample), then 2: row 1's is left out
 def test_no_output_depends_on_an_earlier_document_on_the_packed_path(packed_path, segment_tokens):
     model = isolated_model(doc_segment_tokens=segment_tokens)
     # Past the capacity, which tokens fall back to attending to themselves depends on how many BOS come earlier in
     # the batch: turning a BOS into a word moves that point (the batch's structure, never a token's content).
     assert_later_documents_unchanged(model, three_cut_tokens(), change_bos=segment_tokens == 1)
     assert int(model.doc_overflows) == 0 if segment_tokens == 1 else int(model.doc_overflows) > 0
+
+
+def test_evaluation_keeps_its_finer_varlen_capacity_whatever_training_uses(packed_path, monkeypatch):
+    monkeypatch.setattr(tg, "EVAL_DOC_SEGMENT_TOKENS", 1)  # 48 cuts in evaluation, 2 in training
+    model = isolated_model(doc_segment_tokens=17)
+    idx = three_cut_tokens()  # 3 BOS inside rows
+    with torch.no_grad():
+        model.eval().logits(idx)
+        assert int(model.doc_overflows) == 0
+        model.train().logits(idx)
+        assert int(model.doc_overflows) == 1
+        monkeypatch.setattr(tg, "EVAL_DOC_SEGMENT_TOKENS", 24)  # coarser than DOC_SEGMENT_TOKENS: that one holds
+        model.eval().logits(idx)
+        assert int(model.doc_overflows) == 2
 
 
 def test_model_on_packed_documents_equals_the_model_on_each_document(packed_path):
@@ -441,7 +455,7 @@ def test_the_attention_bench_lays_out_training_segments_at_each_capacity():
     starts[:, 0] = True
     starts[0, [300, 900]] = starts[2, 1500] = True  # 7 segments: 4 row starts and 3 BOS
     layouts = attention_bench.train_segment_layouts(tg, starts, [128, 512])
-    assert list(layouts) == ["train_segments", "train_segments512"]  # 128 is the model's default
+    assert list(layouts) == ["train_segments128", "train_segments"]  # 512 is the model's default
     for tokens, cu in zip((128, 512), layouts.values()):
         assert cu.numel() == 4 + 4 * (2048 // tokens) + 1  # row starts, the capacity's cuts, the end
         assert cu.unique().tolist() == [0, 300, 900, 2048, 4096, 4096 + 1500, 6144, 8192]

@@ -63,10 +63,9 @@ def row_cut_segments(rows: int, seq: int, lengths: list[int]) -> list[int]:
 def train_segment_layouts(tg, starts: torch.Tensor, sizes: list[int]) -> dict[str, torch.Tensor]:
     """cu_seqlens of the batch whose document starts are `starts` (rows, seq), as training lays them out at each
     DOC_SEGMENT_TOKENS in `sizes`: the model's default is named train_segments, another size N train_segmentsN."""
-    rows, seq = starts.shape
     default = tg.Hyperparameters.doc_segment_tokens
     return {("train_segments" if n == default else f"train_segments{n}"):
-            tg.document_segments(starts, rows * (seq // n))[0] for n in sizes}
+            tg.document_segments(starts, starts.numel() // n)[0] for n in sizes}
 
 
 def fwd_bwd(attn, q, k, v):
