@@ -286,7 +286,7 @@ class Hyperparameters:
     loop_end: int = 5
     loop_enable_frac: float = 0.35  # training runs the plain layout until this fraction of training has passed
     doc_attention: bool = True  # attention bounded by documents (cut at every BOS), in training and evaluation
-    doc_segment_tokens: int = 512  # in training, tokens // this varlen BOS cuts per batch (row starts aside)
+    doc_segment_tokens: int = 512  # training loop: tokens // this varlen BOS cuts per batch (row starts aside)
     attn_cudnn: bool = True  # on CUDA, causal attention without document bounds (TTT) tries cuDNN's kernel first
     # Earlier stacks' features (PR #1512's), off by default as in the top stack
     attn_window: int = 0  # sliding-window attention: a query sees itself and the ATTN_WINDOW tokens before it; 0 = all
@@ -1377,11 +1377,12 @@ def document_mask(starts: torch.Tensor) -> torch.Tensor:
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
-# Evaluation's varlen capacity in tokens per BOS cut, when DOC_SEGMENT_TOKENS is coarser. Its windows overlap
-# (EVAL_STRIDE apart), so a batch counts the documents of one short stretch once per window: 32 windows of 2,048
-# tokens 64 apart span 4,032 tokens, and a stretch of 200-token documents makes ~320 cuts, where a training batch
-# averages its documents' lengths over all of its tokens.
-EVAL_DOC_SEGMENT_TOKENS = 128
+# The varlen capacity (tokens per BOS cut) of every forward pass outside the training loop, where DOC_SEGMENT_TOKENS
+# is coarser. A training batch averages its documents' lengths over 65,536 tokens or more; evaluation's windows
+# overlap (EVAL_STRIDE apart), so its batch counts one short stretch's documents once per window (32 windows of
+# 2,048 tokens, 64 apart, span 4,032: a stretch of 200-token documents makes ~320 cuts), and TTT's and GPTQ
+# calibration's batches are a few rows, whose document counts vary far more.
+FINE_DOC_SEGMENT_TOKENS = 128
 
 
 def document_segments(starts: torch.Tensor, max_cuts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1709,7 +1710,8 @@ class GPT(nn.Module):
         if self.smeared:  # x_t += λ·σ(W·x_t[:12])·x_{t−1}: W and λ zero, so it starts transparent
             self.smear_gate = nn.Parameter(torch.zeros(1, SMEAR_GATE_WIDTH))  # W
             self.smear_lambda = nn.Parameter(torch.zeros(1))  # λ
-        self.doc_attention, self.doc_segment_tokens = h.doc_attention, h.doc_segment_tokens
+        self.doc_attention, self.train_segment_tokens = h.doc_attention, h.doc_segment_tokens
+        self.set_training_batches(False)
         self.windowed, self.key_offset = h.attn_window > 0, h.key_offset_dims > 0
         self.qat = False  # set_qat: the block matrices train through fake quantization
         for name, module in self.blocks.named_modules():
@@ -1740,8 +1742,8 @@ class GPT(nn.Module):
         # A fixed capacity keeps the graph static; FlashAttention launches blocks for every segment, empty or not,
         # so it is sized for documents of DOC_SEGMENT_TOKENS on average, about half FineWeb's (960 tokens): simulated
         # 98,304-token batches of FineWeb's validation documents held at most 159 BOS inside rows, against 192 cuts.
-        segment_tokens = self.doc_segment_tokens if self.training else min(self.doc_segment_tokens,
-                                                                           EVAL_DOC_SEGMENT_TOKENS)
+        fine = min(self.train_segment_tokens, FINE_DOC_SEGMENT_TOKENS)
+        segment_tokens = self.train_segment_tokens if self.training and self.training_batches else fine
         cu_seqlens, overflow_start = document_segments(starts, idx.numel() // segment_tokens)
         self.doc_overflows += overflow_start < idx.numel()
         return cu_seqlens, overflow_start
@@ -1754,6 +1756,11 @@ class GPT(nn.Module):
     def set_recurrence(self, on: bool) -> None:
         """Training's layout: looped when `on` and NUM_LOOPS > 0 (the compiled graph is guarded on this flag)."""
         self.looping = bool(on) and self.looped_layout is not None
+
+    def set_training_batches(self, on: bool) -> None:
+        """While `on`, a forward pass in training mode takes the training loop's varlen capacity (DOC_SEGMENT_TOKENS);
+        otherwise, and in eval mode, the finer FINE_DOC_SEGMENT_TOKENS (the compiled graph is guarded on it)."""
+        self.training_batches = bool(on)
 
     def set_qat(self, on: bool) -> int:
         """QAT on or off for every block matrix that the artifact stores as integers; returns how many those are.
@@ -2335,12 +2342,14 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime
     initial_model = {k: v.detach().clone() for k, v in model.state_dict().items()}
     initial_optimizers = [opt.state_dict() for opt in optimizers]
     loader = DistributedTokenLoader(h.data_path, runtime)
+    model.set_training_batches(True)
     for step in range(steps):
         looping, fake_quant = graphs[sum(step >= i * steps // len(graphs) for i in range(1, len(graphs)))]
         model.set_recurrence(looping)
         model.set_qat(fake_quant)
         set_schedule(optimizers, step, 0.0, h)
         train_step(loss_fn, model, optimizers, loader, h, accum_steps, runtime)
+    model.set_training_batches(False)
     warm_up_calibration(model, loader, h, runtime)
     synchronize(runtime.device)
     model.set_qat(False)
@@ -2382,6 +2391,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, runtime: Runtime, log
     clock = TrainingClock(budget_ms, h.time_sync_every, runtime)
     step, stop, loss = 0, False, None
     model.set_recurrence(h.loop_enable_frac <= 0)
+    model.set_training_batches(True)
     clock.start()
     while True:
         last_step = step == h.iterations or stop
@@ -2416,6 +2426,7 @@ def train(loss_fn, model, optimizers, ema, h, accum_steps, runtime: Runtime, log
                 log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
     model.set_recurrence(True)
     model.set_qat(False)  # the EMA's latent weights are what is evaluated, exported and adapted by TTT
+    model.set_training_batches(False)
     log_document_overflows(model, log)
     return step, clock.measured_ms
 

@@ -314,18 +314,38 @@ def test_no_output_depends_on_an_earlier_document_on_the_packed_path(packed_path
     assert int(model.doc_overflows) == 0 if segment_tokens == 1 else int(model.doc_overflows) > 0
 
 
-def test_evaluation_keeps_its_finer_varlen_capacity_whatever_training_uses(packed_path, monkeypatch):
-    monkeypatch.setattr(tg, "EVAL_DOC_SEGMENT_TOKENS", 1)  # 48 cuts in evaluation, 2 in training
+def test_only_the_training_loops_batches_take_the_coarser_varlen_capacity(packed_path, monkeypatch):
+    monkeypatch.setattr(tg, "FINE_DOC_SEGMENT_TOKENS", 1)  # 48 cuts outside the training loop, 2 in it
     model = isolated_model(doc_segment_tokens=17)
     idx = three_cut_tokens()  # 3 BOS inside rows
     with torch.no_grad():
         model.eval().logits(idx)
+        model.train().logits(idx)  # training mode alone (TTT's SGD steps) keeps the fine capacity
         assert int(model.doc_overflows) == 0
+        model.set_training_batches(True)
         model.train().logits(idx)
         assert int(model.doc_overflows) == 1
-        monkeypatch.setattr(tg, "EVAL_DOC_SEGMENT_TOKENS", 24)  # coarser than DOC_SEGMENT_TOKENS: that one holds
+        model.eval().logits(idx)  # evaluation inside the training loop (VAL_LOSS_EVERY)
+        assert int(model.doc_overflows) == 1
+        monkeypatch.setattr(tg, "FINE_DOC_SEGMENT_TOKENS", 24)  # coarser than DOC_SEGMENT_TOKENS: that one holds
         model.eval().logits(idx)
         assert int(model.doc_overflows) == 2
+
+
+def test_the_warm_up_and_training_steps_are_the_training_loops_batches(monkeypatch):
+    h = sample_hparams(**ALL_ON, compile_warmup_steps=1, quant_method="gptq", iterations=2, train_log_every=0)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    optimizers = tg.build_optimizers(model, h, tg.Runtime())
+    seen, documents = [], tg.GPT.documents
+    monkeypatch.setattr(tg.GPT, "documents", lambda m, idx: seen.append(m.training and m.training_batches)
+                        or documents(m, idx))
+    torch.enable_grad()(tg.warm_up_compile)(model, model, optimizers, h, 1, tg.Runtime(), lambda _: None)
+    assert seen == [True, True, False] and not model.training_batches  # two layouts, then GPTQ's calibration
+    seen.clear()
+    torch.enable_grad()(tg.train)(model, model, optimizers, tg.EMA(model, h.ema_decay), h, 1, tg.Runtime(),
+                                  lambda _: None, None)
+    assert seen == [True, True] and not model.training_batches
 
 
 def test_model_on_packed_documents_equals_the_model_on_each_document(packed_path):

@@ -87,6 +87,7 @@ def main() -> None:
     model = tg.GPT(h).to(device)
     tg.use_device_paths(model, h, device)
     fp8 = model.set_fp8(h.fp8_matmuls, h.fp8_scaling)  # as train_and_export does for training
+    model.set_training_batches(True)  # the training loop's varlen capacity, as train() sets it
     params = sum(p.numel() for p in model.parameters())
     optimizers = tg.build_optimizers(model, h, runtime)
     ema = tg.EMA(model, h.ema_decay)
