@@ -394,7 +394,7 @@ class Hyperparameters:
     # time of one of 64 × 2048; this cost makes it a fifth)
     ttt_compile_mode: str = "default"  # lora: torch.compile's mode for the scoring graph (reduce-overhead: CUDA graphs;
     # eager: not compiled)
-    ttt_precompile: bool = True  # lora on CUDA: a side process compiles TTT's scoring graph while training runs
+    ttt_precompile: bool = True  # lora on CUDA: a side process a rank compiles TTT's scoring graph while training runs
     # (timed training time, spare CPU cores), so the eval's warm-up finds it in torch.compile's on-disk caches
     ttt_phase_compile: bool = False  # lora: compile the global phases' graph (off: at FineWeb's shape the phases train
     # ~4.4M tokens a GPU, seconds even eager, less than the compilation would take)
@@ -3825,36 +3825,46 @@ def evaluate_with_ttt(model: GPT, score_fn, train_fn, val: ValidationData, h: Hy
 
 PRECOMPILE_FLAG = "--ttt-precompile"  # train_gpt.py's argument for TTT_PRECOMPILE's side process
 PRECOMPILE_NICENESS = 10  # added to the side process's niceness
-# Cores the side process leaves to each training process of its machine (the thread that launches the kernels, and
+# Cores the side processes leave to each training process of its machine (the thread that launches the kernels, and
 # the threads of NCCL and the loader), so that a step never waits on the host for a core that compilation holds
 TRAINER_CORES = 2
-# what torchrun gives each rank: the side process is one process of its own, on local rank 0's GPU
+# what torchrun gives each rank: a side process is one process of its own, on its rank's GPU
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
                       "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
 
 
-def spare_cores(allowed: set[int], trainers: int) -> set[int] | None:
-    """The cores TTT_PRECOMPILE's side process may use: all of `allowed` but the TRAINER_CORES × `trainers`
-    lowest-numbered, which the machine's training processes then find free; None where fewer than two would be
-    left (the side process then shares every core, niced)."""
+def side_cores(allowed: set[int], trainers: int, local_rank: int) -> set[int] | None:
+    """The cores local rank `local_rank`'s TTT_PRECOMPILE side process may use. The spare cores are all of `allowed`
+    but the TRAINER_CORES × `trainers` lowest-numbered, which the machine's training processes then find free; each
+    of the `trainers` side processes gets an equal share of them, or all of them where a share would hold fewer than
+    two. None where fewer than two are spare (the side process then shares every core, niced)."""
     spare = sorted(allowed)[TRAINER_CORES * trainers:]
-    return set(spare) if len(spare) >= 2 else None
+    if len(spare) < 2:
+        return None
+    size = len(spare) // trainers
+    return set(spare[local_rank * size:(local_rank + 1) * size] if size >= 2 else spare)
 
 
 class TTTPrecompile:
-    """TTT_PRECOMPILE: LoRA TTT's compilation moved into the training time. Local rank 0 of each machine starts
-    a side process (train_gpt.py --ttt-precompile: precompile_ttt) as the training clock starts; it compiles the
-    scoring graph and its backward on a model of the run's shape, niced and on the cores the machine's training
-    processes leave (spare_cores), and leaves the result in torch.compile's on-disk caches, where the eval's
-    warm-up finds it. The eval waits for it inside its own time, so no work escapes both clocks; if it failed, the
-    eval's warm-up compiles as usual."""
+    """TTT_PRECOMPILE: LoRA TTT's compilation moved into the training time. Every rank starts a side process
+    (train_gpt.py --ttt-precompile LOCAL_RANK: precompile_ttt) as the training clock starts, on its own GPU, since
+    torch.compile's cache keys hold the device's index: a graph compiled on one GPU is not found on another. It
+    compiles the scoring graph and its backward on a model of the run's shape, niced and on its share of the cores
+    the machine's training processes leave (side_cores), and leaves the result in torch.compile's on-disk caches,
+    where the eval's warm-up finds it. The eval waits for it inside its own time, so no work escapes both clocks; if
+    it failed, the eval's warm-up compiles as usual."""
 
     def __init__(self, h: Hyperparameters, runtime: Runtime, log):
-        self.log, self.proc, self.started = log, None, 0.0
+        self.log, self.runtime, self.proc, self.started = log, runtime, None, 0.0
         self.wanted = (h.ttt_precompile and h.ttt_mode == "lora" and h.compile and h.ttt_compile_mode != "eager"
-                       and not h.ttt_eval_only and runtime.device.type == "cuda"
-                       and os.environ.get("LOCAL_RANK", "0") == "0")
-        self.path = os.path.join(h.output_dir, "logs", f"{h.run_id}_ttt_precompile.txt")
+                       and not h.ttt_eval_only and runtime.device.type == "cuda")
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.log_dir, self.run_id = os.path.join(h.output_dir, "logs"), h.run_id
+        self.path = self.path_of(runtime.rank)
+
+    def path_of(self, rank: int) -> str:
+        """The side process's output file of rank `rank` (on that rank's machine)."""
+        return os.path.join(self.log_dir, f"{self.run_id}_ttt_precompile_rank{rank}.txt")
 
     def start(self) -> None:
         if not self.wanted:
@@ -3862,26 +3872,39 @@ class TTTPrecompile:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
         with open(self.path, "w") as out:  # the child holds its own handle
-            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), PRECOMPILE_FLAG], env=env,
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__), PRECOMPILE_FLAG, str(self.local_rank)], env=env,
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.started = time.perf_counter()
-        spare = None
+        cores = None
         if hasattr(os, "sched_setaffinity"):  # Linux; the child's compile workers inherit its cores
-            spare = spare_cores(os.sched_getaffinity(0), int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            if spare:
-                os.sched_setaffinity(self.proc.pid, spare)
-        self.log(f"ttt_precompile:started pid:{self.proc.pid} cores:{len(spare) if spare else 'all'} log:{self.path}")
+            trainers = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            cores = side_cores(os.sched_getaffinity(0), trainers, self.local_rank)
+            if cores:
+                os.sched_setaffinity(self.proc.pid, cores)
+        self.log(f"ttt_precompile:started pid:{self.proc.pid} cores:{len(cores) if cores else 'all'} log:{self.path}")
 
     def wait(self) -> None:
-        """Block until the side process ends (the caller's clock runs), and log how it went."""
+        """Block until the side process ends (the caller's clock runs), and log how it went on every rank: each
+        rank calls this at the same point."""
         if self.proc is None:
             return
         t0 = time.perf_counter()
         code = self.proc.wait()
         self.proc = None
-        self.log(f"ttt_precompile:exit:{code} ran:{time.perf_counter() - self.started:.1f}s "
-                 f"waited:{time.perf_counter() - t0:.1f}s"
-                 + (f" (failed: TTT's warm-up compiles in the eval; see {self.path})" if code else ""))
+        mine = torch.tensor([code, time.perf_counter() - self.started, time.perf_counter() - t0],
+                            dtype=torch.float64, device=self.runtime.device)
+        every = torch.zeros(self.runtime.world_size * 3, dtype=torch.float64, device=self.runtime.device)
+        if self.runtime.world_size > 1:
+            _all_gather(every, mine)
+        else:
+            every.copy_(mine)
+        every = every.view(-1, 3)  # a rank a row: exit code, seconds since started, seconds waited
+        codes, ran, waited = every[:, 0].tolist(), every[:, 1].max().item(), every[:, 2].max().item()
+        failed = [rank for rank, c in enumerate(codes) if c]
+        self.log(f"ttt_precompile:exit:{','.join(str(int(c)) for c in codes)} ran:{ran:.1f}s waited:{waited:.1f}s"
+                 + (f" (failed: TTT's warm-up compiles in the eval on those ranks; see "
+                    f"{', '.join(self.path_of(rank) for rank in failed)})" if failed else ""))
 
     def stop(self) -> None:
         """End a side process still running (the run failed): none outlives the run."""
@@ -3891,24 +3914,32 @@ class TTTPrecompile:
         self.proc = None
 
 
-def precompile_ttt() -> None:
+def precompile_ttt(local_rank: int = 0) -> None:
     """TTT_PRECOMPILE's side process: LoRA TTT's warm-up (warm_up_lora) on a model of the run's shape, random
-    weights and tokens (no data is read), as the eval runs it after loading the artifact."""
+    weights and tokens (no data is read), as the eval runs it after loading the artifact, on local rank
+    `local_rank`'s GPU."""
     t0 = time.perf_counter()
     # below the training processes in the CPU scheduler: their host threads feed the GPUs, this only compiles
     niceness = os.nice(PRECOMPILE_NICENESS)
     h = Hyperparameters.from_env()  # the run itself validated them, at its world size
-    device = configure_device(0, 1)  # on local rank 0's GPU, with the run's settings
+    device = configure_device(local_rank, 1)  # with the run's settings
     model = GPT(h).to(device)
     use_device_paths(model, h, device)
     model.eval().requires_grad_(False)
     lora = BatchedLoRA(model, h, device)
     warm_up_lora(lora, lora_loss_fn(lora, h, device), h, device, lambda line: print(line, flush=True))
     lora.close()
-    # what it reserved adds to training's memory on local rank 0's GPU
+    # what it reserved adds to training's memory on its rank's GPU
     peak = torch.cuda.max_memory_reserved(device) // 2**20 if device.type == "cuda" else 0
     print(f"ttt_precompile:done time:{time.perf_counter() - t0:.1f}s niceness:{niceness} peak_mem:{peak}MiB",
           flush=True)
+
+
+def precompile_local_rank(args: list[str]) -> int:
+    """The local rank named after --ttt-precompile (0 where none is)."""
+    if len(args) > 1 or args and not args[0].isdigit():
+        raise SystemExit(f"usage: train_gpt.py {PRECOMPILE_FLAG} [LOCAL_RANK]")
+    return int(args[0]) if args else 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -4109,4 +4140,7 @@ def run_guarded(entry) -> None:
 
 
 if __name__ == "__main__":
-    run_guarded(precompile_ttt if sys.argv[1:] == [PRECOMPILE_FLAG] else main)
+    if sys.argv[1:2] == [PRECOMPILE_FLAG]:
+        run_guarded(lambda: precompile_ttt(precompile_local_rank(sys.argv[2:])))
+    else:
+        run_guarded(main)

@@ -4,6 +4,7 @@ run waits for it and logs how it went, that it leaves the training processes cor
 run leaves none behind."""
 import dataclasses
 import os
+import subprocess
 import sys
 
 import pytest
@@ -60,26 +61,65 @@ def test_the_run_waits_for_the_side_process_and_logs_its_end(smoke):
     assert len(lines) == 2
 
 
-def test_the_side_process_leaves_two_cores_to_each_training_process():
-    assert tg.spare_cores(set(range(16)), 1) == set(range(2, 16))
-    assert tg.spare_cores(set(range(64)), 8) == set(range(16, 64))
-    assert tg.spare_cores(set(range(16, 32)), 1) == set(range(18, 32))  # a share of the machine: its own lowest
-    assert tg.spare_cores({5, 1, 9, 3}, 1) == {5, 9}
-    assert tg.spare_cores({0, 1, 2}, 1) is None and tg.spare_cores({0, 1}, 1) is None  # too few: all, niced
+def test_the_side_processes_leave_two_cores_to_each_training_process_and_share_the_rest():
+    assert tg.side_cores(set(range(16)), 1, 0) == set(range(2, 16))
+    assert tg.side_cores(set(range(16, 32)), 1, 0) == set(range(18, 32))  # a share of the machine: its own lowest
+    assert tg.side_cores({5, 1, 9, 3}, 1, 0) == {5, 9}
+    # eight ranks on 64 cores: 16 for training, 48 dealt out six a side process, disjoint
+    shares = [tg.side_cores(set(range(64)), 8, rank) for rank in range(8)]
+    assert shares[0] == set(range(16, 22)) and shares[7] == set(range(58, 64))
+    assert set().union(*shares) == set(range(16, 64)) and sum(map(len, shares)) == 48
+    assert tg.side_cores(set(range(7)), 2, 1) == {4, 5, 6}  # shares of one core: every spare one, for each
+    assert tg.side_cores({0, 1, 2}, 1, 0) is None and tg.side_cores({0, 1}, 1, 0) is None  # too few: all, niced
 
 
-def test_the_side_process_is_started_on_the_spare_cores(smoke, monkeypatch):
+@pytest.mark.parametrize("local_rank, cores", [("0", set(range(4, 10))), ("1", set(range(10, 16)))])
+def test_each_rank_starts_its_side_process_for_its_gpu_on_its_share_of_the_cores(smoke, monkeypatch, local_rank,
+                                                                                  cores):
     pinned, lines = [], []
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cores: pinned.append((pid, cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
     precompile = tg.TTTPrecompile(tg.Hyperparameters.from_env(), tg.Runtime(), lines.append)
     precompile.wanted = True
     precompile.start()
     pid = precompile.proc.pid
+    assert precompile.proc.args[-2:] == [tg.PRECOMPILE_FLAG, local_rank]  # its GPU: the rank's own
     precompile.wait()
-    assert pinned == [(pid, set(range(4, 16)))]
-    assert lines[0].startswith(f"ttt_precompile:started pid:{pid} cores:12 log:")
+    assert pinned == [(pid, cores)]
+    assert lines[0].startswith(f"ttt_precompile:started pid:{pid} cores:6 log:")
+    with open(precompile.path) as f:
+        assert "ttt_precompile:done" in f.read()
+
+
+def test_the_side_process_reads_its_local_rank_from_its_arguments(tmp_path):
+    assert tg.precompile_local_rank([]) == 0 and tg.precompile_local_rank(["3"]) == 3
+    for wrong in (["x"], ["-1"], ["1", "2"]):
+        with pytest.raises(SystemExit, match="usage: train_gpt.py --ttt-precompile"):
+            tg.precompile_local_rank(wrong)
+    proc = subprocess.run([sys.executable, SCRIPT, tg.PRECOMPILE_FLAG, "gpu1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "usage: train_gpt.py --ttt-precompile [LOCAL_RANK]" in proc.stderr
+
+
+def _waiting_rank(rank, init_file, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    lines = []
+    h = dataclasses.replace(tg.Hyperparameters(), output_dir=out_dir)
+    precompile = tg.TTTPrecompile(h, tg.Runtime(rank=rank, world_size=2), lines.append)
+    precompile.proc = subprocess.Popen([sys.executable, "-c", f"import sys; sys.exit({rank})"])  # rank 1's fails
+    precompile.wait()
+    with open(os.path.join(out_dir, f"rank{rank}.log"), "w") as f:
+        f.write("\n".join(lines))
+    torch.distributed.destroy_process_group()
+
+
+def test_rank_0_logs_every_ranks_side_process(tmp_path):
+    torch.multiprocessing.spawn(_waiting_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    line = (tmp_path / "rank0.log").read_text()
+    assert line.startswith("ttt_precompile:exit:0,1 ran:")
+    assert line.endswith(f"see {tmp_path}/logs/{tg.Hyperparameters().run_id}_ttt_precompile_rank1.txt)")
 
 
 def test_a_failed_side_process_is_named_in_the_log(smoke, monkeypatch):
@@ -111,8 +151,8 @@ def test_the_side_process_sets_up_its_device_as_the_run_does(smoke, monkeypatch)
     monkeypatch.setattr(tg, "configure_device", lambda *args: calls.append(args) or configure(*args))
     monkeypatch.setattr(os, "nice", lambda increment: 0)  # the side process's niceness: not this test process's
     tg.setup_distributed()
-    tg.precompile_ttt()
-    assert calls == [(0, 1), (0, 1)]
+    tg.precompile_ttt(1)
+    assert calls == [(0, 1), (1, 1)]  # the side process of local rank 1: that rank's GPU
 
 
 @pytest.mark.parametrize("given, expected", [(None, False), ("1", True)])

@@ -79,7 +79,7 @@ run)
     name=${entry%%:*}
     echo "== $name"
     grep -E "^(model_params|stopping_early|step:[0-9]+/[0-9]+ val|pre_quant|Total submission|final_.*_exact|ttt_time_guard|ttt_lora|legal_ttt|peak memory|ttt_precompile:exit)" "$name.out"
-    grep -h "^ttt_precompile:done" "out_$name/logs/${name}_ttt_precompile.txt" 2>/dev/null  # its time and GPU memory
+    grep -h "^ttt_precompile:done" "out_$name/logs/${name}_ttt_precompile_rank0.txt" 2>/dev/null  # its time and GPU memory
     tail -n 3 "$name.out" | grep -iE "error|Traceback" && tail -n 40 "$name.out"
   done
   echo "== GPUs while busy"
