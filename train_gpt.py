@@ -467,6 +467,9 @@ def choice_problems(h: Hyperparameters) -> list[str]:
         out.append(f"EVAL_STRIDE={h.eval_stride} must be in 1..EVAL_SEQ_LEN={h.eval_seq_len}")
     if h.ttt_chunk > h.eval_seq_len:
         out.append(f"TTT_CHUNK={h.ttt_chunk} must be at most EVAL_SEQ_LEN={h.eval_seq_len}")
+    if 0 < h.max_wallclock_seconds <= h.quant_reserve_seconds:
+        out.append(f"QUANT_RESERVE_SECONDS={h.quant_reserve_seconds} must be below MAX_WALLCLOCK_SECONDS="
+                   f"{h.max_wallclock_seconds}, which it is kept back from (MAX_WALLCLOCK_SECONDS=0: no cap)")
     if h.compressor == "brotli" and importlib.util.find_spec("brotli") is None:  # else the export fails after training
         out.append("COMPRESSOR=brotli needs the brotli package: pip install brotli, or set COMPRESSOR=rans")
     try:
@@ -2332,8 +2335,9 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime
     optimizer states: the timed run starts from step 0 with the graphs already built. The steps are shared out
     among the training graphs (training_graphs, at least one step each): with NUM_LOOPS > 0 the first half runs
     the plain layout and the rest the looped one, and with QAT each layout runs without, then with it, so the
-    switches in mid-training find every graph built (they flip flags on which the compiled graph is guarded). One
-    GPTQ calibration forward follows (warm_up_calibration), for the kernels the quantization reserve would build."""
+    switches in mid-training find every graph built (they flip flags on which the compiled graph is guarded). GPTQ's
+    calibration forwards follow (warm_up_calibration), for the kernels the quantization reserve would build.
+    Returns warm_up_calibration's estimate of the calibration's seconds on this rank (0 without a warm-up)."""
     graphs = training_graphs(h)
     steps = max(h.compile_warmup_steps, len(graphs)) if h.compile_warmup_steps > 0 else 0
     if steps <= 0:
@@ -2350,7 +2354,7 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime
         set_schedule(optimizers, step, 0.0, h)
         train_step(loss_fn, model, optimizers, loader, h, accum_steps, runtime)
     model.set_training_batches(False)
-    warm_up_calibration(model, loader, h, runtime)
+    calibration_s = warm_up_calibration(model, loader, h, runtime)
     synchronize(runtime.device)
     model.set_qat(False)
     model.load_state_dict(initial_model)
@@ -2358,19 +2362,45 @@ def warm_up_compile(loss_fn, model, optimizers, h, accum_steps, runtime: Runtime
         opt.load_state_dict(state)
     seconds = time.perf_counter() - start
     log(f"compile_warmup_steps:{steps} compile_warmup_time:{seconds:.1f}s")
-    return seconds
+    return calibration_s
 
 
-def warm_up_calibration(model: GPT, loader, h: Hyperparameters, runtime: Runtime) -> None:
-    """One GPTQ calibration forward as finish_training runs it (eager, no gradients, the final layout), its result
-    dropped: kernels compiled on first use for that shape (FlashAttention-4 compiles one per call signature, ~2 s)
-    are then built before the clock instead of inside the quantization reserve."""
+def warm_up_calibration(model: GPT, loader, h: Hyperparameters, runtime: Runtime) -> float:
+    """Two GPTQ calibration forwards on one piece, as finish_training runs them (eager, no gradients, the final
+    layout), their results dropped. The first builds the kernels compiled on first use for that shape
+    (FlashAttention-4 compiles one per call signature, ~2 s) before the clock instead of inside the quantization
+    reserve; the second is timed. Returns the calibration's expected seconds on this rank: that time × the pieces
+    finish_training runs (0 without GPTQ)."""
     if h.quant_method != "gptq":
-        return
+        return 0.0
     model.set_recurrence(True)
     model.set_qat(False)
     x, _ = loader.next_batch(h.train_batch_tokens // runtime.world_size, h.train_seq_len)
-    collect_hessians(model, [x[:GPTQ_MICRO_BATCH_SEQS]], runtime.device)
+    piece = [x[:GPTQ_MICRO_BATCH_SEQS]]
+    collect_hessians(model, piece, runtime.device)
+    synchronize(runtime.device)
+    start = time.perf_counter()
+    collect_hessians(model, piece, runtime.device)
+    synchronize(runtime.device)
+    pieces = h.gptq_calibration_batches * ceil_div(x.size(0), GPTQ_MICRO_BATCH_SEQS)
+    return (time.perf_counter() - start) * pieces
+
+
+# the calibration's estimate is one piece's time × the pieces; the reserve adds a quarter for the pieces' spread, the
+# fresh loader and the Hessians' reduction
+CALIBRATION_MARGIN = 1.25
+
+
+def quant_reserve_seconds(h: Hyperparameters, calibration_s: float, runtime: Runtime) -> float:
+    """The seconds of MAX_WALLCLOCK_SECONDS that the training loop leaves to GPTQ's calibration: QUANT_RESERVE_SECONDS,
+    or more where the warm-up's estimate of the calibration (× CALIBRATION_MARGIN) is longer. Its cost per rank
+    grows as the ranks are fewer (each calibrates on its share of the same batches), and with the hardware. The
+    largest over the ranks, since every rank must stop at the same step."""
+    reserve = torch.tensor([max(h.quant_reserve_seconds, CALIBRATION_MARGIN * calibration_s)], dtype=torch.float64,
+                           device=runtime.device)
+    if runtime.world_size > 1:
+        dist.all_reduce(reserve, op=dist.ReduceOp.MAX)
+    return reserve.item()
 
 
 def log_document_overflows(model: GPT, log) -> None:
@@ -2383,11 +2413,14 @@ def log_document_overflows(model: GPT, log) -> None:
 LOG_FIRST_STEPS = 10  # each of the first steps is logged whatever TRAIN_LOG_EVERY, as the challenge's baseline does
 
 
-def train(loss_fn, model, optimizers, ema, h, accum_steps, runtime: Runtime, log, evaluate) -> tuple[int, float]:
+def train(loss_fn, model, optimizers, ema, h, accum_steps, runtime: Runtime, log, evaluate,
+          reserve_s: float | None = None) -> tuple[int, float]:
     """The timed loop: stops at ITERATIONS or when the training clock reaches the budget less the quantization
-    reserve. Returns (steps, training time in ms)."""
+    reserve (`reserve_s`, by default QUANT_RESERVE_SECONDS). Returns (steps, training time in ms)."""
     loader = DistributedTokenLoader(h.data_path, runtime)
-    budget_ms = 1000.0 * (h.max_wallclock_seconds - h.quant_reserve_seconds) if h.max_wallclock_seconds > 0 else math.inf
+    reserve_s = h.quant_reserve_seconds if reserve_s is None else reserve_s
+    # at least a step, whatever the reserve: a calibration estimated at the whole cap (warned about) still trains one
+    budget_ms = max(1000.0 * (h.max_wallclock_seconds - reserve_s), 1.0) if h.max_wallclock_seconds > 0 else math.inf
     clock = TrainingClock(budget_ms, h.time_sync_every, runtime)
     step, stop, loss = 0, False, None
     model.set_recurrence(h.loop_enable_frac <= 0)
@@ -4003,11 +4036,18 @@ def train_and_export(model: GPT, train_loss_fn, evaluate, h: Hyperparameters, ru
     if h.fp8_matmuls:
         log(f"fp8_matmuls:{fp8}" if fp8 else f"WARNING FP8_MATMULS=1, but torch._scaled_mm does not run on "
                                               f"{runtime.device}: the matmuls stay bfloat16")
+    calibration_s = 0.0
     if h.compile and runtime.device.type == "cuda":
-        warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, runtime, log)
+        calibration_s = warm_up_compile(train_loss_fn, model, optimizers, h, accum_steps, runtime, log)
+    reserve_s = quant_reserve_seconds(h, calibration_s, runtime)
+    if calibration_s:
+        log(f"quant_reserve:{reserve_s:.1f}s calibration_estimate:{calibration_s:.1f}s")
+    if 0 < h.max_wallclock_seconds <= reserve_s:
+        log(f"WARNING: GPTQ's calibration is expected to take {reserve_s:.0f}s with its margin, all of "
+            f"MAX_WALLCLOCK_SECONDS: training stops after its first step; lower GPTQ_CALIBRATION_BATCHES")
     if precompile is not None:
         precompile.start()
-    steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, runtime, log, evaluate)
+    steps, train_ms = train(train_loss_fn, model, optimizers, ema, h, accum_steps, runtime, log, evaluate, reserve_s)
     model.set_fp8(False)
     hessians = finish_training(model, ema, h, train_ms, runtime, log)
     if runtime.device.type == "cuda":

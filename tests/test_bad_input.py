@@ -148,6 +148,14 @@ def test_a_setting_out_of_range_is_refused_before_any_data_is_read(smoke_env, tm
     assert not (tmp_path / "logs").exists()
 
 
+def test_a_reserve_of_the_whole_wall_clock_cap_is_refused(smoke_env, tmp_path):
+    smoke_env.setenv("MAX_WALLCLOCK_SECONDS", "30")
+    smoke_env.setenv("QUANT_RESERVE_SECONDS", "30")
+    with pytest.raises(SystemExit, match="QUANT_RESERVE_SECONDS=30.0 must be below MAX_WALLCLOCK_SECONDS=30.0"):
+        tg.main()
+    assert not (tmp_path / "logs").exists()
+
+
 def test_brotli_without_its_package_is_refused_at_start_not_after_training(smoke_env, tmp_path, monkeypatch):
     real_find_spec = tg.importlib.util.find_spec
     monkeypatch.setattr(tg.importlib.util, "find_spec", lambda name, *a: None if name == "brotli" else real_find_spec(name, *a))

@@ -1,6 +1,7 @@
 """GPTQ on SDClip's grid (QUANT_METHOD=gptq) and on absmax's (QUANT_GRID=absmax): better layer outputs than round-to-nearest on correlated inputs,
 the same integers where inputs are uncorrelated, the same scales and artifact layout, act-order undone, and
 Hessians collected through hooks equal to XᵀX computed directly."""
+import dataclasses
 import os
 import re
 import sys
@@ -288,6 +289,9 @@ def _two_rank_worker(rank: int, data_path: str, port: int, out_dir: str) -> None
     torch.save(own, os.path.join(out_dir, f"own{rank}.pt"))
     tg.all_reduce_sum(own, 2)
     torch.save(own, os.path.join(out_dir, f"summed{rank}.pt"))
+    h.quant_reserve_seconds = 4.0  # rank 1's calibration is the slow one: both reserve its time
+    reserve = tg.quant_reserve_seconds(h, 10.0 if rank else 1.0, tg.Runtime(rank, 2))
+    torch.save(reserve, os.path.join(out_dir, f"reserve{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -302,8 +306,44 @@ def test_hessians_are_summed_across_ranks(tmp_path):
     own = [torch.load(tmp_path / f"own{r}.pt") for r in range(2)]
     summed = [torch.load(tmp_path / f"summed{r}.pt") for r in range(2)]
     assert set(own[0]) == set(summed[0]) and "tok_emb.weight" in own[0]
+    assert [torch.load(tmp_path / f"reserve{r}.pt") for r in range(2)] == [12.5, 12.5]
     for name in own[0]:
         assert not torch.allclose(own[0][name], own[1][name])  # each rank saw its own tokens
         expected = own[0][name] + own[1][name]
         for r in range(2):
             assert torch.allclose(summed[r][name], expected, rtol=1e-5, atol=1e-4), (name, r)
+
+
+def test_the_warm_up_times_one_calibration_piece_and_scales_it_to_every_piece(monkeypatch):
+    h, model = tiny_model(vocab_size=1024)
+    h.data_path, h.train_seq_len, h.train_batch_tokens = os.path.join(REPO, "data", "sample"), 64, 20 * 64
+    forwards, clock = [], iter([10.0, 10.5])  # the timed forward: 0.5 s
+    monkeypatch.setattr(tg, "collect_hessians", lambda m, batches, device: forwards.append([x.shape for x in batches]))
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: next(clock))
+    loader = tg.DistributedTokenLoader(h.data_path, tg.Runtime())
+    estimate = tg.warm_up_calibration(model, loader, h, tg.Runtime())
+    assert forwards == [[torch.Size([tg.GPTQ_MICRO_BATCH_SEQS, 64])]] * 2  # built, then timed
+    # 20 sequences a batch are 3 pieces of at most 8: 16 batches, 48 pieces
+    assert estimate == 0.5 * h.gptq_calibration_batches * 3
+    assert tg.warm_up_calibration(model, loader, dataclasses.replace(h, quant_method="rtn"), tg.Runtime()) == 0.0
+
+
+def test_the_quantization_reserve_is_the_setting_or_the_calibrations_estimate_with_a_margin():
+    h = tg.Hyperparameters(quant_reserve_seconds=4.0)
+    assert tg.quant_reserve_seconds(h, 0.0, tg.Runtime()) == 4.0  # nothing measured
+    assert tg.quant_reserve_seconds(h, 3.0, tg.Runtime()) == 4.0  # 3.75 s fits the setting
+    assert tg.quant_reserve_seconds(h, 8.0, tg.Runtime()) == 8.0 * tg.CALIBRATION_MARGIN
+
+
+@pytest.mark.parametrize("reserve_s, steps", [(None, 3), (1000.0, 1)])
+def test_training_stops_the_reserve_before_the_wall_clock_cap(reserve_s, steps):
+    from conftest import sample_hparams
+    h = dataclasses.replace(sample_hparams(iterations=3, quant_reserve_seconds=4.0), max_wallclock_seconds=1000.0)
+    torch.manual_seed(0)
+    model = tg.GPT(h)
+    optimizers = tg.build_optimizers(model, h, tg.Runtime())
+    lines = []
+    done, _ = torch.enable_grad()(tg.train)(model, model, optimizers, tg.EMA(model, h.ema_decay), h, 1, tg.Runtime(),
+                                            lines.append, None, reserve_s)
+    assert done == steps
+    assert any(line.startswith("stopping_early") for line in lines) == (steps < 3)

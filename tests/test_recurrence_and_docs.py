@@ -341,7 +341,7 @@ def test_the_warm_up_and_training_steps_are_the_training_loops_batches(monkeypat
     monkeypatch.setattr(tg.GPT, "documents", lambda m, idx: seen.append(m.training and m.training_batches)
                         or documents(m, idx))
     torch.enable_grad()(tg.warm_up_compile)(model, model, optimizers, h, 1, tg.Runtime(), lambda _: None)
-    assert seen == [True, True, False] and not model.training_batches  # two layouts, then GPTQ's calibration
+    assert seen == [True, True, False, False] and not model.training_batches  # two layouts, then calibration's two
     seen.clear()
     torch.enable_grad()(tg.train)(model, model, optimizers, tg.EMA(model, h.ema_decay), h, 1, tg.Runtime(),
                                   lambda _: None, None)
@@ -426,8 +426,8 @@ def test_warm_up_runs_both_layouts_and_restores_the_initial_state(quant_method):
     lines = []
     calls = record_block_order(model, lambda: torch.enable_grad()(tg.warm_up_compile)(
         model, model, optimizers, h, 1, tg.Runtime(), lines.append))
-    # the plain layout, then the looped one, then GPTQ's calibration forward in the final (looped) layout
-    assert calls == [0, 1, 2, 3, 4] + [0, 1, 2, 1, 2, 3, 4] * (2 if quant_method == "gptq" else 1)
+    # the plain layout, then the looped one, then GPTQ's two calibration forwards in the final (looped) layout
+    assert calls == [0, 1, 2, 3, 4] + [0, 1, 2, 1, 2, 3, 4] * (3 if quant_method == "gptq" else 1)
     assert lines[0].startswith("compile_warmup_steps:2 ")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, initial[name]), name

@@ -38,7 +38,7 @@ run)
       || echo "bench_step exited non-zero"
   grep -E "^\| (ms per|kernels per step)" "$WORK/bench_step.out"
   echo "== summary"
-  grep -E "^(model_params|grad_accum|compile_warmup|recurrence|stopping_early|peak memory|pre_quant|Serialized|Code size|Total submission|final_.*_exact|ttt_warmup|ttt_phase|ttt_time_guard|ttt_lora|ttt_rank|legal_ttt)" "$WORK/record.out"
+  grep -E "^(model_params|grad_accum|compile_warmup|quant_reserve|gptq_hessians|train_plus|recurrence|stopping_early|peak memory|pre_quant|Serialized|Code size|Total submission|final_.*_exact|ttt_warmup|ttt_phase|ttt_time_guard|ttt_lora|ttt_rank|legal_ttt)" "$WORK/record.out"
   grep -E "^step:" "$WORK/record.out" | tail -n 2
   tail -n 3 "$WORK/record.out" | grep -iE "error|Traceback" && tail -n 40 "$WORK/record.out"
   echo BENCH_DONE

@@ -41,6 +41,7 @@ start)
   ;;
 run)
   cd "$WORK" || exit 1
+  export -n EVAL_RUNS  # read here; train_gpt.py would warn of it as a misspelt EVAL_ setting
   export PYTHONUNBUFFERED=1
   common=(TOKENIZER_PATH="$WORK/fineweb_8192_bpe.model" VOCAB_SIZE=8192)
   launcher=(python3); [ "$NPROC" -gt 1 ] && launcher=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
