@@ -2191,6 +2191,16 @@ def derive_grad_accum_steps(h: Hyperparameters, world_size: int) -> int:
     return next(a for a in range(1, seqs_per_rank + 1) if seqs_per_rank % a == 0 and seqs_per_rank // a <= max_seqs)
 
 
+def gather_values(values: list[float], runtime: Runtime) -> torch.Tensor:
+    """Every rank's `values` (the same count on each), a row per rank in rank order, as float64 on the host."""
+    mine = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    if runtime.world_size == 1:
+        return mine.view(1, -1).cpu()
+    every = mine.new_zeros(runtime.world_size * mine.numel())
+    _all_gather(every, mine)
+    return every.view(runtime.world_size, -1).cpu()
+
+
 def all_reduce_mean(tensors: list[torch.Tensor], world_size: int) -> None:
     if world_size == 1:
         return
@@ -3759,12 +3769,9 @@ def dealt_batches(lengths: np.ndarray, h: Hyperparameters, rank: int,
 
 def log_rank_finish(guard: EvalGuard, log) -> None:
     """Each rank's elapsed eval time when its last batch was done, before the final reduction waits for all."""
-    world_size, device = guard.runtime.world_size, guard.runtime.device
-    if world_size == 1:
+    if guard.runtime.world_size == 1:
         return
-    mine = torch.tensor([guard.elapsed()], dtype=torch.float64, device=device)
-    every = torch.zeros(world_size, dtype=torch.float64, device=device)
-    _all_gather(every, mine)
+    every = gather_values([guard.elapsed()], guard.runtime)[:, 0]
     log(f"ttt_rank_finish_seconds:{','.join(f'{t:.1f}' for t in every.tolist())} "
         f"spread:{(every.max() - every.min()).item() / every.max().item():.3f}")
 
@@ -3925,14 +3932,8 @@ class TTTPrecompile:
         t0 = time.perf_counter()
         code = self.proc.wait()
         self.proc = None
-        mine = torch.tensor([code, time.perf_counter() - self.started, time.perf_counter() - t0],
-                            dtype=torch.float64, device=self.runtime.device)
-        every = torch.zeros(self.runtime.world_size * 3, dtype=torch.float64, device=self.runtime.device)
-        if self.runtime.world_size > 1:
-            _all_gather(every, mine)
-        else:
-            every.copy_(mine)
-        every = every.view(-1, 3)  # a rank a row: exit code, seconds since started, seconds waited
+        # a rank a row: exit code, seconds since started, seconds waited
+        every = gather_values([code, time.perf_counter() - self.started, time.perf_counter() - t0], self.runtime)
         codes, ran, waited = every[:, 0].tolist(), every[:, 1].max().item(), every[:, 2].max().item()
         failed = [rank for rank, c in enumerate(codes) if c]
         self.log(f"ttt_precompile:exit:{','.join(str(int(c)) for c in codes)} ran:{ran:.1f}s waited:{waited:.1f}s"
