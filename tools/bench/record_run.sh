@@ -4,10 +4,11 @@
 #   tools/bench/record_run.sh poll            # progress; once done, the summary
 # The run: `torchrun --standalone --nproc_per_node=$NPROC train_gpt.py` from inside a records-style folder whose
 # train_gpt.py is the packed script, at the defaults (786,432-token steps, 600 s of training, LoRA TTT inside
-# 600 s of eval, phases at 33,66,100 of the 416 documents) on the CaseOps proxy data with its byte sidecars. Then tools/bench/bench_step.py under torchrun
-# gives the share of a step spent in communication. EXTRA="VAR=V ..." adds settings to the run. Needs .bench/
-# (bench/caseops_proxy.tar.xz, tokenizers/) and .whl/ (python-minifier, brotli). Writes only under /tmp/record_run and
-# the shards' /tmp/proxy_caseops.
+# 600 s of eval, phases at 33,66,100 of the 416 documents) on the CaseOps proxy data with its byte sidecars. Then
+# tools/bench/bench_step.py under torchrun gives the share of a step spent in communication (BENCH_STEP=0 skips it,
+# about 2 minutes). EXTRA="VAR=V ..." adds settings to the run. Needs .bench/ (bench/caseops_proxy.tar.xz,
+# tokenizers/) and .whl/ (python-minifier, brotli). Writes only under /tmp/record_run and the shards'
+# /tmp/proxy_caseops.
 set -u
 source "$(dirname "$0")/device_job.sh"
 WORK=/tmp/record_run
@@ -20,7 +21,7 @@ start)
   rm -rf "$WORK" && mkdir -p "$WORK/record"
   stage_caseops "$WORK" || exit 1
   PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" python3 tools/submission/pack_script.py "$WORK/record/train_gpt.py" train_gpt.py || exit 1
-  export NPROC EXTRA="${EXTRA:-}"
+  export NPROC EXTRA="${EXTRA:-}" BENCH_STEP="${BENCH_STEP:-1}"
   start_job "$WORK" "$0"
   ;;
 run)
@@ -32,11 +33,13 @@ run)
   echo "== the record's run: $NPROC processes, $EXTRA"
   (cd "$WORK/record" && env "${common[@]}" RUN_ID=record $EXTRA \
       torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py > "$WORK/record.out" 2>&1) || echo "the run exited non-zero"
-  echo "== communication share of a step (bench_step.py, $NPROC processes)"
-  (cd "$WORK" && env "${common[@]}" BENCH_STEPS=20 NUM_LOOPS=0 $EXTRA \
-      torchrun --standalone --nproc_per_node="$NPROC" tools/bench/bench_step.py > "$WORK/bench_step.out" 2>&1) \
-      || echo "bench_step exited non-zero"
-  grep -E "^\| (ms per|kernels per step)" "$WORK/bench_step.out"
+  if [ "$BENCH_STEP" != 0 ]; then
+    echo "== communication share of a step (bench_step.py, $NPROC processes)"
+    (cd "$WORK" && env "${common[@]}" BENCH_STEPS=20 NUM_LOOPS=0 $EXTRA \
+        torchrun --standalone --nproc_per_node="$NPROC" tools/bench/bench_step.py > "$WORK/bench_step.out" 2>&1) \
+        || echo "bench_step exited non-zero"
+    grep -E "^\| (ms per|kernels per step)" "$WORK/bench_step.out"
+  fi
   echo "== summary"
   grep -E "^(model_params|grad_accum|compile_warmup|quant_reserve|gptq_hessians|train_plus|recurrence|stopping_early|peak memory|pre_quant|Serialized|Code size|Total submission|final_.*_exact|ttt_warmup|ttt_phase|ttt_time_guard|ttt_lora|ttt_rank|legal_ttt)" "$WORK/record.out"
   grep -E "^step:" "$WORK/record.out" | tail -n 2
