@@ -31,8 +31,10 @@ run)
   common=(DATA_PATH="$DATA" TOKENIZER_PATH="$WORK/$TOKENIZER" VOCAB_SIZE=8192 CASEOPS_ENABLED=1 SEED=1337
           TTT_PHASE_DOCS=33,66,100)
   echo "== the record's run: $NPROC processes, $EXTRA"
+  monitor=$(gpu_monitor_start "$WORK/gpu.csv")  # the clocks tell a slower machine from slower code
   (cd "$WORK/record" && env "${common[@]}" RUN_ID=record $EXTRA \
       torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py > "$WORK/record.out" 2>&1) || echo "the run exited non-zero"
+  kill "$monitor" 2>/dev/null
   if [ "$BENCH_STEP" != 0 ]; then
     echo "== communication share of a step (bench_step.py, $NPROC processes)"
     (cd "$WORK" && env "${common[@]}" BENCH_STEPS=20 NUM_LOOPS=0 $EXTRA \
@@ -43,6 +45,8 @@ run)
   echo "== summary"
   grep -E "^(model_params|grad_accum|compile_warmup|quant_reserve|gptq_hessians|train_plus|recurrence|stopping_early|peak memory|pre_quant|Serialized|Code size|Total submission|final_.*_exact|ttt_warmup|ttt_phase|ttt_time_guard|ttt_lora|ttt_rank|legal_ttt)" "$WORK/record.out"
   grep -E "^step:" "$WORK/record.out" | tail -n 2
+  echo "== GPUs while busy (the record's run)"
+  gpu_summary "$WORK/gpu.csv"
   tail -n 3 "$WORK/record.out" | grep -iE "error|Traceback" && tail -n 40 "$WORK/record.out"
   echo BENCH_DONE
   ;;
@@ -50,7 +54,7 @@ stop)
   stop_job "$WORK"
   ;;
 poll)
-  poll_job "$WORK" "$WORK"/*.out "$WORK"/record/logs/*.txt
+  poll_job "$WORK" "$WORK"/*.out "$WORK"/gpu.csv "$WORK"/record/logs/*.txt
   grep -E "^step:" "$WORK/record.out" 2>/dev/null | tail -n 1
   ;;
 *)
