@@ -3767,13 +3767,16 @@ def dealt_batches(lengths: np.ndarray, h: Hyperparameters, rank: int,
     return segments, mine
 
 
-def log_rank_finish(guard: EvalGuard, log) -> None:
-    """Each rank's elapsed eval time when its last batch was done, before the final reduction waits for all."""
+def log_rank_finish(guard: EvalGuard, unadapted: int, log) -> None:
+    """Each rank's elapsed eval time when its last batch was done, before the final reduction waits for all, and
+    its targets scored without adaptation: each rank's guard stops on its own, and only rank 0 logs."""
     if guard.runtime.world_size == 1:
         return
-    every = gather_values([guard.elapsed()], guard.runtime)[:, 0]
-    log(f"ttt_rank_finish_seconds:{','.join(f'{t:.1f}' for t in every.tolist())} "
-        f"spread:{(every.max() - every.min()).item() / every.max().item():.3f}")
+    every = gather_values([guard.elapsed(), unadapted], guard.runtime)
+    seconds = every[:, 0]
+    log(f"ttt_rank_finish_seconds:{','.join(f'{t:.1f}' for t in seconds.tolist())} "
+        f"spread:{(seconds.max() - seconds.min()).item() / seconds.max().item():.3f} "
+        f"unadapted_targets:{','.join(str(int(n)) for n in every[:, 1].tolist())}")
 
 
 def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runtime: Runtime, log, start: float,
@@ -3845,7 +3848,7 @@ def ttt_lora(model: GPT, score_fn, val: ValidationData, h: Hyperparameters, runt
     peak = torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else 0
     log(f"ttt_lora_rank0_targets:{my_targets} adapted:{adapted} warmup:{warm_s:.1f}s phases:{phase_s:.1f}s "
         f"{time_parts(timer.totals, host_s)} peak_mem:{peak}MiB")
-    log_rank_finish(guard, log)
+    log_rank_finish(guard, my_targets - adapted, log)
     return sums.result(runtime.world_size)
 
 

@@ -406,7 +406,33 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
             assert torch.allclose(a, c.detach(), rtol=0, atol=1e-6)
     finish = [line for line in ranks[0]["lora_log"] if line.startswith("ttt_rank_finish_seconds:")]
     assert len(finish) == 1 and len(finish[0].split()[0].split(":")[1].split(",")) == 2
+    assert finish[0].split()[-1] == "unadapted_targets:0,0"  # the default budget stops nothing
     assert ranks[0]["sgd"] != pytest.approx(plain_score(tiny_model(tiny_h()), *tiny_stream("docs"), tiny_h()), rel=1e-6)
+
+
+def _late_rank_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """LoRA TTT on two ranks without phases, rank 1's clock past the budget from its first reading on."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    readings = iter([0.0])
+    clock = (lambda: next(readings, 1e6)) if rank == 1 else None
+    h, lines = tiny_h(ttt_phase_docs=""), []
+    run_ttt("lora", tiny_model(h), *tiny_stream("docs"), h, log=lines.append, clock=clock, rank=rank, world_size=2)
+    torch.save(lines, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_the_finish_line_counts_each_ranks_unadapted_targets(tmp_path):
+    """Each rank's guard stops on its own: rank 1's stops before its first batch, rank 0's never. Only rank 0
+    logs, so the finish line must carry rank 1's count."""
+    torch.multiprocessing.spawn(_late_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    lines = torch.load(tmp_path / "rank0.pt")
+    h = tiny_h(ttt_phase_docs="")
+    _, lengths = tg.document_spans(tiny_stream("docs")[0])
+    rank1_targets = sum(int(lengths[b].sum()) for batches in tg.dealt_batches(lengths, h, 1, 2)[1] for b in batches)
+    finish = [line for line in lines if line.startswith("ttt_rank_finish_seconds:")]
+    assert rank1_targets > 0 and len(finish) == 1
+    assert finish[0].split()[-1] == f"unadapted_targets:0,{rank1_targets}"
 
 
 def test_a_mode_without_test_time_training_is_refused():

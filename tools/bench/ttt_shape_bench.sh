@@ -11,7 +11,7 @@
 #   EVAL_RUNS: entries NAME or NAME:VAR=V,VAR=V, run one after the other (default: one run of the defaults),
 #   e.g. EVAL_RUNS="base docs128:TTT_BATCH_DOCS=128". EVAL_BUDGET_SECONDS defaults to 600 as in the real eval.
 #   NPROC=2 (on a machine with two GPUs): torchrun on 2 GPUs over 2 GPUs' share (12,500 documents, phases at 208,416,624);
-#   the log's ttt_rank_finish_seconds line gives each rank's finish.
+#   the log's ttt_rank_finish_seconds line gives each rank's finish and its targets left unadapted.
 #   PRECOMPILE=1: before each eval run, the TTT_PRECOMPILE side process (train_gpt.py --ttt-precompile) alone, as
 #   a training run would start it, into that run's compile cache; its time is printed, the eval's warm-up then
 #   shows what is left of the compilation. Each entry compiles into its own cache either way.
