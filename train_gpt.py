@@ -2406,11 +2406,7 @@ def quant_reserve_seconds(h: Hyperparameters, calibration_s: float, runtime: Run
     or more where the warm-up's estimate of the calibration (× CALIBRATION_MARGIN) is longer. Its cost per rank
     grows as the ranks are fewer (each calibrates on its share of the same batches), and with the hardware. The
     largest over the ranks, since every rank must stop at the same step."""
-    reserve = torch.tensor([max(h.quant_reserve_seconds, CALIBRATION_MARGIN * calibration_s)], dtype=torch.float64,
-                           device=runtime.device)
-    if runtime.world_size > 1:
-        dist.all_reduce(reserve, op=dist.ReduceOp.MAX)
-    return reserve.item()
+    return gather_values([max(h.quant_reserve_seconds, CALIBRATION_MARGIN * calibration_s)], runtime).max().item()
 
 
 def log_document_overflows(model: GPT, log) -> None:
